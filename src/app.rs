@@ -1,0 +1,195 @@
+//! Builds everything from a `Config` and runs the front and/or the workers
+//! on one pingora `Server`, stopping on SIGTERM/SIGINT or on a signal passed in.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
+use tokio::sync::watch;
+
+use crate::api::Context;
+use crate::config::{Config, QueueBackend};
+use crate::error::{Error, Result};
+use crate::filter::FilterSet;
+use crate::front::Front;
+use crate::index::Index;
+use crate::keys::RedisKeys;
+use crate::queue::{EmbeddedQueue, Queue, RedisQueue};
+use crate::redis_conn::RedisHandle;
+use crate::security::NetworkPolicy;
+use crate::storage::Storage;
+use crate::worker::Worker;
+
+/// Which parts of kiln this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Front and workers.
+    Serve,
+    /// HTTP front only (workers run elsewhere; needs the redis backend).
+    Front,
+    /// Workers only.
+    Worker,
+}
+
+/// A queue and an index, embedded or over one Redis connection.
+struct Backends {
+    queue: Arc<dyn Queue>,
+    index: Arc<Index>,
+}
+
+fn backends(config: &Config) -> Result<Backends> {
+    Ok(match config.queue.backend {
+        QueueBackend::Embedded => Backends {
+            queue: Arc::new(EmbeddedQueue::new(&config.queue)),
+            index: Arc::new(Index::new(&config.index, None)),
+        },
+        QueueBackend::Redis => {
+            let handle = Arc::new(RedisHandle::new(&config.redis)?);
+            Backends {
+                queue: Arc::new(RedisQueue::new(handle.clone(), &config.redis, &config.queue)),
+                index: Arc::new(Index::new(
+                    &config.index,
+                    Some((handle, RedisKeys::new(&config.redis.prefix))),
+                )),
+            }
+        }
+    })
+}
+
+struct WorkerService(Arc<Worker>);
+
+#[async_trait]
+impl BackgroundService for WorkerService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().run(shutdown).await;
+    }
+}
+
+/// Stops on SIGTERM (graceful), SIGINT (fast) or the caller's signal (fast).
+struct StopSignal(Option<watch::Receiver<bool>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let external = async {
+            match self.0.clone() {
+                Some(mut rx) => {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            () = external => ShutdownSignal::FastShutdown,
+        }
+    }
+}
+
+/// Runs until stopped. Validates everything before any port binds.
+pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> Result<()> {
+    config.validate()?;
+    if role == Role::Front && config.queue.backend == QueueBackend::Embedded {
+        return Err(Error::Config(
+            "`kiln front` needs queue.backend = \"redis\": an embedded queue has no workers in another process".into(),
+        ));
+    }
+    let config = Arc::new(config);
+    let filters = Arc::new(FilterSet::from_config(&config)?);
+    let storage = Storage::open(&config.storage.url)?;
+    let policy = NetworkPolicy::new(config.allowed_networks()?);
+
+    let front_backends = backends(&config)?;
+    // Embedded parts must be shared in-process; Redis clients stay per runtime.
+    let worker_backends = match config.queue.backend {
+        QueueBackend::Embedded => Backends {
+            queue: front_backends.queue.clone(),
+            index: front_backends.index.clone(),
+        },
+        QueueBackend::Redis => backends(&config)?,
+    };
+
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout_secs),
+        ..ServerConf::default()
+    };
+    conf.max_blocking_threads = Some(config.imaging.render_threads.max(1) + 8);
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    if role != Role::Worker {
+        let ctx = Arc::new(Context {
+            public_base: config.public_base(),
+            config: config.clone(),
+            filters: filters.clone(),
+            storage: storage.clone(),
+            index: front_backends.index,
+            queue: front_backends.queue,
+            policy,
+        });
+        let mut service = Service::new("kiln front".to_string(), Front::new(ctx));
+        service.add_tcp(&config.server.listen);
+        server.add_service(service);
+    }
+    if role != Role::Front {
+        let worker = Worker::new(&config, worker_backends.queue, storage, worker_backends.index, filters)?;
+        server.add_service(background_service("kiln worker", WorkerService(Arc::new(worker))));
+    }
+    tracing::info!(listen = %config.server.listen, ?role, backend = ?config.queue.backend, "kiln starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(StopSignal(stop)),
+    });
+    Ok(())
+}
+
+/// kiln running on a thread of this process (tests, embedding).
+pub struct Running {
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// Starts kiln on a background thread; `Running::stop` ends it.
+pub fn spawn(config: Config, role: Role) -> Result<Running> {
+    config.validate()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let thread = std::thread::Builder::new()
+        .name("kiln".into())
+        .spawn(move || run(config, role, Some(stop_rx)))
+        .map_err(|e| Error::Internal(format!("spawn: {e}")))?;
+    Ok(Running {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl Running {
+    /// Stops quickly and waits for the server thread.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| Error::Internal("kiln thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

@@ -1,0 +1,348 @@
+//! Typed settings. Layers, later wins: the embedded `config/default.toml`, an
+//! optional file (`--config` / `KILN_CONFIG`), then `KILN_<SECTION>__<KEY>`
+//! environment variables. `validate()` runs before any port binds.
+//! Owns no I/O beyond reading the config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The defaults compiled into the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub queue: QueueConfig,
+    pub redis: RedisConfig,
+    pub index: IndexConfig,
+    pub fetch: FetchConfig,
+    pub callback: CallbackConfig,
+    pub imaging: ImagingConfig,
+    pub network: NetworkConfig,
+    pub filters: FiltersConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// host:port the front listens on. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// Base URL for variant URLs in records and callbacks; empty = `http://<listen>`.
+    pub public_url: String,
+    /// Threads of the front runtime. Default 2.
+    pub threads: usize,
+    /// Seconds of graceful shutdown before runtimes stop. Default 5.
+    pub grace_period_secs: u64,
+    /// Seconds runtimes get to finish after the grace period. Default 5.
+    pub graceful_shutdown_timeout_secs: u64,
+    /// `Cache-Control: max-age` of stored variants, seconds. Default one year.
+    pub cache_max_age_secs: u64,
+    /// `Retry-After` of a 202 busy answer, seconds. Default 2.
+    pub retry_after_secs: u64,
+    /// Longest accepted request path, bytes. Default 1024.
+    pub max_path_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// A directory, `file:///abs/dir` or `s3://bucket/prefix`. Default `./var`.
+    pub url: String,
+    /// Account root used by `/request`. Default `default`.
+    pub default_root: String,
+    /// Estimated image count of the default root (sizes its bins). Default 1000.
+    pub default_approx: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// `embedded` or `redis`. Default `embedded`.
+    pub backend: QueueBackend,
+    /// Seconds a variant stays marked in flight. Default 300.
+    pub inflight_ttl_secs: u64,
+    /// Seconds before an unacked claimed job is reclaimed. Default 60.
+    pub visibility_timeout_secs: u64,
+    /// Attempts before dead-lettering. Default 5.
+    pub max_attempts: u32,
+    /// Jobs one worker process runs at once. Default 2.
+    pub worker_concurrency: usize,
+    /// Milliseconds a claim blocks waiting for work. Default 1000.
+    pub claim_block_ms: u64,
+    /// Seconds a stopping worker gets to finish its jobs. Default 10.
+    pub shutdown_deadline_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key. Default `kiln:`.
+    pub prefix: String,
+    /// Consumer group of the workers. Default `kiln-workers`.
+    pub group: String,
+    /// Milliseconds to connect or answer. Default 2000.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Variant index entries kept in memory. Default 100 000.
+    pub max_entries: u64,
+    /// Seconds an index entry stays in memory. Default 3600.
+    pub ttl_secs: u64,
+    /// Bytes of hot variant data in memory. Default 64 MiB.
+    pub hot_bytes: u64,
+    /// Largest variant kept hot, bytes. Default 1 MiB.
+    pub hot_max_object_bytes: u64,
+    /// Seconds a negative answer (not stored / original missing) is remembered. Default 2.
+    pub negative_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Milliseconds to connect to an origin. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds for a whole download. Default 30 000.
+    pub total_timeout_ms: u64,
+    /// Largest original, bytes. Default 50 MiB.
+    pub max_bytes: u64,
+    /// Redirects followed. Default 5.
+    pub max_redirects: usize,
+    /// User-Agent sent to origins.
+    pub user_agent: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackConfig {
+    /// Milliseconds one callback POST may take. Default 10 000.
+    pub timeout_ms: u64,
+    /// Delivery attempts per callback. Default 5.
+    pub max_attempts: u32,
+    /// Milliseconds before the first retry, doubling. Default 500.
+    pub backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagingConfig {
+    /// Largest source width, pixels. Default 16 384.
+    pub max_width: u32,
+    /// Largest source height, pixels. Default 16 384.
+    pub max_height: u32,
+    /// Largest source area, pixels. Default 50 MP.
+    pub max_pixels: u64,
+    /// Bytes a decoder may allocate. Default 512 MiB.
+    pub max_alloc_bytes: u64,
+    /// Threads of the blocking render pool per worker process. Default 2.
+    pub render_threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// CIDRs fetches and callbacks may reach although non-public. Default none.
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FiltersConfig {
+    /// TOML file of filter presets; empty = the embedded `config/filters.toml`.
+    pub file: String,
+}
+
+/// Where the settings come from, beyond the embedded defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources<'a> {
+    /// A TOML config file.
+    pub file: Option<&'a Path>,
+    /// Extra TOML text merged after the file (tests and the CLI use it).
+    pub extra_toml: Option<&'a str>,
+    /// Read `KILN_*` environment variables last.
+    pub env: bool,
+}
+
+impl Config {
+    /// Defaults, then `KILN_CONFIG` or the given file, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let env_file = std::env::var_os("KILN_CONFIG").map(PathBuf::from);
+        let file = file.or(env_file.as_deref());
+        Self::load_from(Sources {
+            file,
+            extra_toml: None,
+            env: true,
+        })
+    }
+
+    pub fn load_from(sources: Sources<'_>) -> Result<Config> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = sources.file {
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        if let Some(extra) = sources.extra_toml {
+            figment = figment.merge(Toml::string(extra));
+        }
+        if sources.env {
+            figment = figment.merge(Env::prefixed("KILN_").ignore(&["config"]).split("__"));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that could only fail later, with a message naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::Config(format!("{key}: {why}")));
+        if self.listen_addr().is_err() {
+            return bad(
+                "server.listen",
+                format!("{:?} is not host:port", self.server.listen),
+            );
+        }
+        if !self.server.public_url.is_empty() && url::Url::parse(&self.server.public_url).is_err()
+        {
+            return bad(
+                "server.public_url",
+                format!("{:?} is not a URL", self.server.public_url),
+            );
+        }
+        if self.server.threads == 0 {
+            return bad("server.threads", "must be at least 1".into());
+        }
+        if self.storage.url.trim().is_empty() {
+            return bad("storage.url", "must not be empty".into());
+        }
+        crate::keys::validate_root(&self.storage.default_root)
+            .or_else(|e| bad("storage.default_root", e.to_string()))?;
+        if self.queue.worker_concurrency == 0 {
+            return bad("queue.worker_concurrency", "must be at least 1".into());
+        }
+        if self.queue.max_attempts == 0 {
+            return bad("queue.max_attempts", "must be at least 1".into());
+        }
+        if self.queue.visibility_timeout_secs == 0 || self.queue.inflight_ttl_secs == 0 {
+            return bad(
+                "queue.visibility_timeout_secs / inflight_ttl_secs",
+                "must be positive".into(),
+            );
+        }
+        if self.queue.backend == QueueBackend::Redis {
+            if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
+                return bad("redis.url", format!("{:?}: {e}", self.redis.url));
+            }
+        }
+        if self.imaging.render_threads == 0 {
+            return bad("imaging.render_threads", "must be at least 1".into());
+        }
+        if self.imaging.max_width == 0 || self.imaging.max_height == 0 || self.imaging.max_pixels == 0
+        {
+            return bad("imaging.max_*", "limits must be positive".into());
+        }
+        if self.fetch.max_bytes == 0 {
+            return bad("fetch.max_bytes", "must be positive".into());
+        }
+        if self.callback.max_attempts == 0 {
+            return bad("callback.max_attempts", "must be at least 1".into());
+        }
+        self.allowed_networks()?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> std::result::Result<SocketAddr, std::net::AddrParseError> {
+        self.server.listen.parse()
+    }
+
+    /// The base URL of variant URLs, without a trailing slash.
+    pub fn public_base(&self) -> String {
+        if self.server.public_url.is_empty() {
+            format!("http://{}", self.server.listen)
+        } else {
+            self.server.public_url.trim_end_matches('/').to_string()
+        }
+    }
+
+    pub fn allowed_networks(&self) -> Result<Vec<IpNet>> {
+        self.network
+            .allow
+            .iter()
+            .map(|cidr| {
+                cidr.parse::<IpNet>()
+                    .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| Error::Config(format!("network.allow: {cidr:?} is not a CIDR")))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let config = Config::load_from(Sources::default()).unwrap();
+        assert_eq!(config.queue.backend, QueueBackend::Embedded);
+        assert_eq!(config.storage.url, "./var");
+    }
+
+    #[test]
+    fn later_layers_win_and_bad_values_are_named() {
+        let config = Config::load_from(Sources {
+            extra_toml: Some("[queue]\nbackend = \"redis\"\n[network]\nallow=[\"127.0.0.1/32\"]"),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.queue.backend, QueueBackend::Redis);
+        assert_eq!(config.allowed_networks().unwrap().len(), 1);
+
+        let err = Config::load_from(Sources {
+            extra_toml: Some("[server]\nlisten = \"nope\""),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+
+        let err = Config::load_from(Sources {
+            extra_toml: Some("[network]\nallow = [\"10.0.0.0/99\"]"),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("network.allow"), "{err}");
+
+        let err = Config::load_from(Sources {
+            extra_toml: Some("[server]\nlistne = \"x\""),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+}

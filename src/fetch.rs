@@ -1,0 +1,91 @@
+//! Downloads an original through the SSRF-guarded client: deadlines, a
+//! redirect cap, a byte cap enforced while streaming, and a check that the
+//! bytes are an image kiln decodes.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::FetchConfig;
+use crate::error::{Error, Result};
+use crate::imaging;
+use crate::security::{classify_client_error, guarded_client, ClientLimits, NetworkPolicy};
+
+/// A downloaded original.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub bytes: Bytes,
+    pub mime: &'static str,
+    pub status: u16,
+}
+
+pub struct Fetcher {
+    client: reqwest::Client,
+    policy: NetworkPolicy,
+    max_bytes: u64,
+}
+
+impl Fetcher {
+    pub fn new(config: &FetchConfig, policy: NetworkPolicy) -> Result<Fetcher> {
+        let client = guarded_client(
+            &policy,
+            &ClientLimits {
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                total_timeout: Duration::from_millis(config.total_timeout_ms),
+                max_redirects: config.max_redirects,
+                user_agent: config.user_agent.clone(),
+            },
+        )?;
+        Ok(Fetcher {
+            client,
+            policy,
+            max_bytes: config.max_bytes,
+        })
+    }
+
+    pub async fn fetch(&self, raw_url: &str) -> Result<Fetched> {
+        let url = crate::security::parse_outbound_url(raw_url, &self.policy)?;
+        let mut response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| classify_client_error(&e, raw_url))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(Error::OriginStatus {
+                status,
+                url: raw_url.to_string(),
+            });
+        }
+        if response.content_length().is_some_and(|len| len > self.max_bytes) {
+            return Err(Error::TooLarge(format!(
+                "origin declares more than {} bytes",
+                self.max_bytes
+            )));
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| classify_client_error(&e, raw_url))?
+        {
+            if (body.len() + chunk.len()) as u64 > self.max_bytes {
+                return Err(Error::TooLarge(format!(
+                    "original is larger than {} bytes",
+                    self.max_bytes
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let bytes = body.freeze();
+        let format = imaging::sniff(&bytes).ok_or_else(|| {
+            Error::UnsupportedImage(format!("{raw_url} is not a JPEG, PNG, GIF or WebP image"))
+        })?;
+        Ok(Fetched {
+            bytes,
+            mime: imaging::mime_of(format),
+            status,
+        })
+    }
+}

@@ -1,0 +1,290 @@
+//! The pingora HTTP front: routing, hits (ETag/304/HEAD) from hot memory,
+//! the index or storage, misses answered 202 at once with a job enqueued,
+//! and the one place that turns an `Error` into a response. It never
+//! decodes, resizes, downloads or calls back.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Method;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_http::ResponseHeader;
+
+use crate::api::Context;
+use crate::error::{Error, Result};
+use crate::index::VariantInfo;
+use crate::keys;
+use crate::security::normalize_path;
+
+/// An answer before it is written.
+pub struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+    /// Content-Length to announce when the body is left out (HEAD).
+    length: usize,
+}
+
+impl Reply {
+    fn new(status: u16, content_type: &str, body: Bytes) -> Reply {
+        Reply {
+            status,
+            length: body.len(),
+            headers: vec![("content-type", content_type.to_string())],
+            body,
+        }
+    }
+
+    fn json(status: u16, value: &impl serde::Serialize) -> Reply {
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        Reply::new(status, "application/json", Bytes::from(body)).header("cache-control", "no-store")
+    }
+
+    fn error(e: &Error) -> Reply {
+        Reply::json(e.status(), &e.to_json())
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+pub struct Front {
+    ctx: Arc<Context>,
+    placeholder: Bytes,
+}
+
+impl Front {
+    pub fn new(ctx: Arc<Context>) -> Front {
+        Front {
+            ctx,
+            placeholder: transparent_pixel_png(),
+        }
+    }
+
+    /// Routes one request to its answer.
+    pub async fn answer(&self, method: &Method, path: &str, query: Option<&str>, if_none_match: Option<&str>) -> Reply {
+        let result = match path {
+            "/healthz" => Ok(Reply::json(200, &serde_json::json!({"status": "ok"}))),
+            "/readyz" => self.ready().await,
+            _ => {
+                if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
+                    self.only_get(method).and(self.cache(rest, if_none_match, true).await)
+                } else if let Some(rest) = path.strip_prefix("/media/cache/") {
+                    self.only_get(method).and(self.cache(rest, if_none_match, false).await)
+                } else if let Some(filter) = path.strip_prefix("/request/") {
+                    if method == Method::GET || method == Method::POST {
+                        self.request(filter, query).await
+                    } else {
+                        Err(Error::MethodNotAllowed(method.to_string()))
+                    }
+                } else {
+                    Err(Error::NoRoute(path.chars().take(200).collect()))
+                }
+            }
+        };
+        result.unwrap_or_else(|e| {
+            if e.status() >= 500 {
+                tracing::warn!(code = e.code(), error = %e, "request failed");
+            }
+            Reply::error(&e)
+        })
+    }
+
+    fn only_get(&self, method: &Method) -> Result<()> {
+        if method == Method::GET || method == Method::HEAD {
+            Ok(())
+        } else {
+            Err(Error::MethodNotAllowed(method.to_string()))
+        }
+    }
+
+    async fn ready(&self) -> Result<Reply> {
+        self.ctx.storage.ping().await?;
+        self.ctx.queue.ping().await?;
+        Ok(Reply::json(200, &serde_json::json!({"status": "ready"})))
+    }
+
+    async fn request(&self, filter: &str, query: Option<&str>) -> Result<Reply> {
+        let mut url = None;
+        let mut callback = None;
+        for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match key.as_ref() {
+                "url" => url = Some(value.into_owned()),
+                "callback" | "callbackUrl" => callback = Some(value.into_owned()).filter(|v| !v.is_empty()),
+                _ => {}
+            }
+        }
+        let answer = self.ctx.preheat(filter, url.as_deref(), callback.as_deref()).await?;
+        let status = if answer.status == "done" { 200 } else { 202 };
+        Ok(Reply::json(status, &answer))
+    }
+
+    /// `<filter>/<path>`: a hit, or a 202 with one job enqueued.
+    async fn cache(&self, rest: &str, if_none_match: Option<&str>, resolve: bool) -> Result<Reply> {
+        let (filter, raw_path) = rest
+            .split_once('/')
+            .ok_or_else(|| Error::InvalidPath("expected <filter>/<path>".into()))?;
+        crate::filter::validate_name(filter)?;
+        self.ctx.filters.get(filter)?;
+        let path = normalize_path(raw_path, self.ctx.config.server.max_path_bytes)?;
+        let variant = keys::variant_path(filter, &path);
+        let index = &self.ctx.index;
+
+        if let Some((info, _source, bytes)) = index.locate(&self.ctx.storage, &variant).await? {
+            if resolve {
+                let location = keys::variant_url(&self.ctx.public_base, filter, &path);
+                return Ok(Reply::new(302, "text/plain", Bytes::new())
+                    .header("location", location)
+                    .header("cache-control", "no-store"));
+            }
+            let bytes = match bytes {
+                Some(bytes) => Some(bytes),
+                None => self.variant_bytes(&variant).await?,
+            };
+            // An index entry whose bytes are gone is treated as a miss.
+            if let Some(bytes) = bytes {
+                return Ok(self.hit(&info, bytes, if_none_match));
+            }
+        }
+
+        let original_absent = format!("original:{path}");
+        if index.is_known_absent(&original_absent).await {
+            return Err(Error::SourceNotFound(path));
+        }
+        if self.ctx.storage.head(&path).await?.is_none() {
+            index.remember_absent(&original_absent).await;
+            return Err(Error::SourceNotFound(path));
+        }
+        self.ctx.enqueue_miss(filter, &path).await?;
+        Ok(self.busy())
+    }
+
+    async fn variant_bytes(&self, variant: &str) -> Result<Option<Bytes>> {
+        if let Some(bytes) = self.ctx.index.hot_get(variant).await {
+            return Ok(Some(bytes));
+        }
+        let Some(object) = self.ctx.storage.get(variant).await? else {
+            return Ok(None);
+        };
+        self.ctx.index.hot_put(variant, object.bytes.clone()).await;
+        Ok(Some(object.bytes))
+    }
+
+    fn hit(&self, info: &VariantInfo, bytes: Bytes, if_none_match: Option<&str>) -> Reply {
+        let max_age = self.ctx.config.server.cache_max_age_secs;
+        let last_modified = httpdate::fmt_http_date(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(info.last_modified.max(0) as u64),
+        );
+        let cache_control = format!("public, max-age={max_age}, immutable");
+        if if_none_match.is_some_and(|header| etag_matches(header, &info.etag)) {
+            let mut reply = Reply::new(304, &info.content_type, Bytes::new());
+            reply.length = 0;
+            return reply
+                .header("etag", info.etag.clone())
+                .header("cache-control", cache_control)
+                .header("last-modified", last_modified);
+        }
+        Reply::new(200, &info.content_type, bytes)
+            .header("etag", info.etag.clone())
+            .header("cache-control", cache_control)
+            .header("last-modified", last_modified)
+    }
+
+    fn busy(&self) -> Reply {
+        Reply::new(202, "image/png", self.placeholder.clone())
+            .header("cache-control", "no-store")
+            .header("retry-after", self.ctx.config.server.retry_after_secs.to_string())
+    }
+}
+
+/// `If-None-Match` against a strong ETag (weak comparison, as RFC 9110 asks for GET).
+fn etag_matches(header: &str, etag: &str) -> bool {
+    header.split(',').map(str::trim).any(|candidate| {
+        candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == etag
+    })
+}
+
+/// The 202 body: a valid 1x1 transparent PNG that an `<img>` can show.
+fn transparent_pixel_png() -> Bytes {
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgba8(image::RgbaImage::new(1, 1))
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .expect("encoding a 1x1 PNG cannot fail");
+    Bytes::from(out)
+}
+
+#[async_trait]
+impl HttpServerApp for Front {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read request");
+                return None;
+            }
+        }
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let header = session.req_header();
+        let method = header.method.clone();
+        let path = header.uri.path().to_string();
+        let query = header.uri.query().map(str::to_string);
+        let if_none_match = session
+            .get_header(http::header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        // Request bodies carry nothing kiln reads yet; drain so the connection can be reused.
+        if session.drain_request_body().await.is_err() {
+            return None;
+        }
+        let reply = self.answer(&method, &path, query.as_deref(), if_none_match.as_deref()).await;
+
+        let mut response = ResponseHeader::build(reply.status, Some(reply.headers.len() + 2)).ok()?;
+        for (name, value) in &reply.headers {
+            response.insert_header(*name, value.as_str()).ok()?;
+        }
+        response.insert_header("content-length", reply.length.to_string()).ok()?;
+        let head = method == Method::HEAD;
+        let with_body = !head && !reply.body.is_empty();
+        if session.write_response_header(Box::new(response)).await.is_err() {
+            return None;
+        }
+        if with_body && session.write_response_body(reply.body, true).await.is_err() {
+            return None;
+        }
+        let persistent = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
+            Err(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_compare() {
+        assert!(etag_matches("\"abc\"", "\"abc\""));
+        assert!(etag_matches("\"x\", W/\"abc\"", "\"abc\""));
+        assert!(etag_matches("*", "\"abc\""));
+        assert!(!etag_matches("\"abd\"", "\"abc\""));
+    }
+
+    #[test]
+    fn placeholder_is_a_png() {
+        let png = transparent_pixel_png();
+        let img = image::load_from_memory(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (1, 1));
+    }
+}

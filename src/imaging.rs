@@ -1,0 +1,277 @@
+//! Pixels: sniff, decode with limits checked from the header before the
+//! full decode allocates, EXIF orientation, resize (`fast_image_resize`),
+//! encode, BlurHash. Synchronous and I/O-free: callers run it on the
+//! blocking pool.
+
+use std::io::Cursor;
+
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+use crate::config::ImagingConfig;
+use crate::error::{Error, Result};
+use crate::filter::{OutputFormat, Preset};
+
+/// Decoder limits, from `[imaging]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_pixels: u64,
+    pub max_alloc_bytes: u64,
+}
+
+impl From<&ImagingConfig> for Limits {
+    fn from(c: &ImagingConfig) -> Self {
+        Limits {
+            max_width: c.max_width,
+            max_height: c.max_height,
+            max_pixels: c.max_pixels,
+            max_alloc_bytes: c.max_alloc_bytes,
+        }
+    }
+}
+
+/// The formats kiln decodes, by magic bytes. Anything else is refused.
+pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
+    match image::guess_format(bytes).ok()? {
+        f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP) => Some(f),
+        _ => None,
+    }
+}
+
+pub fn mime_of(format: ImageFormat) -> &'static str {
+    format.to_mime_type()
+}
+
+/// The MIME type of stored bytes, from their magic.
+pub fn sniff_mime(bytes: &[u8]) -> &'static str {
+    sniff(bytes).map_or("application/octet-stream", mime_of)
+}
+
+/// A decoded, upright source.
+pub struct Decoded {
+    pub image: DynamicImage,
+    pub format: ImageFormat,
+}
+
+impl Decoded {
+    pub fn width(&self) -> u32 {
+        self.image.width()
+    }
+
+    pub fn height(&self) -> u32 {
+        self.image.height()
+    }
+}
+
+pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
+    let format = sniff(bytes).ok_or_else(|| {
+        Error::UnsupportedImage("not a JPEG, PNG, GIF or WebP image".into())
+    })?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
+    reader.limits(decoder_limits);
+    let mut decoder = reader.into_decoder().map_err(decode_error)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(Error::DecodeFailed("image has no pixels".into()));
+    }
+    if width > limits.max_width
+        || height > limits.max_height
+        || u64::from(width) * u64::from(height) > limits.max_pixels
+    {
+        return Err(Error::ImageTooLarge(format!(
+            "{width}x{height} exceeds {}x{} or {} pixels",
+            limits.max_width, limits.max_height, limits.max_pixels
+        )));
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    image.apply_orientation(orientation);
+    // Resizing and encoding work on 8-bit RGB(A); other layouts convert once here.
+    let image = if image.color().has_alpha() {
+        match image {
+            DynamicImage::ImageRgba8(_) => image,
+            other => DynamicImage::ImageRgba8(other.to_rgba8()),
+        }
+    } else {
+        match image {
+            DynamicImage::ImageRgb8(_) => image,
+            other => DynamicImage::ImageRgb8(other.to_rgb8()),
+        }
+    };
+    Ok(Decoded { image, format })
+}
+
+fn decode_error(e: image::ImageError) -> Error {
+    match e {
+        image::ImageError::Limits(l) => Error::ImageTooLarge(l.to_string()),
+        image::ImageError::Unsupported(u) => Error::UnsupportedImage(u.to_string()),
+        other => Error::DecodeFailed(other.to_string()),
+    }
+}
+
+/// An encoded variant.
+pub struct Rendered {
+    pub bytes: Vec<u8>,
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Resizes and encodes one preset from a decoded source.
+pub fn render(source: &Decoded, preset: &Preset) -> Result<Rendered> {
+    let plan = preset.plan(source.width(), source.height());
+    let mut resized = DynamicImage::new(plan.width, plan.height, source.image.color());
+    let options = ResizeOptions::new()
+        .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
+        .crop(
+            f64::from(plan.crop.x),
+            f64::from(plan.crop.y),
+            f64::from(plan.crop.width),
+            f64::from(plan.crop.height),
+        );
+    Resizer::new()
+        .resize(&source.image, &mut resized, &options)
+        .map_err(|e| Error::Internal(format!("resize: {e}")))?;
+    let format = output_format(source.format, preset.format);
+    let bytes = encode(&resized, format, preset.quality)?;
+    Ok(Rendered {
+        bytes,
+        format,
+        width: plan.width,
+        height: plan.height,
+    })
+}
+
+fn output_format(source: ImageFormat, wanted: OutputFormat) -> ImageFormat {
+    match wanted {
+        OutputFormat::Jpeg => ImageFormat::Jpeg,
+        OutputFormat::Png => ImageFormat::Png,
+        OutputFormat::Webp => ImageFormat::WebP,
+        OutputFormat::Source => match source {
+            ImageFormat::Jpeg => ImageFormat::Jpeg,
+            ImageFormat::WebP => ImageFormat::WebP,
+            _ => ImageFormat::Png,
+        },
+    }
+}
+
+fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    let result = match format {
+        ImageFormat::Jpeg => {
+            let rgb = flatten_on_white(image);
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&rgb)
+        }
+        ImageFormat::WebP => {
+            image::codecs::webp::WebPEncoder::new_lossless(&mut out).encode(
+                image.as_bytes(),
+                image.width(),
+                image.height(),
+                image.color().into(),
+            )
+        }
+        _ => image.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
+    };
+    result.map_err(|e| Error::EncodeFailed(e.to_string()))?;
+    Ok(out)
+}
+
+/// JPEG has no alpha: composite transparent pixels over white, not black.
+fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
+    match image {
+        DynamicImage::ImageRgba8(rgba) => {
+            let mut rgb = image::RgbImage::new(rgba.width(), rgba.height());
+            for (out, px) in rgb.pixels_mut().zip(rgba.pixels()) {
+                let [r, g, b, a] = px.0;
+                let blend = |c: u8| ((u16::from(c) * u16::from(a) + 255 * (255 - u16::from(a))) / 255) as u8;
+                out.0 = [blend(r), blend(g), blend(b)];
+            }
+            DynamicImage::ImageRgb8(rgb)
+        }
+        other => DynamicImage::ImageRgb8(other.to_rgb8()),
+    }
+}
+
+/// BlurHash of the source, computed from a small copy.
+pub fn blurhash(source: &Decoded) -> Result<String> {
+    const SIDE: u32 = 32;
+    let (w, h) = (source.width(), source.height());
+    let scale = (f64::from(SIDE) / f64::from(w.max(h))).min(1.0);
+    let tw = ((f64::from(w) * scale).round() as u32).max(1);
+    let th = ((f64::from(h) * scale).round() as u32).max(1);
+    let mut small = DynamicImage::new(tw, th, source.image.color());
+    Resizer::new()
+        .resize(
+            &source.image,
+            &mut small,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Box)),
+        )
+        .map_err(|e| Error::Internal(format!("resize: {e}")))?;
+    let rgba = small.to_rgba8();
+    // More components along the longer side keep the preview's shape.
+    let (cx, cy) = if w >= h { (4, 3) } else { (3, 4) };
+    blurhash::encode(cx, cy, tw, th, rgba.as_raw()).map_err(|e| Error::Internal(format!("blurhash: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::Mode;
+
+    fn limits() -> Limits {
+        Limits {
+            max_width: 10_000,
+            max_height: 10_000,
+            max_pixels: 10_000_000,
+            max_alloc_bytes: 512 << 20,
+        }
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbaImage::from_pixel(w, h, image::Rgba([10, 200, 30, 255]));
+        let mut out = Vec::new();
+        DynamicImage::ImageRgba8(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn decodes_renders_and_hashes() {
+        let source = decode(&png(400, 200), limits()).unwrap();
+        let preset = Preset {
+            name: "p".into(),
+            mode: Mode::Inset,
+            width: 100,
+            height: 100,
+            upscale: false,
+            quality: 80,
+            format: OutputFormat::Jpeg,
+        };
+        let out = render(&source, &preset).unwrap();
+        assert_eq!((out.width, out.height, out.format), (100, 50, ImageFormat::Jpeg));
+        let back = image::load_from_memory(&out.bytes).unwrap();
+        assert_eq!((back.width(), back.height()), (100, 50));
+        let px = back.to_rgb8().get_pixel(50, 25).0;
+        assert!(px[1] > 150 && px[0] < 60, "{px:?}");
+        assert_eq!(blurhash(&source).unwrap().len(), 4 + 2 * (4 * 3));
+    }
+
+    #[test]
+    fn refuses_what_it_must() {
+        assert_eq!(decode(b"<svg></svg>", limits()).unwrap_err().code(), "unsupported-image");
+        let mut small = limits();
+        small.max_pixels = 1000;
+        assert_eq!(decode(&png(100, 100), small).unwrap_err().code(), "image-too-large");
+        let truncated = &png(100, 100)[..60];
+        assert!(decode(truncated, limits()).is_err());
+    }
+}

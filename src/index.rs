@@ -1,0 +1,202 @@
+//! "Does this variant exist, with what size, ETag and type": moka in front of
+//! Redis hashes (embedded: moka only), plus a size-weighted moka cache of hot
+//! variant bytes and short-lived negative answers. An index is a hint over
+//! storage: losing it costs a storage read, never a wrong answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use moka::future::Cache;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use crate::config::IndexConfig;
+use crate::error::Result;
+use crate::keys::RedisKeys;
+use crate::redis_conn::RedisHandle;
+use crate::storage::Storage;
+
+/// What serving a stored variant needs to know without reading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantInfo {
+    pub size: u64,
+    pub etag: String,
+    pub content_type: String,
+    /// Unix seconds.
+    pub last_modified: i64,
+}
+
+impl VariantInfo {
+    /// Describes stored bytes: the type from their magic, never a file extension.
+    pub fn of_bytes(bytes: &[u8], last_modified: i64) -> VariantInfo {
+        let content_type = image::guess_format(bytes)
+            .map(|f| f.to_mime_type())
+            .unwrap_or("application/octet-stream");
+        VariantInfo {
+            size: bytes.len() as u64,
+            etag: crate::keys::etag(bytes),
+            content_type: content_type.to_string(),
+            last_modified,
+        }
+    }
+}
+
+/// Where a lookup found its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Memory,
+    Redis,
+    Storage,
+}
+
+pub struct Index {
+    entries: Cache<String, Arc<VariantInfo>>,
+    hot: Cache<String, Bytes>,
+    absent: Cache<String, ()>,
+    hot_max_object_bytes: u64,
+    redis: Option<(Arc<RedisHandle>, RedisKeys)>,
+}
+
+impl Index {
+    pub fn new(config: &IndexConfig, redis: Option<(Arc<RedisHandle>, RedisKeys)>) -> Index {
+        Index {
+            entries: Cache::builder()
+                .max_capacity(config.max_entries)
+                .time_to_live(Duration::from_secs(config.ttl_secs))
+                .build(),
+            hot: Cache::builder()
+                .max_capacity(config.hot_bytes)
+                .weigher(|key: &String, bytes: &Bytes| {
+                    (key.len() + bytes.len()).try_into().unwrap_or(u32::MAX)
+                })
+                .build(),
+            absent: Cache::builder()
+                .max_capacity(config.max_entries)
+                .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
+                .build(),
+            hot_max_object_bytes: config.hot_max_object_bytes,
+            redis,
+        }
+    }
+
+    /// Memory, then Redis. A Redis failure is logged and answered as "not
+    /// known", so the caller falls back to storage instead of failing.
+    pub async fn lookup(&self, variant: &str) -> Option<(Arc<VariantInfo>, Source)> {
+        if let Some(info) = self.entries.get(variant).await {
+            return Some((info, Source::Memory));
+        }
+        let (handle, keys) = self.redis.as_ref()?;
+        match Self::redis_get(handle, keys, variant).await {
+            Ok(Some(info)) => {
+                let info = Arc::new(info);
+                self.entries.insert(variant.to_string(), info.clone()).await;
+                Some((info, Source::Redis))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
+                None
+            }
+        }
+    }
+
+    /// The index, then storage (the source of truth). A variant found only in
+    /// storage is recorded, its bytes kept hot and returned, and never
+    /// re-rendered. "Absent" answers are remembered briefly.
+    pub async fn locate(
+        &self,
+        storage: &Storage,
+        variant: &str,
+    ) -> Result<Option<(Arc<VariantInfo>, Source, Option<Bytes>)>> {
+        if let Some((info, source)) = self.lookup(variant).await {
+            return Ok(Some((info, source, None)));
+        }
+        if self.is_known_absent(variant).await {
+            return Ok(None);
+        }
+        match storage.get(variant).await? {
+            Some(object) => {
+                let info = VariantInfo::of_bytes(&object.bytes, object.info.last_modified);
+                self.remember(variant, info.clone()).await;
+                self.hot_put(variant, object.bytes.clone()).await;
+                Ok(Some((Arc::new(info), Source::Storage, Some(object.bytes))))
+            }
+            None => {
+                self.remember_absent(variant).await;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn redis_get(
+        handle: &RedisHandle,
+        keys: &RedisKeys,
+        variant: &str,
+    ) -> Result<Option<VariantInfo>> {
+        let mut conn = handle.conn().await?;
+        let fields: std::collections::HashMap<String, String> =
+            conn.hgetall(keys.variant_index(variant)).await?;
+        let field = |name: &str| fields.get(name).cloned();
+        Ok((|| {
+            Some(VariantInfo {
+                size: field("size")?.parse().ok()?,
+                etag: field("etag")?,
+                content_type: field("type")?,
+                last_modified: field("mtime")?.parse().ok()?,
+            })
+        })())
+    }
+
+    /// Records a stored variant. Call only after the bytes are in storage.
+    pub async fn mark(&self, variant: &str, info: VariantInfo) -> Result<()> {
+        if let Some((handle, keys)) = &self.redis {
+            let mut conn = handle.conn().await?;
+            let () = conn
+                .hset_multiple(
+                    keys.variant_index(variant),
+                    &[
+                        ("size", info.size.to_string()),
+                        ("etag", info.etag.clone()),
+                        ("type", info.content_type.clone()),
+                        ("mtime", info.last_modified.to_string()),
+                    ],
+                )
+                .await?;
+        }
+        self.absent.invalidate(variant).await;
+        self.entries.insert(variant.to_string(), Arc::new(info)).await;
+        Ok(())
+    }
+
+    /// Like `mark`, for a variant found in storage by a reader: a Redis
+    /// failure only costs the next reader another storage look-up.
+    pub async fn remember(&self, variant: &str, info: VariantInfo) {
+        if let Err(e) = self.mark(variant, info).await {
+            tracing::warn!(error = %e, variant, "could not record variant in the index");
+        }
+    }
+
+    pub async fn hot_get(&self, variant: &str) -> Option<Bytes> {
+        self.hot.get(variant).await
+    }
+
+    pub async fn hot_put(&self, variant: &str, bytes: Bytes) {
+        if bytes.len() as u64 <= self.hot_max_object_bytes {
+            self.hot.insert(variant.to_string(), bytes).await;
+        }
+    }
+
+    /// Remembers briefly that storage answered "absent" for this key.
+    pub async fn remember_absent(&self, key: &str) {
+        self.absent.insert(key.to_string(), ()).await;
+    }
+
+    pub async fn is_known_absent(&self, key: &str) -> bool {
+        self.absent.contains_key(key)
+    }
+
+    pub async fn forget_absent(&self, key: &str) {
+        self.absent.invalidate(key).await;
+    }
+}

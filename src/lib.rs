@@ -1,0 +1,23 @@
+//! kiln: an edge-cached image proxy with async pre-heat. See DESIGN.md in the
+//! shared folder and the README for the shape; each module's header says
+//! what it owns.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod callback;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod filter;
+pub mod front;
+pub mod imaging;
+pub mod index;
+pub mod keys;
+pub mod queue;
+pub mod redis_conn;
+pub mod security;
+pub mod storage;
+pub mod worker;
+
+pub use error::{Error, Result};

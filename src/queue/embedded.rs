@@ -1,0 +1,182 @@
+//! In-process queue with the Redis backend's semantics: dedupe with an
+//! in-flight TTL, attached callbacks, urgent before pre-heat, reclaim after
+//! the visibility timeout, dead letters. Nothing survives a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::{Claimed, Depths, Job, Priority, Queue};
+use crate::config::QueueConfig;
+use crate::error::Result;
+
+struct Pending {
+    job: Job,
+    attempt: u32,
+    claimed_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    urgent: VecDeque<(Job, u32)>,
+    preheat: VecDeque<(Job, u32)>,
+    pending: HashMap<String, Pending>,
+    inflight: HashMap<String, (String, Instant)>,
+    callbacks: HashMap<String, Vec<String>>,
+    dead: Vec<(Job, String)>,
+    next_receipt: u64,
+}
+
+pub struct EmbeddedQueue {
+    state: Mutex<State>,
+    ready: Notify,
+    inflight_ttl: Duration,
+    visibility_timeout: Duration,
+}
+
+impl EmbeddedQueue {
+    pub fn new(config: &QueueConfig) -> Self {
+        EmbeddedQueue {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            inflight_ttl: Duration::from_secs(config.inflight_ttl_secs),
+            visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
+        }
+    }
+
+    fn try_claim(&self) -> Option<Claimed> {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        let stale: Vec<String> = state
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.claimed_at) >= self.visibility_timeout)
+            .map(|(receipt, _)| receipt.clone())
+            .collect();
+        for receipt in stale {
+            if let Some(p) = state.pending.remove(&receipt) {
+                let queue = match p.job.priority {
+                    Priority::Urgent => &mut state.urgent,
+                    Priority::Preheat => &mut state.preheat,
+                };
+                queue.push_front((p.job, p.attempt));
+            }
+        }
+        let (job, previous_attempts) = state
+            .urgent
+            .pop_front()
+            .or_else(|| state.preheat.pop_front())?;
+        state.next_receipt += 1;
+        let receipt = state.next_receipt.to_string();
+        let attempt = previous_attempts + 1;
+        state.pending.insert(
+            receipt.clone(),
+            Pending {
+                job: job.clone(),
+                attempt,
+                claimed_at: now,
+            },
+        );
+        Some(Claimed {
+            job,
+            receipt,
+            attempt,
+        })
+    }
+
+    fn finish(&self, claimed: &Claimed, reason: Option<&str>) -> Vec<String> {
+        let mut state = self.state.lock();
+        state.pending.remove(&claimed.receipt);
+        if let Some(reason) = reason {
+            state.dead.push((claimed.job.clone(), reason.to_string()));
+        }
+        let dedupe = &claimed.job.dedupe;
+        if state
+            .inflight
+            .get(dedupe)
+            .is_some_and(|(id, _)| *id == claimed.job.id)
+        {
+            state.inflight.remove(dedupe);
+        }
+        state.callbacks.remove(dedupe).unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl Queue for EmbeddedQueue {
+    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool> {
+        let fresh = {
+            let mut state = self.state.lock();
+            if let Some(url) = callback {
+                state
+                    .callbacks
+                    .entry(job.dedupe.clone())
+                    .or_default()
+                    .push(url.to_string());
+            }
+            let now = Instant::now();
+            let in_flight = state
+                .inflight
+                .get(&job.dedupe)
+                .is_some_and(|(_, expires)| *expires > now);
+            if in_flight {
+                false
+            } else {
+                state
+                    .inflight
+                    .insert(job.dedupe.clone(), (job.id.clone(), now + self.inflight_ttl));
+                match job.priority {
+                    Priority::Urgent => state.urgent.push_back((job.clone(), 0)),
+                    Priority::Preheat => state.preheat.push_back((job.clone(), 0)),
+                }
+                true
+            }
+        };
+        if fresh {
+            self.ready.notify_one();
+        }
+        Ok(fresh)
+    }
+
+    async fn claim(&self, _consumer: &str, wait: Duration) -> Result<Option<Claimed>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Register interest before looking, so a notify between look and wait is kept.
+            let notified = self.ready.notified();
+            if let Some(claimed) = self.try_claim() {
+                return Ok(Some(claimed));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Wake for new work, or in time to reclaim stale work.
+            let nap = left.min(self.visibility_timeout);
+            let _ = tokio::time::timeout(nap, notified).await;
+        }
+    }
+
+    async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {
+        Ok(self.finish(claimed, None))
+    }
+
+    async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
+        Ok(self.finish(claimed, Some(reason)))
+    }
+
+    async fn depths(&self) -> Result<Depths> {
+        let state = self.state.lock();
+        Ok(Depths {
+            urgent: state.urgent.len() as u64,
+            preheat: state.preheat.len() as u64,
+            dead: state.dead.len() as u64,
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

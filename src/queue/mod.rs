@@ -1,0 +1,100 @@
+//! The job queue: enqueue once per variant (deduped, callbacks attached),
+//! claim urgent before pre-heat, complete (ack + hand back callbacks), leave
+//! for retry, dead-letter. Two backends with one contract: `embedded`
+//! (in-process) and `redis` (streams + consumer group + `lua/` scripts).
+
+mod embedded;
+mod redis_streams;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+pub use embedded::EmbeddedQueue;
+pub use redis_streams::RedisQueue;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Misses from live pages: always drained first.
+    Urgent,
+    /// Bulk pre-heat.
+    Preheat,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Urgent => "urgent",
+            Priority::Preheat => "preheat",
+        }
+    }
+}
+
+/// One original and the filters wanted from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub priority: Priority,
+    /// Storage path of the original.
+    pub original: String,
+    /// Where to download the original from when it is not stored yet.
+    pub source_url: Option<String>,
+    pub root: String,
+    pub code: String,
+    pub filters: Vec<String>,
+    /// Jobs with the same key are one job.
+    pub dedupe: String,
+    pub enqueued_at_ms: u64,
+}
+
+/// A job a worker holds until it completes, fails or lets go of it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: Job,
+    /// Backend handle of this delivery (stream entry id or sequence number).
+    pub receipt: String,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Depths {
+    pub urgent: u64,
+    pub preheat: u64,
+    pub dead: u64,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Adds the job unless one with its dedupe key is in flight; attaches
+    /// the callback either way. True when a new job was added.
+    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool>;
+
+    /// The next job, urgent first, waiting up to `wait`. Jobs claimed by a
+    /// worker that went quiet for the visibility timeout are handed out again.
+    async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>>;
+
+    /// Done: acknowledges the job, clears its in-flight mark and returns the
+    /// callbacks attached to it.
+    async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>>;
+
+    /// Failed for good: moves the job to the dead-letter list with its reason
+    /// and returns its callbacks.
+    async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>>;
+
+    /// Jobs waiting per stream, and dead letters.
+    async fn depths(&self) -> Result<Depths>;
+
+    async fn ping(&self) -> Result<()>;
+}
+
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,275 @@
+//! Redis backend: one stream per priority read through a consumer group,
+//! dedupe and completion as Lua scripts from `lua/`, stuck entries taken
+//! over with XAUTOCLAIM after the visibility timeout. Redis 7.0 commands only.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::AsyncCommands;
+
+use super::{Claimed, Depths, Job, Priority, Queue};
+use crate::config::{QueueConfig, RedisConfig};
+use crate::error::{Error, Result};
+use crate::keys::RedisKeys;
+use crate::redis_conn::RedisHandle;
+
+const ENQUEUE_LUA: &str = include_str!("../../lua/enqueue.lua");
+const COMPLETE_LUA: &str = include_str!("../../lua/complete.lua");
+
+const PRIORITIES: [Priority; 2] = [Priority::Urgent, Priority::Preheat];
+
+pub struct RedisQueue {
+    handle: Arc<RedisHandle>,
+    keys: RedisKeys,
+    group: String,
+    enqueue_script: redis::Script,
+    complete_script: redis::Script,
+    inflight_ttl_secs: u64,
+    visibility_timeout: Duration,
+    /// Entries a blocking read delivered beyond the one it returned.
+    stash: Mutex<VecDeque<Claimed>>,
+    last_reclaim: Mutex<Option<Instant>>,
+    groups_ready: tokio::sync::OnceCell<()>,
+    blocking: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+impl RedisQueue {
+    pub fn new(handle: Arc<RedisHandle>, redis: &RedisConfig, config: &QueueConfig) -> Self {
+        RedisQueue {
+            handle,
+            keys: RedisKeys::new(&redis.prefix),
+            group: redis.group.clone(),
+            enqueue_script: redis::Script::new(ENQUEUE_LUA),
+            complete_script: redis::Script::new(COMPLETE_LUA),
+            inflight_ttl_secs: config.inflight_ttl_secs,
+            visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
+            stash: Mutex::new(VecDeque::new()),
+            last_reclaim: Mutex::new(None),
+            groups_ready: tokio::sync::OnceCell::new(),
+            blocking: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn ensure_groups(&self) -> Result<()> {
+        self.groups_ready
+            .get_or_try_init(|| async {
+                let mut conn = self.handle.conn().await?;
+                for priority in PRIORITIES {
+                    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(self.keys.stream(priority.as_str()))
+                        .arg(&self.group)
+                        .arg("0")
+                        .arg("MKSTREAM")
+                        .query_async(&mut conn)
+                        .await;
+                    match created {
+                        Ok(()) => {}
+                        Err(e) if e.code() == Some("BUSYGROUP") => {}
+                        Err(e) => return Err(Error::from(e)),
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn decode(&self, entry: &StreamId, attempt: u32) -> Result<Claimed> {
+        let raw: String = entry
+            .get("job")
+            .ok_or_else(|| Error::Queue(format!("stream entry {} has no job", entry.id)))?;
+        let job: Job = serde_json::from_str(&raw)
+            .map_err(|e| Error::Queue(format!("stream entry {} is not a job: {e}", entry.id)))?;
+        Ok(Claimed {
+            job,
+            receipt: entry.id.clone(),
+            attempt,
+        })
+    }
+
+    /// Takes over one entry another consumer left idle past the visibility timeout.
+    async fn reclaim(&self, consumer: &str) -> Result<Option<Claimed>> {
+        {
+            let mut last = self.last_reclaim.lock();
+            let due = last.is_none_or(|at| at.elapsed() >= self.visibility_timeout / 4);
+            if !due {
+                return Ok(None);
+            }
+            *last = Some(Instant::now());
+        }
+        let mut conn = self.handle.conn().await?;
+        let min_idle = self.visibility_timeout.as_millis() as u64;
+        for priority in PRIORITIES {
+            let stream = self.keys.stream(priority.as_str());
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(&self.group)
+                .arg(consumer)
+                .arg(min_idle)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await?;
+            if let Some(entry) = reply.claimed.first() {
+                let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+                    .arg(&stream)
+                    .arg(&self.group)
+                    .arg(&entry.id)
+                    .arg(&entry.id)
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await?;
+                let attempt = pending.ids.first().map_or(2, |p| p.times_delivered as u32);
+                // More left: look again on the next claim rather than after the timeout.
+                *self.last_reclaim.lock() = None;
+                return self.decode(entry, attempt).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    async fn read(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        consumer: &str,
+        priorities: &[Priority],
+        block: Option<Duration>,
+    ) -> Result<Vec<Claimed>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(1);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for priority in priorities {
+            cmd.arg(self.keys.stream(priority.as_str()));
+        }
+        for _ in priorities {
+            cmd.arg(">");
+        }
+        let reply: Option<StreamReadReply> = cmd.query_async(conn).await?;
+        let mut claimed = Vec::new();
+        // Reply order follows the STREAMS order: urgent first.
+        for priority in priorities {
+            let stream = self.keys.stream(priority.as_str());
+            for key in reply.iter().flat_map(|r| &r.keys).filter(|k| k.key == stream) {
+                for entry in &key.ids {
+                    claimed.push(self.decode(entry, 1)?);
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn finish(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
+        let mut conn = self.handle.conn().await?;
+        let job = &claimed.job;
+        let callbacks: Vec<String> = self
+            .complete_script
+            .key(self.keys.stream(job.priority.as_str()))
+            .key(self.keys.inflight(&job.dedupe))
+            .key(self.keys.callbacks(&job.dedupe))
+            .key(self.keys.dead_letter())
+            .arg(&self.group)
+            .arg(&claimed.receipt)
+            .arg(&job.id)
+            .arg(reason)
+            .arg(serde_json::to_string(job)?)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(callbacks)
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool> {
+        let mut conn = self.handle.conn().await?;
+        let added: i64 = self
+            .enqueue_script
+            .key(self.keys.inflight(&job.dedupe))
+            .key(self.keys.callbacks(&job.dedupe))
+            .key(self.keys.stream(job.priority.as_str()))
+            .arg(self.inflight_ttl_secs)
+            .arg(callback.unwrap_or(""))
+            .arg(&job.id)
+            .arg(serde_json::to_string(job)?)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(added == 1)
+    }
+
+    async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>> {
+        self.ensure_groups().await?;
+        if let Some(claimed) = self.reclaim(consumer).await? {
+            return Ok(Some(claimed));
+        }
+        // One blocking connection per queue; concurrent claimers take turns on it.
+        let mut blocking = self.blocking.lock().await;
+        if blocking.is_none() {
+            *blocking = Some(self.handle.dedicated(wait).await?);
+        }
+        let conn = blocking.as_mut().expect("connection just set");
+        let outcome = async {
+            if let Some(urgent) = self.read(conn, consumer, &[Priority::Urgent], None).await?.pop() {
+                return Ok(Some(urgent));
+            }
+            if let Some(stashed) = self.stash.lock().pop_front() {
+                return Ok(Some(stashed));
+            }
+            let mut got = self.read(conn, consumer, &PRIORITIES, Some(wait)).await?;
+            if got.is_empty() {
+                return Ok(None);
+            }
+            let first = got.remove(0);
+            self.stash.lock().extend(got);
+            Ok(Some(first))
+        }
+        .await;
+        if outcome.is_err() {
+            // A broken connection is replaced on the next claim.
+            *blocking = None;
+        }
+        outcome
+    }
+
+    async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {
+        self.finish(claimed, "").await
+    }
+
+    async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
+        let reason = if reason.is_empty() { "failed" } else { reason };
+        self.finish(claimed, reason).await
+    }
+
+    async fn depths(&self) -> Result<Depths> {
+        let mut conn = self.handle.conn().await?;
+        let (urgent, preheat, dead): (u64, u64, u64) = redis::pipe()
+            .xlen(self.keys.stream("urgent"))
+            .xlen(self.keys.stream("preheat"))
+            .xlen(self.keys.dead_letter())
+            .query_async(&mut conn)
+            .await?;
+        Ok(Depths {
+            urgent,
+            preheat,
+            dead,
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.handle.conn().await?;
+        let _: String = conn.ping().await?;
+        Ok(())
+    }
+}

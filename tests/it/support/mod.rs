@@ -1,0 +1,67 @@
+//! Test fixtures for the integration suite: a throwaway `redis-server`, a
+//! loopback origin, a callback sink, a bounded `eventually`, and in-memory
+//! image generators plus assertion helpers.
+//!
+//! Owns only test scaffolding; it must never depend on kiln internals, so a
+//! fixture stays valid whatever the code under test does.
+#![allow(dead_code)]
+
+mod http;
+pub mod images;
+pub mod origin;
+pub mod redis;
+pub mod sink;
+
+// Re-exports are used by some tests and not others.
+#[allow(unused_imports)]
+pub use images::{
+    decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_rgba,
+    webp_lossless,
+};
+#[allow(unused_imports)]
+pub use origin::{Origin, OriginRequest, OriginResponse};
+#[allow(unused_imports)]
+pub use redis::RedisServer;
+#[allow(unused_imports)]
+pub use sink::{CallbackSink, Received};
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::Duration;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read
+/// the port, release it). Another process may still grab it before use.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Polls `f` every 20 ms until it yields `Some`, and returns that value.
+///
+/// Panics with `what` once `timeout` has passed, including when a single
+/// call of `f` is still pending at the deadline. Use this instead of sleeps.
+pub async fn eventually<F, Fut, T>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, f()).await {
+            Ok(Some(value)) => return value,
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "eventually: timed out after {:?} waiting for {what}",
+        start.elapsed()
+    );
+}

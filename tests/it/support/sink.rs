@@ -1,0 +1,131 @@
+//! A loopback HTTP server that records every callback request (path, headers,
+//! body) and answers a configurable status (200 by default).
+//!
+//! Owns only its listener and connection tasks, all aborted on drop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Response;
+use tokio::task::JoinHandle;
+
+/// One request the sink received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// HTTP method, normally `POST`.
+    pub method: String,
+    /// Path plus query, e.g. `/hook?id=7`.
+    pub path_and_query: String,
+    /// Request headers, names lowercased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON, or `Null` when it is not JSON.
+    pub body: serde_json::Value,
+    /// The body as received.
+    pub raw: Bytes,
+}
+
+impl Received {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    received: Mutex<Vec<Received>>,
+    status: AtomicU16,
+}
+
+/// The callback sink. Accepts any method on any path.
+pub struct CallbackSink {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl CallbackSink {
+    /// Binds 127.0.0.1 on a free port and starts recording.
+    pub async fn start() -> CallbackSink {
+        let state = Arc::new(State {
+            received: Mutex::default(),
+            status: AtomicU16::new(200),
+        });
+        let handler_state = state.clone();
+        let (addr, task) = super::http::serve_http(move |req| {
+            let state = handler_state.clone();
+            async move {
+                let method = req.method().to_string();
+                let path_and_query = super::http::path_and_query(req.uri());
+                let headers = super::http::header_pairs(req.headers());
+                let raw = match req.into_body().collect().await {
+                    Ok(body) => body.to_bytes(),
+                    Err(_) => Bytes::new(),
+                };
+                let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+                state.received.lock().unwrap().push(Received {
+                    method,
+                    path_and_query,
+                    headers,
+                    body,
+                    raw,
+                });
+                let status = state.status.load(Ordering::SeqCst);
+                Ok(Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .expect("valid sink status"))
+            }
+        })
+        .await;
+        CallbackSink { addr, state, task }
+    }
+
+    /// Answers `status` to every later request.
+    pub fn set_status(&self, status: u16) {
+        assert!(
+            (100..1000).contains(&status),
+            "invalid HTTP status {status}"
+        );
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// `http://127.0.0.1:<port><path_and_query>`.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.addr)
+    }
+
+    /// Every request recorded so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// How many requests were recorded.
+    pub fn count(&self) -> usize {
+        self.state.received.lock().unwrap().len()
+    }
+
+    /// Waits (bounded by `timeout`) until at least `n` requests arrived and
+    /// returns all of them.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let what = format!("{n} callback request(s) at {}", self.addr);
+        super::eventually(timeout, &what, || async {
+            let received = self.received();
+            (received.len() >= n).then_some(received)
+        })
+        .await
+    }
+}
+
+impl Drop for CallbackSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
