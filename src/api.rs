@@ -71,6 +71,20 @@ impl Context {
                 let ext = keys::extension_from_url(&parsed).unwrap_or("img");
                 keys::original_path(root, self.config.storage.default_approx, &code, ext)
             });
+        if record.is_none() {
+            // Known from now on, so a page asking for the variant gets 202, not 404.
+            self.storage
+                .create_media_record(&MediaRecord {
+                    code: code.clone(),
+                    root: root.clone(),
+                    path: Some(path.clone()),
+                    original_url: Some(url.to_string()),
+                    marking: "new".into(),
+                    updated_at: crate::storage::now_secs(),
+                    ..Default::default()
+                })
+                .await?;
+        }
         let variant = keys::variant_path(filter, &path);
         let exists = self.index.locate(&self.storage, &variant).await?.is_some();
         let queued = if exists && callback.is_none() {
@@ -104,8 +118,23 @@ impl Context {
         })
     }
 
-    /// Enqueues an urgent render of a stored original (a cache miss).
-    pub async fn enqueue_miss(&self, filter: &str, original: &str) -> Result<bool> {
+    /// The URL a not-yet-downloaded original will come from, if a pre-heat
+    /// announced it.
+    pub async fn pending_source(&self, original: &str) -> Result<Option<String>> {
+        let Some(code) = keys::code_from_path(original) else {
+            return Ok(None);
+        };
+        Ok(self
+            .storage
+            .media_record(code)
+            .await?
+            .filter(|r| r.path.as_deref() == Some(original) && r.marking != "failed")
+            .and_then(|r| r.original_url))
+    }
+
+    /// Enqueues an urgent render for a cache miss: of a stored original, or
+    /// of one a pre-heat is still downloading from `source_url`.
+    pub async fn enqueue_miss(&self, filter: &str, original: &str, source_url: Option<String>) -> Result<bool> {
         let filters = vec![filter.to_string()];
         let root = original.split('/').next().unwrap_or_default().to_string();
         let code = keys::code_from_path(original)
@@ -116,7 +145,7 @@ impl Context {
             priority: Priority::Urgent,
             dedupe: keys::dedupe_key(original, &filters),
             original: original.to_string(),
-            source_url: None,
+            source_url,
             root,
             code,
             filters,

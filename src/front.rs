@@ -156,11 +156,18 @@ impl Front {
         if index.is_known_absent(&original_absent).await {
             return Err(Error::SourceNotFound(path));
         }
-        if self.ctx.storage.head(&path).await?.is_none() {
-            index.remember_absent(&original_absent).await;
-            return Err(Error::SourceNotFound(path));
-        }
-        self.ctx.enqueue_miss(filter, &path).await?;
+        let source_url = if self.ctx.storage.head(&path).await?.is_some() {
+            None
+        } else {
+            match self.ctx.pending_source(&path).await? {
+                Some(url) => Some(url),
+                None => {
+                    index.remember_absent(&original_absent).await;
+                    return Err(Error::SourceNotFound(path));
+                }
+            }
+        };
+        self.ctx.enqueue_miss(filter, &path, source_url).await?;
         Ok(self.busy())
     }
 

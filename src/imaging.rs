@@ -50,6 +50,7 @@ pub fn sniff_mime(bytes: &[u8]) -> &'static str {
 }
 
 /// A decoded, upright source.
+#[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
     pub format: ImageFormat,

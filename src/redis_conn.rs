@@ -45,10 +45,10 @@ impl RedisHandle {
 
     /// A connection of its own, for commands that block (XREADGROUP BLOCK)
     /// and must not stall everyone else's.
-    pub async fn dedicated(&self, block: Duration) -> Result<MultiplexedConnection> {
+    pub async fn dedicated(&self, longest_block: Duration) -> Result<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(block + self.timeout));
+            .set_response_timeout(Some(longest_block + self.timeout));
         Ok(self
             .client
             .get_multiplexed_async_connection_with_config(&config)

@@ -188,6 +188,21 @@ impl Storage {
         self.get_json(&crate::keys::media_record_path(code)).await
     }
 
+    /// Writes the record only if none exists yet; false when one did.
+    pub async fn create_media_record(&self, record: &MediaRecord) -> Result<bool> {
+        let location = Self::location(&crate::keys::media_record_path(&record.code))?;
+        let payload = PutPayload::from(serde_json::to_vec_pretty(record)?);
+        match self
+            .store
+            .put_opts(&location, payload, object_store::PutMode::Create.into())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub async fn put_media_record(&self, record: &MediaRecord) -> Result<()> {
         self.put_json(&crate::keys::media_record_path(&record.code), record)
             .await

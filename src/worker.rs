@@ -336,6 +336,7 @@ impl Worker {
         let mut record = self.storage.media_record(&job.code).await?.unwrap_or_else(|| MediaRecord {
             code: job.code.clone(),
             root: job.root.clone(),
+            path: Some(job.original.clone()),
             original_url: job.source_url.clone(),
             ..Default::default()
         });

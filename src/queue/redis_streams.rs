@@ -171,6 +171,37 @@ impl RedisQueue {
         Ok(claimed)
     }
 
+    /// Urgent first, then anything stashed, then a blocking read of both streams.
+    async fn read_next(&self, consumer: &str, block: Duration) -> Result<Option<Claimed>> {
+        // One blocking connection per queue; concurrent claimers take turns on it.
+        let mut blocking = self.blocking.lock().await;
+        if blocking.is_none() {
+            *blocking = Some(self.handle.dedicated(self.visibility_timeout).await?);
+        }
+        let conn = blocking.as_mut().expect("connection just set");
+        let outcome = async {
+            if let Some(urgent) = self.read(conn, consumer, &[Priority::Urgent], None).await?.pop() {
+                return Ok(Some(urgent));
+            }
+            if let Some(stashed) = self.stash.lock().pop_front() {
+                return Ok(Some(stashed));
+            }
+            let mut got = self.read(conn, consumer, &PRIORITIES, Some(block)).await?;
+            if got.is_empty() {
+                return Ok(None);
+            }
+            let first = got.remove(0);
+            self.stash.lock().extend(got);
+            Ok(Some(first))
+        }
+        .await;
+        if outcome.is_err() {
+            // A broken connection is replaced on the next claim.
+            *blocking = None;
+        }
+        outcome
+    }
+
     async fn finish(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
         let mut conn = self.handle.conn().await?;
         let job = &claimed.job;
@@ -211,36 +242,21 @@ impl Queue for RedisQueue {
 
     async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>> {
         self.ensure_groups().await?;
-        if let Some(claimed) = self.reclaim(consumer).await? {
-            return Ok(Some(claimed));
-        }
-        // One blocking connection per queue; concurrent claimers take turns on it.
-        let mut blocking = self.blocking.lock().await;
-        if blocking.is_none() {
-            *blocking = Some(self.handle.dedicated(wait).await?);
-        }
-        let conn = blocking.as_mut().expect("connection just set");
-        let outcome = async {
-            if let Some(urgent) = self.read(conn, consumer, &[Priority::Urgent], None).await?.pop() {
-                return Ok(Some(urgent));
+        let deadline = Instant::now() + wait;
+        // Block in short slices so stuck entries are looked for while waiting.
+        let slice = (self.visibility_timeout / 4).max(Duration::from_millis(50));
+        loop {
+            if let Some(claimed) = self.reclaim(consumer).await? {
+                return Ok(Some(claimed));
             }
-            if let Some(stashed) = self.stash.lock().pop_front() {
-                return Ok(Some(stashed));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(claimed) = self.read_next(consumer, left.min(slice)).await? {
+                return Ok(Some(claimed));
             }
-            let mut got = self.read(conn, consumer, &PRIORITIES, Some(wait)).await?;
-            if got.is_empty() {
+            if Instant::now() >= deadline {
                 return Ok(None);
             }
-            let first = got.remove(0);
-            self.stash.lock().extend(got);
-            Ok(Some(first))
         }
-        .await;
-        if outcome.is_err() {
-            // A broken connection is replaced on the next claim.
-            *blocking = None;
-        }
-        outcome
     }
 
     async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {

@@ -1,0 +1,140 @@
+//! The redis backend as it is deployed: `kiln front` and `kiln worker` as
+//! separate processes sharing one Redis and one storage directory.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::flow::urlencode;
+use crate::kiln::{test_config_toml, until_ready};
+use crate::support::{dimensions, eventually, free_port, jpeg, CallbackSink, Origin, OriginResponse, RedisServer};
+
+/// A kiln child process, killed when dropped.
+struct Process(Child);
+
+impl Process {
+    fn start(role: &str, config: &Path, log: &Path) -> Process {
+        let log = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["--config", config.to_str().unwrap(), role])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start kiln");
+        Process(child)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Deployment {
+    base: String,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let storage = dir.path().join("storage");
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(&config, test_config_toml(port, &storage, Some(redis), extra)).unwrap();
+    Deployment {
+        base: format!("http://127.0.0.1:{port}"),
+        dir,
+        config,
+    }
+}
+
+async fn wait_healthy(base: &str) {
+    let url = format!("{base}/healthz");
+    eventually(Duration::from_secs(20), "front answers /healthz", || {
+        let url = url.clone();
+        async move { (reqwest::get(&url).await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_and_worker_processes_share_redis_and_storage() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "");
+    let _front = Process::start("front", &d.config, &d.dir.path().join("front.log"));
+    let _worker = Process::start("worker", &d.config, &d.dir.path().join("worker.log"));
+    wait_healthy(&d.base).await;
+    assert_eq!(reqwest::get(format!("{}/readyz", d.base)).await.unwrap().status(), 200);
+
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve("/p.jpg", OriginResponse::image("image/jpeg", jpeg(1000, 1000, [90, 90, 90])));
+    let request = format!(
+        "{}/request/medium?url={}&callback={}",
+        d.base,
+        urlencode(&origin.url("/p.jpg")),
+        urlencode(&sink.url("/done?code=1"))
+    );
+    let answer: serde_json::Value = reqwest::get(&request).await.unwrap().json().await.unwrap();
+    let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(hooks[0].body["status"], "done", "{:?}", hooks[0].body);
+    let path = answer["path"].as_str().unwrap();
+    let bytes = until_ready(&format!("{}/media/cache/medium/{path}", d.base)).await.bytes().await.unwrap();
+    assert_eq!(dimensions(&bytes), (400, 400));
+
+    // A miss on another filter goes front → stream → worker process.
+    let square = format!("{}/media/cache/square/{path}", d.base);
+    assert_eq!(reqwest::get(&square).await.unwrap().status(), 202);
+    let square_bytes = until_ready(&square).await.bytes().await.unwrap();
+    assert_eq!(dimensions(&square_bytes), (300, 300));
+
+    // Redis wiped: every stored variant is still served, nothing re-fetched.
+    assert_eq!(redis.redis_cli(&["FLUSHALL"]), "+OK");
+    let after_wipe = reqwest::get(format!("{}/media/cache/medium/{path}", d.base)).await.unwrap();
+    assert_eq!(after_wipe.status(), 200);
+    assert_eq!(after_wipe.bytes().await.unwrap(), bytes);
+    assert_eq!(origin.hits("/p.jpg"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_by_a_dead_worker_is_reclaimed_and_called_back_once() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "[queue]\nvisibility_timeout_secs = 1\n");
+    let _front = Process::start("front", &d.config, &d.dir.path().join("front.log"));
+    wait_healthy(&d.base).await;
+
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve("/q.jpg", OriginResponse::image("image/jpeg", jpeg(600, 400, [10, 200, 10])));
+    let request = format!(
+        "{}/request/tiny?url={}&callback={}",
+        d.base,
+        urlencode(&origin.url("/q.jpg")),
+        urlencode(&sink.url("/cb"))
+    );
+    assert_eq!(reqwest::get(&request).await.unwrap().status(), 202);
+    assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:preheat"]), 1);
+
+    // A worker claims the job and dies without acknowledging it.
+    let created = redis.redis_cli(&["XGROUP", "CREATE", "kiln:jobs:preheat", "kiln-workers", "0", "MKSTREAM"]);
+    assert!(created == "+OK" || created.contains("BUSYGROUP"), "{created}");
+    let taken = redis.redis_cli(&["XREADGROUP", "GROUP", "kiln-workers", "ghost", "COUNT", "1", "STREAMS", "kiln:jobs:preheat", ">"]);
+    assert!(taken.contains("q.jpg"), "{taken}");
+
+    let _worker = Process::start("worker", &d.config, &d.dir.path().join("worker.log"));
+    let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(hooks[0].body["status"], "done");
+    // Acked and removed: nothing pending, nothing left, one callback.
+    eventually(Duration::from_secs(10), "stream drained", || async {
+        (redis.redis_int(&["XLEN", "kiln:jobs:preheat"]) == 0).then_some(())
+    })
+    .await;
+    let pending = redis.redis_cli(&["XPENDING", "kiln:jobs:preheat", "kiln-workers"]);
+    assert!(pending.starts_with("*4\r\n:0"), "{pending}");
+    assert_eq!(sink.count(), 1);
+    assert_eq!(origin.hits("/q.jpg"), 1);
+}

@@ -1,0 +1,332 @@
+//! The hit/miss loop over real HTTP, as one contract run against both
+//! backends: pre-heat with callbacks, 202 → 200, hits with validators,
+//! dedupe, storage as the source of truth, and the error answers.
+
+use std::time::Duration;
+
+use crate::kiln::{until_ready, Backend, Kiln};
+use crate::support::{
+    decode, dimensions, format_of, jpeg, jpeg_with_orientation, mean_rgb, png_rgba, CallbackSink, Origin,
+    OriginResponse,
+};
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::kiln::Backend::Embedded).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::kiln::Backend::Redis).await
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    preheat_downloads_renders_stores_and_calls_back,
+    miss_answers_202_then_the_same_url_answers_200,
+    concurrent_requests_make_one_job_and_one_fetch,
+    variant_in_storage_but_not_in_index_is_served,
+    exif_orientation_is_applied_before_resizing,
+    failed_download_calls_back_with_the_reason,
+    bad_requests_get_clear_errors,
+);
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+async fn get(url: &str) -> reqwest::Response {
+    reqwest::get(url).await.expect("request")
+}
+
+async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve("/photos/cat.jpg", OriginResponse::image("image/jpeg", jpeg(1200, 800, [200, 60, 40])));
+    let image_url = origin.url("/photos/cat.jpg");
+    let callback = sink.url("/hooks/thumb?code=abc&x=1");
+
+    let response = reqwest::Client::new()
+        .post(kiln.url("/request/small"))
+        .query(&[("url", image_url.as_str()), ("callback", callback.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let record = json(&response.text().await.unwrap());
+    let code = kiln::keys::media_code(&image_url, "default");
+    assert_eq!(record["code"], code);
+    let path = record["path"].as_str().unwrap().to_string();
+    assert_eq!(path, format!("default/0/{code}.jpg"));
+    let variant_url = record["url"].as_str().unwrap().to_string();
+    assert_eq!(variant_url, kiln.url(&format!("/media/cache/small/{path}")));
+
+    let received = sink.wait_for(1, Duration::from_secs(30)).await;
+    let hook = &received[0];
+    assert_eq!(hook.method, "POST");
+    assert_eq!(hook.path_and_query, "/hooks/thumb?code=abc&x=1", "callback URL used exactly as given");
+    let body = &hook.body;
+    assert_eq!(body["status"], "done");
+    assert_eq!(body["code"], code);
+    assert_eq!(body["path"], path);
+    assert_eq!(body["filter"], "small");
+    assert_eq!(body["url"], variant_url);
+    assert_eq!((body["width"].as_u64(), body["height"].as_u64()), (Some(200), Some(133)));
+    assert_eq!(body["originalWidth"], 1200);
+    let blurhash = body["blurhash"].as_str().expect("blurhash");
+    assert_eq!(blurhash.len(), 28, "4x3 components: {blurhash}");
+    assert!(hook.header("webhook-id").is_some());
+
+    // The original is archived in storage, the variant served with validators.
+    let archived = std::fs::read(kiln.storage_path(&path)).expect("original archived");
+    assert_eq!(format_of(&archived), "jpeg");
+    let hit = get(&variant_url).await;
+    assert_eq!(hit.status(), 200);
+    let headers = hit.headers().clone();
+    assert_eq!(headers["content-type"], "image/jpeg");
+    assert_eq!(headers["cache-control"], "public, max-age=31536000, immutable");
+    let etag = headers["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"') && etag.ends_with('"') && !etag.starts_with("W/"), "{etag}");
+    assert!(headers.contains_key("last-modified"));
+    let bytes = hit.bytes().await.unwrap();
+    assert_eq!(headers["content-length"], bytes.len().to_string());
+    assert_eq!(body["size"].as_u64(), Some(bytes.len() as u64));
+    assert_eq!(format_of(&bytes), "jpeg");
+    assert_eq!(dimensions(&bytes), (200, 133));
+    let mean = mean_rgb(&decode(&bytes), 0, 0, 200, 133);
+    assert!(mean[0] > 170.0 && mean[1] < 110.0, "colour kept: {mean:?}");
+
+    let client = reqwest::Client::new();
+    let head = client.head(&variant_url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], bytes.len().to_string());
+    assert_eq!(head.headers()["etag"], etag.as_str());
+    assert!(head.bytes().await.unwrap().is_empty());
+    let not_modified = client
+        .get(&variant_url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), 304);
+    assert_eq!(not_modified.headers()["etag"], etag.as_str());
+    let changed = client
+        .get(&variant_url)
+        .header("if-none-match", "\"something-else\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
+
+    // Asking again: done, 200, nothing fetched again.
+    let again = get(&format!("{}?url={}", kiln.url("/request/small"), urlencode(&image_url))).await;
+    assert_eq!(again.status(), 200);
+    let again = json(&again.text().await.unwrap());
+    assert_eq!(again["status"], "done");
+    assert_eq!(again["record"]["marking"], "resized");
+    assert_eq!(again["record"]["mimeType"], "image/jpeg");
+    assert_eq!(origin.hits("/photos/cat.jpg"), 1);
+}
+
+async fn miss_answers_202_then_the_same_url_answers_200(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    kiln.store("acme/0/logo.png", &png_rgba(900, 600, [20, 200, 40, 128]));
+    let url = kiln.url("/media/cache/medium/acme/0/logo.png");
+
+    let started = std::time::Instant::now();
+    let miss = get(&url).await;
+    let latency = started.elapsed();
+    assert_eq!(miss.status(), 202);
+    assert_eq!(miss.headers()["cache-control"], "no-store");
+    assert_eq!(miss.headers()["retry-after"], "2");
+    assert_eq!(miss.headers()["content-type"], "image/png");
+    let placeholder = miss.bytes().await.unwrap();
+    assert_eq!(dimensions(&placeholder), (1, 1));
+    assert!(latency < Duration::from_secs(2), "a miss answers at once, took {latency:?}");
+
+    let hit = until_ready(&url).await;
+    assert_eq!(hit.headers()["content-type"], "image/png", "format kept from the source");
+    let bytes = hit.bytes().await.unwrap();
+    assert_eq!(format_of(&bytes), "png");
+    assert_eq!(dimensions(&bytes), (400, 267));
+    let pixels = decode(&bytes).to_rgba8();
+    assert!((100..=156).contains(&pixels.get_pixel(200, 130).0[3]), "alpha kept");
+
+    // Liip's resolve URL redirects once the variant exists.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resolved = no_redirects
+        .get(kiln.url("/media/cache/resolve/medium/acme/0/logo.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resolved.status(), 302);
+    assert_eq!(resolved.headers()["location"], url.as_str());
+}
+
+async fn concurrent_requests_make_one_job_and_one_fetch(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    // A slow origin keeps the job in flight while everyone asks.
+    origin.serve(
+        "/big.jpg",
+        OriginResponse::image("image/jpeg", jpeg(1600, 1200, [30, 90, 200])).with_delay(Duration::from_millis(500)),
+    );
+    let image_url = origin.url("/big.jpg");
+    let request = format!(
+        "{}?url={}&callback={}",
+        kiln.url("/request/large"),
+        urlencode(&image_url),
+        urlencode(&sink.url("/cb"))
+    );
+    let answers = futures::future::join_all((0..25).map(|_| {
+        let request = request.clone();
+        async move {
+            let r = get(&request).await;
+            (r.status().as_u16(), json(&r.text().await.unwrap()))
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|(status, _)| *status == 202), "{answers:?}");
+    let queued = answers.iter().filter(|(_, body)| body["queued"] == true).count();
+    assert_eq!(queued, 1, "one job however many ask");
+
+    let path = answers[0].1["path"].as_str().unwrap().to_string();
+    let variant = kiln.url(&format!("/media/cache/large/{path}"));
+    let misses = futures::future::join_all((0..25).map(|_| get(&variant))).await;
+    assert!(misses.iter().all(|r| r.status() == 202 || r.status() == 200));
+
+    until_ready(&variant).await;
+    // Every caller that attached a callback is called back, from the one render.
+    let received = sink.wait_for(25, Duration::from_secs(30)).await;
+    assert!(received.iter().all(|r| r.body["status"] == "done"));
+    assert_eq!(origin.hits("/big.jpg"), 1, "exactly one origin fetch");
+}
+
+async fn variant_in_storage_but_not_in_index_is_served(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    // Bytes are JPEG whatever the extension says.
+    let bytes = jpeg(120, 80, [10, 10, 240]);
+    kiln.store("media/cache/small/ext/0/pic.png", &bytes);
+    let hit = get(&kiln.url("/media/cache/small/ext/0/pic.png")).await;
+    assert_eq!(hit.status(), 200, "served from storage, never re-rendered (the original is not even stored)");
+    assert_eq!(hit.headers()["content-type"], "image/jpeg");
+    assert_eq!(hit.bytes().await.unwrap().as_ref(), bytes.as_slice());
+}
+
+async fn exif_orientation_is_applied_before_resizing(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    // 400x200 stored sideways; orientation 6 means "rotate 90° clockwise to view".
+    kiln.store("acme/0/turned.jpg", &jpeg_with_orientation(400, 200, 6));
+    let bytes = until_ready(&kiln.url("/media/cache/small/acme/0/turned.jpg"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(dimensions(&bytes), (100, 200), "upright: portrait");
+    let img = decode(&bytes);
+    // Left half red becomes the top half once rotated clockwise.
+    let top = mean_rgb(&img, 0, 0, 100, 90);
+    let bottom = mean_rgb(&img, 0, 110, 100, 200);
+    assert!(top[0] > 180.0 && top[2] < 80.0, "top is red: {top:?}");
+    assert!(bottom[2] > 180.0 && bottom[0] < 80.0, "bottom is blue: {bottom:?}");
+    assert!(!bytes.windows(4).any(|w| w == b"Exif"), "metadata not carried over");
+}
+
+async fn failed_download_calls_back_with_the_reason(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve("/page.html", OriginResponse::image("text/html", b"<html>hi</html>".to_vec()));
+    for (n, (path, error)) in [("/gone.jpg", "origin-status"), ("/page.html", "unsupported-image")]
+        .into_iter()
+        .enumerate()
+    {
+        let request = format!(
+            "{}?url={}&callback={}",
+            kiln.url("/request/tiny"),
+            urlencode(&origin.url(path)),
+            urlencode(&sink.url(path))
+        );
+        assert_eq!(get(&request).await.status(), 202);
+        let hooks = sink.wait_for(n + 1, Duration::from_secs(30)).await;
+        let hook = hooks.iter().find(|h| h.path_and_query == path).expect("failure callback");
+        assert_eq!(hook.body["status"], "failed");
+        assert_eq!(hook.body["error"], error);
+        let record = json(&get(&request).await.text().await.unwrap());
+        assert_eq!(record["record"]["marking"], "failed");
+        assert_eq!(record["record"]["error"]["code"], error);
+    }
+}
+
+async fn bad_requests_get_clear_errors(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    kiln.store("acme/0/a.png", &png_rgba(10, 10, [0, 0, 0, 255]));
+    let cases: &[(&str, u16, &str)] = &[
+        ("/media/cache/nope/acme/0/a.png", 404, "unknown-filter"),
+        ("/media/cache/small/acme/0/missing.png", 404, "source-not-found"),
+        ("/media/cache/small/../secret.png", 400, "invalid-path"),
+        ("/media/cache/small/acme/%2e%2e/%2e%2e/secret.png", 400, "invalid-path"),
+        ("/media/cache/small/acme/%252e%252e/secret.png", 400, "invalid-path"),
+        ("/media/cache/small/acme/..%5c..%5csecret.png", 400, "invalid-path"),
+        ("/media/cache/small/acme\\..\\secret.png", 400, "invalid-path"),
+        ("/media/cache/small/acme/%00.png", 400, "invalid-path"),
+        ("/media/cache/small//etc/passwd", 400, "invalid-path"),
+        ("/request/small", 400, "bad-request"),
+        ("/request/nope?url=http://127.0.0.1/a.jpg", 404, "unknown-filter"),
+        ("/request/small?url=ftp://127.0.0.1/a.jpg", 400, "invalid-url"),
+        ("/request/small?url=http://10.1.2.3/a.jpg", 403, "address-denied"),
+        ("/request/small?url=http://169.254.169.254/latest", 403, "address-denied"),
+        ("/request/small?url=http://127.0.0.1/a.jpg&callback=http://192.168.1.1/cb", 403, "address-denied"),
+        ("/nothing/here", 404, "no-route"),
+    ];
+    for (path, status, code) in cases {
+        // Raw request line, so the client does not tidy the path first.
+        let (got_status, body) = raw_get(&kiln.base, path).await;
+        assert_eq!(got_status, *status, "{path}: {body}");
+        let body = json(&body);
+        assert_eq!(body["error"], *code, "{path}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let delete = reqwest::Client::new()
+        .delete(kiln.url("/media/cache/small/acme/0/a.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 405);
+    // Nothing was written outside the storage root.
+    assert!(!kiln.dir.path().parent().unwrap().join("secret.png").exists());
+}
+
+/// Sends a request line byte for byte and returns the status and body.
+async fn raw_get(base: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}

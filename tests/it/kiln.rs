@@ -1,0 +1,123 @@
+//! Starts kiln in-process on a free port with a temp-dir storage, on either
+//! backend, and stops it when dropped.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln::app::{Role, Running};
+use kiln::config::{Config, Sources};
+
+use crate::support::{eventually, free_port, RedisServer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Redis,
+}
+
+/// Config for a test kiln: loopback only, fast timeouts, storage in `dir`.
+pub fn test_config_toml(port: u16, dir: &Path, redis: Option<&RedisServer>, extra: &str) -> String {
+    let backend = match redis {
+        Some(r) => format!("[queue]\nbackend = \"redis\"\nclaim_block_ms = 200\nvisibility_timeout_secs = 30\n[redis]\nurl = \"{}\"\n", r.url()),
+        None => "[queue]\nbackend = \"embedded\"\nclaim_block_ms = 200\nvisibility_timeout_secs = 30\n".to_string(),
+    };
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\ngrace_period_secs = 0\ngraceful_shutdown_timeout_secs = 1\n\
+         [storage]\nurl = \"{}\"\n[network]\nallow = [\"127.0.0.1/32\"]\n[callback]\nbackoff_ms = 50\n{backend}\n{extra}",
+        dir.display()
+    )
+}
+
+/// Merges two TOML documents so a test's `extra` can override the base tables.
+fn merged(base: &str, extra: &str) -> String {
+    let mut doc: toml::Table = base.parse().expect("base toml");
+    let extra: toml::Table = extra.parse().expect("extra toml");
+    for (table, values) in extra {
+        match (doc.get_mut(&table), values) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(from)) => into.extend(from),
+            (_, v) => {
+                doc.insert(table, v);
+            }
+        }
+    }
+    toml::to_string(&doc).expect("toml")
+}
+
+pub struct Kiln {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    _redis: Option<RedisServer>,
+    running: Option<Running>,
+}
+
+impl Kiln {
+    pub async fn start(backend: Backend) -> Kiln {
+        Self::start_with(backend, "").await
+    }
+
+    /// `extra` is TOML merged over the test defaults.
+    pub async fn start_with(backend: Backend, extra: &str) -> Kiln {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redis = (backend == Backend::Redis).then(RedisServer::start);
+        let port = free_port();
+        let toml = merged(&test_config_toml(port, dir.path(), redis.as_ref(), ""), extra);
+        let config = Config::load_from(Sources {
+            extra_toml: Some(&toml),
+            ..Default::default()
+        })
+        .expect("test config");
+        let running = kiln::app::spawn(config, Role::Serve).expect("spawn kiln");
+        let kiln = Kiln {
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            _redis: redis,
+            running: Some(running),
+        };
+        kiln.wait_healthy().await;
+        kiln
+    }
+
+    pub async fn wait_healthy(&self) {
+        let url = format!("{}/healthz", self.base);
+        eventually(Duration::from_secs(20), "kiln answers /healthz", || {
+            let url = url.clone();
+            async move {
+                let r = reqwest::get(&url).await.ok()?;
+                (r.status() == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn storage_path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// Puts an original straight into storage, as another system would.
+    pub fn store(&self, relative: &str, bytes: &[u8]) {
+        let path = self.storage_path(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().expect("kiln stops cleanly");
+        }
+    }
+}
+
+/// Polls a cache URL until it answers 200, returning the response.
+pub async fn until_ready(url: &str) -> reqwest::Response {
+    eventually(Duration::from_secs(30), &format!("{url} answers 200"), || async move {
+        let r = reqwest::get(url).await.ok()?;
+        (r.status() == 200).then_some(r)
+    })
+    .await
+}

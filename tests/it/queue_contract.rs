@@ -1,0 +1,140 @@
+//! One contract for both queue backends: dedupe with attached callbacks,
+//! urgent before pre-heat, reclaim after the visibility timeout, dead letters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln::config::{Config, Sources};
+use kiln::queue::{EmbeddedQueue, Job, Priority, Queue, RedisQueue};
+use kiln::redis_conn::RedisHandle;
+
+use crate::support::RedisServer;
+
+struct Fixture {
+    queue: Arc<dyn Queue>,
+    _redis: Option<RedisServer>,
+}
+
+fn fixture(redis: bool, visibility_secs: u64) -> Fixture {
+    let mut config = Config::load_from(Sources::default()).unwrap();
+    config.queue.visibility_timeout_secs = visibility_secs;
+    if !redis {
+        return Fixture {
+            queue: Arc::new(EmbeddedQueue::new(&config.queue)),
+            _redis: None,
+        };
+    }
+    let server = RedisServer::start();
+    config.redis.url = server.url();
+    let handle = Arc::new(RedisHandle::new(&config.redis).unwrap());
+    Fixture {
+        queue: Arc::new(RedisQueue::new(handle, &config.redis, &config.queue)),
+        _redis: Some(server),
+    }
+}
+
+fn job(original: &str, priority: Priority) -> Job {
+    let filters = vec!["small".to_string()];
+    Job {
+        id: kiln::keys::job_id(),
+        priority,
+        original: original.into(),
+        source_url: None,
+        root: "r".into(),
+        code: "0123456789abcdef".into(),
+        dedupe: kiln::keys::dedupe_key(original, &filters),
+        filters,
+        enqueued_at_ms: 0,
+    }
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    super::$name(false).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$name(true).await
+                }
+            }
+        )*
+    };
+}
+
+both!(
+    one_job_per_variant_and_every_callback_kept,
+    urgent_is_drained_before_preheat,
+    unacked_jobs_are_reclaimed_after_the_visibility_timeout,
+    dead_letters_keep_the_reason_and_hand_back_callbacks,
+);
+
+async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
+    let f = fixture(redis, 30);
+    let added = futures::future::join_all((0..50).map(|n| {
+        let queue = f.queue.clone();
+        async move {
+            let mut j = job("a/0/x.jpg", Priority::Urgent);
+            j.id = format!("job-{n}");
+            queue.enqueue(&j, Some(&format!("http://cb/{n}"))).await.unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(added.iter().filter(|a| **a).count(), 1);
+    let claimed = f.queue.claim("c1", Duration::from_millis(500)).await.unwrap().expect("a job");
+    assert_eq!(claimed.attempt, 1);
+    assert!(f.queue.claim("c1", Duration::from_millis(200)).await.unwrap().is_none());
+    let mut callbacks = f.queue.complete(&claimed).await.unwrap();
+    callbacks.sort();
+    let mut expected: Vec<String> = (0..50).map(|n| format!("http://cb/{n}")).collect();
+    expected.sort();
+    assert_eq!(callbacks, expected);
+    // Done: the next miss makes a new job.
+    assert!(f.queue.enqueue(&job("a/0/x.jpg", Priority::Urgent), None).await.unwrap());
+}
+
+async fn urgent_is_drained_before_preheat(redis: bool) {
+    let f = fixture(redis, 30);
+    f.queue.enqueue(&job("p/1.jpg", Priority::Preheat), None).await.unwrap();
+    f.queue.enqueue(&job("p/2.jpg", Priority::Preheat), None).await.unwrap();
+    f.queue.enqueue(&job("u/1.jpg", Priority::Urgent), None).await.unwrap();
+    let depths = f.queue.depths().await.unwrap();
+    assert_eq!((depths.urgent, depths.preheat), (1, 2));
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let claimed = f.queue.claim("c", Duration::from_millis(500)).await.unwrap().unwrap();
+        order.push(claimed.job.original.clone());
+        f.queue.complete(&claimed).await.unwrap();
+    }
+    assert_eq!(order, ["u/1.jpg", "p/1.jpg", "p/2.jpg"]);
+}
+
+async fn unacked_jobs_are_reclaimed_after_the_visibility_timeout(redis: bool) {
+    let f = fixture(redis, 1);
+    f.queue.enqueue(&job("r/1.jpg", Priority::Urgent), Some("http://cb/1")).await.unwrap();
+    let first = f.queue.claim("crashed", Duration::from_millis(500)).await.unwrap().unwrap();
+    // The first consumer never acks; another takes the job over after the timeout.
+    let second = f
+        .queue
+        .claim("alive", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("reclaimed");
+    assert_eq!(second.job.id, first.job.id);
+    assert_eq!(second.attempt, 2);
+    assert_eq!(f.queue.complete(&second).await.unwrap(), ["http://cb/1"]);
+}
+
+async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
+    let f = fixture(redis, 30);
+    f.queue.enqueue(&job("d/1.jpg", Priority::Preheat), Some("http://cb/d")).await.unwrap();
+    let claimed = f.queue.claim("c", Duration::from_millis(500)).await.unwrap().unwrap();
+    let callbacks = f.queue.dead_letter(&claimed, "origin-status: 404").await.unwrap();
+    assert_eq!(callbacks, ["http://cb/d"]);
+    let depths = f.queue.depths().await.unwrap();
+    assert_eq!((depths.preheat, depths.dead), (0, 1));
+    assert!(f.queue.claim("c", Duration::from_millis(200)).await.unwrap().is_none());
+}
