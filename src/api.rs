@@ -134,7 +134,12 @@ impl Context {
 
     /// Enqueues an urgent render for a cache miss: of a stored original, or
     /// of one a pre-heat is still downloading from `source_url`.
-    pub async fn enqueue_miss(&self, filter: &str, original: &str, source_url: Option<String>) -> Result<bool> {
+    pub async fn enqueue_miss(
+        &self,
+        filter: &str,
+        original: &str,
+        source_url: Option<String>,
+    ) -> Result<bool> {
         let filters = vec![filter.to_string()];
         let root = original.split('/').next().unwrap_or_default().to_string();
         let code = keys::code_from_path(original)

@@ -49,7 +49,11 @@ fn backends(config: &Config) -> Result<Backends> {
         QueueBackend::Redis => {
             let handle = Arc::new(RedisHandle::new(&config.redis)?);
             Backends {
-                queue: Arc::new(RedisQueue::new(handle.clone(), &config.redis, &config.queue)),
+                queue: Arc::new(RedisQueue::new(
+                    handle.clone(),
+                    &config.redis,
+                    &config.queue,
+                )),
                 index: Arc::new(Index::new(
                     &config.index,
                     Some((handle, RedisKeys::new(&config.redis.prefix))),
@@ -141,8 +145,17 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
         server.add_service(service);
     }
     if role != Role::Front {
-        let worker = Worker::new(&config, worker_backends.queue, storage, worker_backends.index, filters)?;
-        server.add_service(background_service("kiln worker", WorkerService(Arc::new(worker))));
+        let worker = Worker::new(
+            &config,
+            worker_backends.queue,
+            storage,
+            worker_backends.index,
+            filters,
+        )?;
+        server.add_service(background_service(
+            "kiln worker",
+            WorkerService(Arc::new(worker)),
+        ));
     }
     tracing::info!(listen = %config.server.listen, ?role, backend = ?config.queue.backend, "kiln starting");
     server.run(RunArgs {

@@ -17,7 +17,11 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn new(config: &CallbackConfig, policy: NetworkPolicy, user_agent: &str) -> Result<Notifier> {
+    pub fn new(
+        config: &CallbackConfig,
+        policy: NetworkPolicy,
+        user_agent: &str,
+    ) -> Result<Notifier> {
         let client = guarded_client(
             &policy,
             &ClientLimits {
@@ -37,7 +41,12 @@ impl Notifier {
     }
 
     /// Delivers with retries; the error is the last attempt's.
-    pub async fn deliver(&self, url: &str, webhook_id: &str, body: &serde_json::Value) -> Result<()> {
+    pub async fn deliver(
+        &self,
+        url: &str,
+        webhook_id: &str,
+        body: &serde_json::Value,
+    ) -> Result<()> {
         let target = crate::security::parse_outbound_url(url, &self.policy)?;
         let payload = serde_json::to_vec(body)?;
         let mut delay = self.backoff;
@@ -57,7 +66,9 @@ impl Notifier {
                 Ok(response) => Error::Callback(format!("{url} answered {}", response.status())),
                 Err(e) => classify_client_error(&e, url),
             };
-            if !error.is_retryable() && !matches!(error, Error::Timeout(_) | Error::OriginUnreachable(_)) {
+            if !error.is_retryable()
+                && !matches!(error, Error::Timeout(_) | Error::OriginUnreachable(_))
+            {
                 return Err(error);
             }
             if attempt >= self.max_attempts {

@@ -228,8 +228,7 @@ impl Config {
                 format!("{:?} is not host:port", self.server.listen),
             );
         }
-        if !self.server.public_url.is_empty() && url::Url::parse(&self.server.public_url).is_err()
-        {
+        if !self.server.public_url.is_empty() && url::Url::parse(&self.server.public_url).is_err() {
             return bad(
                 "server.public_url",
                 format!("{:?} is not a URL", self.server.public_url),
@@ -263,7 +262,9 @@ impl Config {
         if self.imaging.render_threads == 0 {
             return bad("imaging.render_threads", "must be at least 1".into());
         }
-        if self.imaging.max_width == 0 || self.imaging.max_height == 0 || self.imaging.max_pixels == 0
+        if self.imaging.max_width == 0
+            || self.imaging.max_height == 0
+            || self.imaging.max_pixels == 0
         {
             return bad("imaging.max_*", "limits must be positive".into());
         }

@@ -160,7 +160,10 @@ mod tests {
             status: 503,
             url: "u".into(),
         };
-        assert_eq!((e.code(), e.status(), e.is_retryable()), ("origin-status", 502, true));
+        assert_eq!(
+            (e.code(), e.status(), e.is_retryable()),
+            ("origin-status", 502, true)
+        );
         let e = Error::OriginStatus {
             status: 404,
             url: "u".into(),

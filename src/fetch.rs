@@ -58,7 +58,10 @@ impl Fetcher {
                 url: raw_url.to_string(),
             });
         }
-        if response.content_length().is_some_and(|len| len > self.max_bytes) {
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_bytes)
+        {
             return Err(Error::TooLarge(format!(
                 "origin declares more than {} bytes",
                 self.max_bytes

@@ -147,12 +147,17 @@ impl FilterSet {
         let mut presets: BTreeMap<String, Preset> =
             toml::from_str(text).map_err(|e| Error::Config(format!("filters: {e}")))?;
         for (name, preset) in presets.iter_mut() {
-            validate_name(name).map_err(|_| Error::Config(format!("filters: bad name {name:?}")))?;
+            validate_name(name)
+                .map_err(|_| Error::Config(format!("filters: bad name {name:?}")))?;
             if preset.width == 0 || preset.height == 0 {
-                return Err(Error::Config(format!("filters.{name}: width and height must be positive")));
+                return Err(Error::Config(format!(
+                    "filters.{name}: width and height must be positive"
+                )));
             }
             if !(1..=100).contains(&preset.quality) {
-                return Err(Error::Config(format!("filters.{name}: quality must be 1-100")));
+                return Err(Error::Config(format!(
+                    "filters.{name}: quality must be 1-100"
+                )));
             }
             preset.name = name.clone();
         }
@@ -164,9 +169,8 @@ impl FilterSet {
         if config.filters.file.is_empty() {
             return Self::from_toml(DEFAULT_FILTERS_TOML);
         }
-        let text = std::fs::read_to_string(&config.filters.file).map_err(|e| {
-            Error::Config(format!("filters.file {:?}: {e}", config.filters.file))
-        })?;
+        let text = std::fs::read_to_string(&config.filters.file)
+            .map_err(|e| Error::Config(format!("filters.file {:?}: {e}", config.filters.file)))?;
         Self::from_toml(&text)
     }
 
@@ -200,11 +204,20 @@ mod tests {
     #[test]
     fn inset_fits_inside_and_never_upscales_by_default() {
         let p = preset(Mode::Inset, 200, 200, false);
-        assert_eq!((p.plan(4000, 3000).width, p.plan(4000, 3000).height), (200, 150));
-        assert_eq!((p.plan(3000, 4000).width, p.plan(3000, 4000).height), (150, 200));
+        assert_eq!(
+            (p.plan(4000, 3000).width, p.plan(4000, 3000).height),
+            (200, 150)
+        );
+        assert_eq!(
+            (p.plan(3000, 4000).width, p.plan(3000, 4000).height),
+            (150, 200)
+        );
         assert_eq!((p.plan(100, 50).width, p.plan(100, 50).height), (100, 50));
         let up = preset(Mode::Inset, 200, 200, true);
-        assert_eq!((up.plan(100, 50).width, up.plan(100, 50).height), (200, 100));
+        assert_eq!(
+            (up.plan(100, 50).width, up.plan(100, 50).height),
+            (200, 100)
+        );
     }
 
     #[test]
@@ -212,19 +225,43 @@ mod tests {
         let p = preset(Mode::Outbound, 300, 300, false);
         let plan = p.plan(4000, 3000);
         assert_eq!((plan.width, plan.height), (300, 300));
-        assert_eq!(plan.crop, Rect { x: 500, y: 0, width: 3000, height: 3000 });
+        assert_eq!(
+            plan.crop,
+            Rect {
+                x: 500,
+                y: 0,
+                width: 3000,
+                height: 3000
+            }
+        );
         // Smaller than the box: crop to what it has, never enlarge.
         let plan = p.plan(200, 400);
         assert_eq!((plan.width, plan.height), (200, 300));
-        assert_eq!(plan.crop, Rect { x: 0, y: 50, width: 200, height: 300 });
+        assert_eq!(
+            plan.crop,
+            Rect {
+                x: 0,
+                y: 50,
+                width: 200,
+                height: 300
+            }
+        );
     }
 
     #[test]
     fn embedded_presets_load() {
         let set = FilterSet::from_toml(DEFAULT_FILTERS_TOML).unwrap();
-        for (name, side) in [("tiny", 125), ("small", 200), ("medium", 400), ("large", 800)] {
+        for (name, side) in [
+            ("tiny", 125),
+            ("small", 200),
+            ("medium", 400),
+            ("large", 800),
+        ] {
             let p = set.get(name).unwrap();
-            assert_eq!((p.mode, p.width, p.height, p.upscale), (Mode::Inset, side, side, false));
+            assert_eq!(
+                (p.mode, p.width, p.height, p.upscale),
+                (Mode::Inset, side, side, false)
+            );
         }
         assert_eq!(set.get("square").unwrap().mode, Mode::Outbound);
         assert_eq!(set.get("nope").unwrap_err().code(), "unknown-filter");

@@ -40,7 +40,8 @@ impl Reply {
 
     fn json(status: u16, value: &impl serde::Serialize) -> Reply {
         let body = serde_json::to_vec(value).unwrap_or_default();
-        Reply::new(status, "application/json", Bytes::from(body)).header("cache-control", "no-store")
+        Reply::new(status, "application/json", Bytes::from(body))
+            .header("cache-control", "no-store")
     }
 
     fn error(e: &Error) -> Reply {
@@ -67,15 +68,23 @@ impl Front {
     }
 
     /// Routes one request to its answer.
-    pub async fn answer(&self, method: &Method, path: &str, query: Option<&str>, if_none_match: Option<&str>) -> Reply {
+    pub async fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        if_none_match: Option<&str>,
+    ) -> Reply {
         let result = match path {
             "/healthz" => Ok(Reply::json(200, &serde_json::json!({"status": "ok"}))),
             "/readyz" => self.ready().await,
             _ => {
                 if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
-                    self.only_get(method).and(self.cache(rest, if_none_match, true).await)
+                    self.only_get(method)
+                        .and(self.cache(rest, if_none_match, true).await)
                 } else if let Some(rest) = path.strip_prefix("/media/cache/") {
-                    self.only_get(method).and(self.cache(rest, if_none_match, false).await)
+                    self.only_get(method)
+                        .and(self.cache(rest, if_none_match, false).await)
                 } else if let Some(filter) = path.strip_prefix("/request/") {
                     if method == Method::GET || method == Method::POST {
                         self.request(filter, query).await
@@ -115,11 +124,16 @@ impl Front {
         for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             match key.as_ref() {
                 "url" => url = Some(value.into_owned()),
-                "callback" | "callbackUrl" => callback = Some(value.into_owned()).filter(|v| !v.is_empty()),
+                "callback" | "callbackUrl" => {
+                    callback = Some(value.into_owned()).filter(|v| !v.is_empty())
+                }
                 _ => {}
             }
         }
-        let answer = self.ctx.preheat(filter, url.as_deref(), callback.as_deref()).await?;
+        let answer = self
+            .ctx
+            .preheat(filter, url.as_deref(), callback.as_deref())
+            .await?;
         let status = if answer.status == "done" { 200 } else { 202 };
         Ok(Reply::json(status, &answer))
     }
@@ -185,7 +199,8 @@ impl Front {
     fn hit(&self, info: &VariantInfo, bytes: Bytes, if_none_match: Option<&str>) -> Reply {
         let max_age = self.ctx.config.server.cache_max_age_secs;
         let last_modified = httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(info.last_modified.max(0) as u64),
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(info.last_modified.max(0) as u64),
         );
         let cache_control = format!("public, max-age={max_age}, immutable");
         if if_none_match.is_some_and(|header| etag_matches(header, &info.etag)) {
@@ -205,7 +220,10 @@ impl Front {
     fn busy(&self) -> Reply {
         Reply::new(202, "image/png", self.placeholder.clone())
             .header("cache-control", "no-store")
-            .header("retry-after", self.ctx.config.server.retry_after_secs.to_string())
+            .header(
+                "retry-after",
+                self.ctx.config.server.retry_after_secs.to_string(),
+            )
     }
 }
 
@@ -253,16 +271,25 @@ impl HttpServerApp for Front {
         if session.drain_request_body().await.is_err() {
             return None;
         }
-        let reply = self.answer(&method, &path, query.as_deref(), if_none_match.as_deref()).await;
+        let reply = self
+            .answer(&method, &path, query.as_deref(), if_none_match.as_deref())
+            .await;
 
-        let mut response = ResponseHeader::build(reply.status, Some(reply.headers.len() + 2)).ok()?;
+        let mut response =
+            ResponseHeader::build(reply.status, Some(reply.headers.len() + 2)).ok()?;
         for (name, value) in &reply.headers {
             response.insert_header(*name, value.as_str()).ok()?;
         }
-        response.insert_header("content-length", reply.length.to_string()).ok()?;
+        response
+            .insert_header("content-length", reply.length.to_string())
+            .ok()?;
         let head = method == Method::HEAD;
         let with_body = !head && !reply.body.is_empty();
-        if session.write_response_header(Box::new(response)).await.is_err() {
+        if session
+            .write_response_header(Box::new(response))
+            .await
+            .is_err()
+        {
             return None;
         }
         if with_body && session.write_response_body(reply.body, true).await.is_err() {

@@ -35,7 +35,9 @@ impl From<&ImagingConfig> for Limits {
 /// The formats kiln decodes, by magic bytes. Anything else is refused.
 pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
     match image::guess_format(bytes).ok()? {
-        f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP) => Some(f),
+        f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP) => {
+            Some(f)
+        }
         _ => None,
     }
 }
@@ -67,9 +69,8 @@ impl Decoded {
 }
 
 pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
-    let format = sniff(bytes).ok_or_else(|| {
-        Error::UnsupportedImage("not a JPEG, PNG, GIF or WebP image".into())
-    })?;
+    let format = sniff(bytes)
+        .ok_or_else(|| Error::UnsupportedImage("not a JPEG, PNG, GIF or WebP image".into()))?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_width);
@@ -171,14 +172,12 @@ fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<Vec<
             let rgb = flatten_on_white(image);
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&rgb)
         }
-        ImageFormat::WebP => {
-            image::codecs::webp::WebPEncoder::new_lossless(&mut out).encode(
-                image.as_bytes(),
-                image.width(),
-                image.height(),
-                image.color().into(),
-            )
-        }
+        ImageFormat::WebP => image::codecs::webp::WebPEncoder::new_lossless(&mut out).encode(
+            image.as_bytes(),
+            image.width(),
+            image.height(),
+            image.color().into(),
+        ),
         _ => image.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
     };
     result.map_err(|e| Error::EncodeFailed(e.to_string()))?;
@@ -192,7 +191,9 @@ fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
             let mut rgb = image::RgbImage::new(rgba.width(), rgba.height());
             for (out, px) in rgb.pixels_mut().zip(rgba.pixels()) {
                 let [r, g, b, a] = px.0;
-                let blend = |c: u8| ((u16::from(c) * u16::from(a) + 255 * (255 - u16::from(a))) / 255) as u8;
+                let blend = |c: u8| {
+                    ((u16::from(c) * u16::from(a) + 255 * (255 - u16::from(a))) / 255) as u8
+                };
                 out.0 = [blend(r), blend(g), blend(b)];
             }
             DynamicImage::ImageRgb8(rgb)
@@ -219,7 +220,8 @@ pub fn blurhash(source: &Decoded) -> Result<String> {
     let rgba = small.to_rgba8();
     // More components along the longer side keep the preview's shape.
     let (cx, cy) = if w >= h { (4, 3) } else { (3, 4) };
-    blurhash::encode(cx, cy, tw, th, rgba.as_raw()).map_err(|e| Error::Internal(format!("blurhash: {e}")))
+    blurhash::encode(cx, cy, tw, th, rgba.as_raw())
+        .map_err(|e| Error::Internal(format!("blurhash: {e}")))
 }
 
 #[cfg(test)]
@@ -258,7 +260,10 @@ mod tests {
             format: OutputFormat::Jpeg,
         };
         let out = render(&source, &preset).unwrap();
-        assert_eq!((out.width, out.height, out.format), (100, 50, ImageFormat::Jpeg));
+        assert_eq!(
+            (out.width, out.height, out.format),
+            (100, 50, ImageFormat::Jpeg)
+        );
         let back = image::load_from_memory(&out.bytes).unwrap();
         assert_eq!((back.width(), back.height()), (100, 50));
         let px = back.to_rgb8().get_pixel(50, 25).0;
@@ -268,10 +273,16 @@ mod tests {
 
     #[test]
     fn refuses_what_it_must() {
-        assert_eq!(decode(b"<svg></svg>", limits()).unwrap_err().code(), "unsupported-image");
+        assert_eq!(
+            decode(b"<svg></svg>", limits()).unwrap_err().code(),
+            "unsupported-image"
+        );
         let mut small = limits();
         small.max_pixels = 1000;
-        assert_eq!(decode(&png(100, 100), small).unwrap_err().code(), "image-too-large");
+        assert_eq!(
+            decode(&png(100, 100), small).unwrap_err().code(),
+            "image-too-large"
+        );
         let truncated = &png(100, 100)[..60];
         assert!(decode(truncated, limits()).is_err());
     }

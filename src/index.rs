@@ -165,7 +165,9 @@ impl Index {
                 .await?;
         }
         self.absent.invalidate(variant).await;
-        self.entries.insert(variant.to_string(), Arc::new(info)).await;
+        self.entries
+            .insert(variant.to_string(), Arc::new(info))
+            .await;
         Ok(())
     }
 

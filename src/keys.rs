@@ -38,7 +38,12 @@ pub fn bin_for(code: &str, approx: u64) -> String {
     match bin {
         b if b < 62 => symbol(b).to_string(),
         b if b < 62 * 62 => format!("{}{}", symbol(b / 62), symbol(b % 62)),
-        b => format!("{}{}{}", symbol(b / 3844 % 62), symbol(b / 62 % 62), symbol(b % 62)),
+        b => format!(
+            "{}{}{}",
+            symbol(b / 3844 % 62),
+            symbol(b / 62 % 62),
+            symbol(b % 62)
+        ),
     }
 }
 
@@ -204,7 +209,14 @@ mod tests {
         ] {
             assert_eq!(bin_for(code, approx), bin, "approx {approx}");
         }
-        for (approx, count) in [(100, 1), (1000, 1), (1001, 2), (5000, 5), (82444, 83), (100000, 100)] {
+        for (approx, count) in [
+            (100, 1),
+            (1000, 1),
+            (1001, 2),
+            (5000, 5),
+            (82444, 83),
+            (100000, 100),
+        ] {
             assert_eq!(bin_count(approx), count);
         }
         // Past SAIS's overflow point every bin still has a full name.
@@ -213,13 +225,22 @@ mod tests {
 
     #[test]
     fn paths_and_urls() {
-        assert_eq!(original_path("acme", 100, "323cacebbf207228", "jpg"), "acme/0/323cacebbf207228.jpg");
-        assert_eq!(variant_path("small", "acme/0/x.jpg"), "media/cache/small/acme/0/x.jpg");
+        assert_eq!(
+            original_path("acme", 100, "323cacebbf207228", "jpg"),
+            "acme/0/323cacebbf207228.jpg"
+        );
+        assert_eq!(
+            variant_path("small", "acme/0/x.jpg"),
+            "media/cache/small/acme/0/x.jpg"
+        );
         assert_eq!(
             variant_url("http://k", "small", "a b/0/x.jpg"),
             "http://k/media/cache/small/a%20b/0/x.jpg"
         );
-        assert_eq!(code_from_path("acme/0/323cacebbf207228.jpg"), Some("323cacebbf207228"));
+        assert_eq!(
+            code_from_path("acme/0/323cacebbf207228.jpg"),
+            Some("323cacebbf207228")
+        );
         assert_eq!(
             dedupe_key("p", &["b".into(), "a".into()]),
             dedupe_key("p", &["a".into(), "b".into(), "a".into()])

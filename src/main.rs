@@ -95,7 +95,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(callback) = callback {
                 query.push(("callback", callback));
             }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let (status, body) = runtime.block_on(async {
                 let response = reqwest::Client::new()
                     .post(format!("{}/request/{filter}", base.trim_end_matches('/')))

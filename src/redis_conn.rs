@@ -35,8 +35,9 @@ impl RedisHandle {
             .set_number_of_retries(1);
         let manager = tokio::time::timeout(
             self.timeout,
-            self.manager
-                .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config)),
+            self.manager.get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), config)
+            }),
         )
         .await
         .map_err(|_| Error::Queue("timed out connecting to Redis".into()))??;

@@ -47,7 +47,9 @@ impl NetworkPolicy {
             )));
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(Error::InvalidUrl("URLs with credentials are refused".into()));
+            return Err(Error::InvalidUrl(
+                "URLs with credentials are refused".into(),
+            ));
         }
         match url.host() {
             None => Err(Error::InvalidUrl("URL has no host".into())),
@@ -86,7 +88,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 .filter(|addr| policy.is_allowed(addr.ip()))
                 .collect();
             if allowed.is_empty() {
-                let shown = resolved.first().map_or("no address".into(), |a| a.ip().to_string());
+                let shown = resolved
+                    .first()
+                    .map_or("no address".into(), |a| a.ip().to_string());
                 let denied: Box<dyn std::error::Error + Send + Sync> =
                     Box::new(Error::AddressDenied(format!("{host} resolves to {shown}")));
                 return Err(denied);
@@ -173,7 +177,12 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         // NAT64 well-known prefix 64:ff9b::/96.
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(tail),
         // 6to4 2002:AABB:CCDD::/48.
-        [0x2002, a, b, ..] => Some(Ipv4Addr::new((a >> 8) as u8, a as u8, (b >> 8) as u8, b as u8)),
+        [0x2002, a, b, ..] => Some(Ipv4Addr::new(
+            (a >> 8) as u8,
+            a as u8,
+            (b >> 8) as u8,
+            b as u8,
+        )),
         _ => None,
     }
 }

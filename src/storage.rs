@@ -65,7 +65,10 @@ impl Storage {
         let store = LocalFileSystem::new_with_prefix(&dir)
             .map_err(|e| Error::Config(format!("storage.url {}: {e}", dir.display())))?
             .with_automatic_cleanup(true);
-        Ok(Self::from_store(Arc::new(store), &dir.display().to_string()))
+        Ok(Self::from_store(
+            Arc::new(store),
+            &dir.display().to_string(),
+        ))
     }
 
     pub fn from_store(store: Arc<dyn ObjectStore>, description: &str) -> Storage {
@@ -119,9 +122,10 @@ impl Storage {
 
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
         match self.get(path).await? {
-            Some(object) => Ok(Some(serde_json::from_slice(&object.bytes).map_err(|e| {
-                Error::Storage(format!("{path} holds invalid JSON: {e}"))
-            })?)),
+            Some(object) => Ok(Some(
+                serde_json::from_slice(&object.bytes)
+                    .map_err(|e| Error::Storage(format!("{path} holds invalid JSON: {e}")))?,
+            )),
             None => Ok(None),
         }
     }
@@ -226,12 +230,18 @@ mod tests {
         let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
         assert!(storage.get("a/b.jpg").await.unwrap().is_none());
         assert!(storage.head("a/b.jpg").await.unwrap().is_none());
-        storage.put("a/b.jpg", Bytes::from_static(b"xyz")).await.unwrap();
+        storage
+            .put("a/b.jpg", Bytes::from_static(b"xyz"))
+            .await
+            .unwrap();
         let got = storage.get("a/b.jpg").await.unwrap().unwrap();
         assert_eq!(&got.bytes[..], b"xyz");
         assert_eq!(storage.head("a/b.jpg").await.unwrap().unwrap().size, 3);
         assert!(dir.path().join("a/b.jpg").exists());
-        assert_eq!(storage.get("../x").await.unwrap_err().code(), "invalid-path");
+        assert_eq!(
+            storage.get("../x").await.unwrap_err().code(),
+            "invalid-path"
+        );
         storage.ping().await.unwrap();
     }
 }

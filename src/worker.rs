@@ -61,7 +61,11 @@ impl Worker {
             index,
             filters,
             fetcher: Fetcher::new(&config.fetch, policy.clone())?,
-            notifier: Arc::new(Notifier::new(&config.callback, policy, &config.fetch.user_agent)?),
+            notifier: Arc::new(Notifier::new(
+                &config.callback,
+                policy,
+                &config.fetch.user_agent,
+            )?),
             limits: Limits::from(&config.imaging),
             render_slots: Arc::new(Semaphore::new(config.imaging.render_threads)),
             public_base: config.public_base(),
@@ -71,7 +75,9 @@ impl Worker {
             shutdown_deadline: Duration::from_secs(config.queue.shutdown_deadline_secs),
             consumer: format!(
                 "{}-{}-{:08x}",
-                hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+                hostname::get()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 std::process::id(),
                 rand::random::<u32>()
             ),
@@ -144,7 +150,9 @@ impl Worker {
                         self.send_callbacks(&callbacks, &job.id, &filter_done.filter, body);
                     }
                 }
-                Err(e) => tracing::warn!(job = %job.id, error = %e, "could not complete job; it will be retried"),
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "could not complete job; it will be retried")
+                }
             },
             Err(e) if e.is_retryable() && claimed.attempt < self.max_attempts => {
                 tracing::warn!(job = %job.id, attempt = claimed.attempt, error = %e, "job failed; left for retry");
@@ -159,7 +167,11 @@ impl Worker {
         if let Err(e) = self.record_failure(job, error).await {
             tracing::warn!(job = %job.id, error = %e, "could not record the failure");
         }
-        match self.queue.dead_letter(claimed, &format!("{}: {error}", error.code())).await {
+        match self
+            .queue
+            .dead_letter(claimed, &format!("{}: {error}", error.code()))
+            .await
+        {
             Ok(callbacks) => {
                 for filter in &job.filters {
                     let body = json!({
@@ -244,12 +256,24 @@ impl Worker {
                 (Some((info, _, bytes)), None) => {
                     let bytes = match bytes {
                         Some(b) => b,
-                        None => self.storage.get(&variant).await?.map(|o| o.bytes).unwrap_or_default(),
+                        None => self
+                            .storage
+                            .get(&variant)
+                            .await?
+                            .map(|o| o.bytes)
+                            .unwrap_or_default(),
                     };
                     let (width, height) = dimensions(&bytes);
                     done.push(Done {
                         filter: preset.name.clone(),
-                        summary: self.summary(&preset.name, job, info.size, width, height, &info.content_type),
+                        summary: self.summary(
+                            &preset.name,
+                            job,
+                            info.size,
+                            width,
+                            height,
+                            &info.content_type,
+                        ),
                     });
                 }
                 (None, _) => to_render.push(preset),
@@ -267,7 +291,9 @@ impl Worker {
                 let blurhash = imaging::blurhash(&source)?;
                 let variants = to_render
                     .iter()
-                    .map(|preset| imaging::render(&source, preset).map(|r| (preset.name.clone(), r)))
+                    .map(|preset| {
+                        imaging::render(&source, preset).map(|r| (preset.name.clone(), r))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok((source.width(), source.height(), blurhash, variants))
             })
@@ -286,12 +312,21 @@ impl Worker {
             self.index.mark(&path, info.clone()).await?;
             self.index.hot_put(&path, bytes).await;
             done.push(Done {
-                summary: self.summary(&filter, job, info.size, variant.width, variant.height, &info.content_type),
+                summary: self.summary(
+                    &filter,
+                    job,
+                    info.size,
+                    variant.width,
+                    variant.height,
+                    &info.content_type,
+                ),
                 filter,
             });
         }
         for d in &done {
-            record.resized.insert(d.filter.clone(), d.summary.url.clone());
+            record
+                .resized
+                .insert(d.filter.clone(), d.summary.url.clone());
             record.variants.insert(d.filter.clone(), d.summary.clone());
         }
         record.marking = "resized".into();
@@ -301,7 +336,15 @@ impl Worker {
         Ok(done)
     }
 
-    fn summary(&self, filter: &str, job: &Job, size: u64, width: u32, height: u32, mime: &str) -> VariantSummary {
+    fn summary(
+        &self,
+        filter: &str,
+        job: &Job,
+        size: u64,
+        width: u32,
+        height: u32,
+        mime: &str,
+    ) -> VariantSummary {
         VariantSummary {
             url: keys::variant_url(&self.public_base, filter, &job.original),
             size,
@@ -320,7 +363,9 @@ impl Worker {
             return Err(Error::SourceNotFound(job.original.clone()));
         };
         let fetched = self.fetcher.fetch(url).await?;
-        self.storage.put(&job.original, fetched.bytes.clone()).await?;
+        self.storage
+            .put(&job.original, fetched.bytes.clone())
+            .await?;
         record.path = Some(job.original.clone());
         record.original_url = Some(url.clone());
         record.mime_type = Some(fetched.mime.to_string());
@@ -333,13 +378,17 @@ impl Worker {
     }
 
     async fn record_failure(&self, job: &Job, error: &Error) -> Result<()> {
-        let mut record = self.storage.media_record(&job.code).await?.unwrap_or_else(|| MediaRecord {
-            code: job.code.clone(),
-            root: job.root.clone(),
-            path: Some(job.original.clone()),
-            original_url: job.source_url.clone(),
-            ..Default::default()
-        });
+        let mut record = self
+            .storage
+            .media_record(&job.code)
+            .await?
+            .unwrap_or_else(|| MediaRecord {
+                code: job.code.clone(),
+                root: job.root.clone(),
+                path: Some(job.original.clone()),
+                original_url: job.source_url.clone(),
+                ..Default::default()
+            });
         if let Error::OriginStatus { status, .. } = error {
             record.status_code = Some(*status);
         }

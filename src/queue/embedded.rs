@@ -125,9 +125,10 @@ impl Queue for EmbeddedQueue {
             if in_flight {
                 false
             } else {
-                state
-                    .inflight
-                    .insert(job.dedupe.clone(), (job.id.clone(), now + self.inflight_ttl));
+                state.inflight.insert(
+                    job.dedupe.clone(),
+                    (job.id.clone(), now + self.inflight_ttl),
+                );
                 match job.priority {
                     Priority::Urgent => state.urgent.push_back((job.clone(), 0)),
                     Priority::Preheat => state.preheat.push_back((job.clone(), 0)),

@@ -162,7 +162,11 @@ impl RedisQueue {
         // Reply order follows the STREAMS order: urgent first.
         for priority in priorities {
             let stream = self.keys.stream(priority.as_str());
-            for key in reply.iter().flat_map(|r| &r.keys).filter(|k| k.key == stream) {
+            for key in reply
+                .iter()
+                .flat_map(|r| &r.keys)
+                .filter(|k| k.key == stream)
+            {
                 for entry in &key.ids {
                     claimed.push(self.decode(entry, 1)?);
                 }
@@ -180,7 +184,11 @@ impl RedisQueue {
         }
         let conn = blocking.as_mut().expect("connection just set");
         let outcome = async {
-            if let Some(urgent) = self.read(conn, consumer, &[Priority::Urgent], None).await?.pop() {
+            if let Some(urgent) = self
+                .read(conn, consumer, &[Priority::Urgent], None)
+                .await?
+                .pop()
+            {
                 return Ok(Some(urgent));
             }
             if let Some(stashed) = self.stash.lock().pop_front() {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::flow::urlencode;
 use crate::kiln::{test_config_toml, until_ready};
-use crate::support::{dimensions, eventually, free_port, jpeg, CallbackSink, Origin, OriginResponse, RedisServer};
+use crate::support::{
+    dimensions, eventually, free_port, jpeg, CallbackSink, Origin, OriginResponse, RedisServer,
+};
 
 /// A kiln child process, killed when dropped.
 struct Process(Child);
@@ -44,7 +46,11 @@ fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
     let port = free_port();
     let storage = dir.path().join("storage");
     let config = dir.path().join("kiln.toml");
-    std::fs::write(&config, test_config_toml(port, &storage, Some(redis), extra)).unwrap();
+    std::fs::write(
+        &config,
+        test_config_toml(port, &storage, Some(redis), extra),
+    )
+    .unwrap();
     Deployment {
         base: format!("http://127.0.0.1:{port}"),
         dir,
@@ -68,11 +74,20 @@ async fn front_and_worker_processes_share_redis_and_storage() {
     let _front = Process::start("front", &d.config, &d.dir.path().join("front.log"));
     let _worker = Process::start("worker", &d.config, &d.dir.path().join("worker.log"));
     wait_healthy(&d.base).await;
-    assert_eq!(reqwest::get(format!("{}/readyz", d.base)).await.unwrap().status(), 200);
+    assert_eq!(
+        reqwest::get(format!("{}/readyz", d.base))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     let origin = Origin::start().await;
     let sink = CallbackSink::start().await;
-    origin.serve("/p.jpg", OriginResponse::image("image/jpeg", jpeg(1000, 1000, [90, 90, 90])));
+    origin.serve(
+        "/p.jpg",
+        OriginResponse::image("image/jpeg", jpeg(1000, 1000, [90, 90, 90])),
+    );
     let request = format!(
         "{}/request/medium?url={}&callback={}",
         d.base,
@@ -83,7 +98,11 @@ async fn front_and_worker_processes_share_redis_and_storage() {
     let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(hooks[0].body["status"], "done", "{:?}", hooks[0].body);
     let path = answer["path"].as_str().unwrap();
-    let bytes = until_ready(&format!("{}/media/cache/medium/{path}", d.base)).await.bytes().await.unwrap();
+    let bytes = until_ready(&format!("{}/media/cache/medium/{path}", d.base))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(dimensions(&bytes), (400, 400));
 
     // A miss on another filter goes front → stream → worker process.
@@ -94,7 +113,9 @@ async fn front_and_worker_processes_share_redis_and_storage() {
 
     // Redis wiped: every stored variant is still served, nothing re-fetched.
     assert_eq!(redis.redis_cli(&["FLUSHALL"]), "+OK");
-    let after_wipe = reqwest::get(format!("{}/media/cache/medium/{path}", d.base)).await.unwrap();
+    let after_wipe = reqwest::get(format!("{}/media/cache/medium/{path}", d.base))
+        .await
+        .unwrap();
     assert_eq!(after_wipe.status(), 200);
     assert_eq!(after_wipe.bytes().await.unwrap(), bytes);
     assert_eq!(origin.hits("/p.jpg"), 1);
@@ -109,7 +130,10 @@ async fn a_job_held_by_a_dead_worker_is_reclaimed_and_called_back_once() {
 
     let origin = Origin::start().await;
     let sink = CallbackSink::start().await;
-    origin.serve("/q.jpg", OriginResponse::image("image/jpeg", jpeg(600, 400, [10, 200, 10])));
+    origin.serve(
+        "/q.jpg",
+        OriginResponse::image("image/jpeg", jpeg(600, 400, [10, 200, 10])),
+    );
     let request = format!(
         "{}/request/tiny?url={}&callback={}",
         d.base,
@@ -120,9 +144,29 @@ async fn a_job_held_by_a_dead_worker_is_reclaimed_and_called_back_once() {
     assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:preheat"]), 1);
 
     // A worker claims the job and dies without acknowledging it.
-    let created = redis.redis_cli(&["XGROUP", "CREATE", "kiln:jobs:preheat", "kiln-workers", "0", "MKSTREAM"]);
-    assert!(created == "+OK" || created.contains("BUSYGROUP"), "{created}");
-    let taken = redis.redis_cli(&["XREADGROUP", "GROUP", "kiln-workers", "ghost", "COUNT", "1", "STREAMS", "kiln:jobs:preheat", ">"]);
+    let created = redis.redis_cli(&[
+        "XGROUP",
+        "CREATE",
+        "kiln:jobs:preheat",
+        "kiln-workers",
+        "0",
+        "MKSTREAM",
+    ]);
+    assert!(
+        created == "+OK" || created.contains("BUSYGROUP"),
+        "{created}"
+    );
+    let taken = redis.redis_cli(&[
+        "XREADGROUP",
+        "GROUP",
+        "kiln-workers",
+        "ghost",
+        "COUNT",
+        "1",
+        "STREAMS",
+        "kiln:jobs:preheat",
+        ">",
+    ]);
     assert!(taken.contains("q.jpg"), "{taken}");
 
     let _worker = Process::start("worker", &d.config, &d.dir.path().join("worker.log"));

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::kiln::{until_ready, Backend, Kiln};
 use crate::support::{
-    decode, dimensions, format_of, jpeg, jpeg_with_orientation, mean_rgb, png_rgba, CallbackSink, Origin,
-    OriginResponse,
+    decode, dimensions, eventually, format_of, jpeg, jpeg_with_orientation, mean_rgb, png_rgba,
+    CallbackSink, Origin, OriginResponse,
 };
 
 macro_rules! contract {
@@ -53,7 +53,10 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
     let kiln = Kiln::start(backend).await;
     let origin = Origin::start().await;
     let sink = CallbackSink::start().await;
-    origin.serve("/photos/cat.jpg", OriginResponse::image("image/jpeg", jpeg(1200, 800, [200, 60, 40])));
+    origin.serve(
+        "/photos/cat.jpg",
+        OriginResponse::image("image/jpeg", jpeg(1200, 800, [200, 60, 40])),
+    );
     let image_url = origin.url("/photos/cat.jpg");
     let callback = sink.url("/hooks/thumb?code=abc&x=1");
 
@@ -75,14 +78,20 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
     let received = sink.wait_for(1, Duration::from_secs(30)).await;
     let hook = &received[0];
     assert_eq!(hook.method, "POST");
-    assert_eq!(hook.path_and_query, "/hooks/thumb?code=abc&x=1", "callback URL used exactly as given");
+    assert_eq!(
+        hook.path_and_query, "/hooks/thumb?code=abc&x=1",
+        "callback URL used exactly as given"
+    );
     let body = &hook.body;
     assert_eq!(body["status"], "done");
     assert_eq!(body["code"], code);
     assert_eq!(body["path"], path);
     assert_eq!(body["filter"], "small");
     assert_eq!(body["url"], variant_url);
-    assert_eq!((body["width"].as_u64(), body["height"].as_u64()), (Some(200), Some(133)));
+    assert_eq!(
+        (body["width"].as_u64(), body["height"].as_u64()),
+        (Some(200), Some(133))
+    );
     assert_eq!(body["originalWidth"], 1200);
     let blurhash = body["blurhash"].as_str().expect("blurhash");
     assert_eq!(blurhash.len(), 28, "4x3 components: {blurhash}");
@@ -95,9 +104,15 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
     assert_eq!(hit.status(), 200);
     let headers = hit.headers().clone();
     assert_eq!(headers["content-type"], "image/jpeg");
-    assert_eq!(headers["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(
+        headers["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
     let etag = headers["etag"].to_str().unwrap().to_string();
-    assert!(etag.starts_with('"') && etag.ends_with('"') && !etag.starts_with("W/"), "{etag}");
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"') && !etag.starts_with("W/"),
+        "{etag}"
+    );
     assert!(headers.contains_key("last-modified"));
     let bytes = hit.bytes().await.unwrap();
     assert_eq!(headers["content-length"], bytes.len().to_string());
@@ -130,7 +145,12 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
     assert_eq!(changed.status(), 200);
 
     // Asking again: done, 200, nothing fetched again.
-    let again = get(&format!("{}?url={}", kiln.url("/request/small"), urlencode(&image_url))).await;
+    let again = get(&format!(
+        "{}?url={}",
+        kiln.url("/request/small"),
+        urlencode(&image_url)
+    ))
+    .await;
     assert_eq!(again.status(), 200);
     let again = json(&again.text().await.unwrap());
     assert_eq!(again["status"], "done");
@@ -153,15 +173,25 @@ async fn miss_answers_202_then_the_same_url_answers_200(backend: Backend) {
     assert_eq!(miss.headers()["content-type"], "image/png");
     let placeholder = miss.bytes().await.unwrap();
     assert_eq!(dimensions(&placeholder), (1, 1));
-    assert!(latency < Duration::from_secs(2), "a miss answers at once, took {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "a miss answers at once, took {latency:?}"
+    );
 
     let hit = until_ready(&url).await;
-    assert_eq!(hit.headers()["content-type"], "image/png", "format kept from the source");
+    assert_eq!(
+        hit.headers()["content-type"],
+        "image/png",
+        "format kept from the source"
+    );
     let bytes = hit.bytes().await.unwrap();
     assert_eq!(format_of(&bytes), "png");
     assert_eq!(dimensions(&bytes), (400, 267));
     let pixels = decode(&bytes).to_rgba8();
-    assert!((100..=156).contains(&pixels.get_pixel(200, 130).0[3]), "alpha kept");
+    assert!(
+        (100..=156).contains(&pixels.get_pixel(200, 130).0[3]),
+        "alpha kept"
+    );
 
     // Liip's resolve URL redirects once the variant exists.
     let no_redirects = reqwest::Client::builder()
@@ -184,7 +214,8 @@ async fn concurrent_requests_make_one_job_and_one_fetch(backend: Backend) {
     // A slow origin keeps the job in flight while everyone asks.
     origin.serve(
         "/big.jpg",
-        OriginResponse::image("image/jpeg", jpeg(1600, 1200, [30, 90, 200])).with_delay(Duration::from_millis(500)),
+        OriginResponse::image("image/jpeg", jpeg(1600, 1200, [30, 90, 200]))
+            .with_delay(Duration::from_millis(500)),
     );
     let image_url = origin.url("/big.jpg");
     let request = format!(
@@ -201,14 +232,22 @@ async fn concurrent_requests_make_one_job_and_one_fetch(backend: Backend) {
         }
     }))
     .await;
-    assert!(answers.iter().all(|(status, _)| *status == 202), "{answers:?}");
-    let queued = answers.iter().filter(|(_, body)| body["queued"] == true).count();
+    assert!(
+        answers.iter().all(|(status, _)| *status == 202),
+        "{answers:?}"
+    );
+    let queued = answers
+        .iter()
+        .filter(|(_, body)| body["queued"] == true)
+        .count();
     assert_eq!(queued, 1, "one job however many ask");
 
     let path = answers[0].1["path"].as_str().unwrap().to_string();
     let variant = kiln.url(&format!("/media/cache/large/{path}"));
     let misses = futures::future::join_all((0..25).map(|_| get(&variant))).await;
-    assert!(misses.iter().all(|r| r.status() == 202 || r.status() == 200));
+    assert!(misses
+        .iter()
+        .all(|r| r.status() == 202 || r.status() == 200));
 
     until_ready(&variant).await;
     // Every caller that attached a callback is called back, from the one render.
@@ -223,7 +262,11 @@ async fn variant_in_storage_but_not_in_index_is_served(backend: Backend) {
     let bytes = jpeg(120, 80, [10, 10, 240]);
     kiln.store("media/cache/small/ext/0/pic.png", &bytes);
     let hit = get(&kiln.url("/media/cache/small/ext/0/pic.png")).await;
-    assert_eq!(hit.status(), 200, "served from storage, never re-rendered (the original is not even stored)");
+    assert_eq!(
+        hit.status(),
+        200,
+        "served from storage, never re-rendered (the original is not even stored)"
+    );
     assert_eq!(hit.headers()["content-type"], "image/jpeg");
     assert_eq!(hit.bytes().await.unwrap().as_ref(), bytes.as_slice());
 }
@@ -243,18 +286,30 @@ async fn exif_orientation_is_applied_before_resizing(backend: Backend) {
     let top = mean_rgb(&img, 0, 0, 100, 90);
     let bottom = mean_rgb(&img, 0, 110, 100, 200);
     assert!(top[0] > 180.0 && top[2] < 80.0, "top is red: {top:?}");
-    assert!(bottom[2] > 180.0 && bottom[0] < 80.0, "bottom is blue: {bottom:?}");
-    assert!(!bytes.windows(4).any(|w| w == b"Exif"), "metadata not carried over");
+    assert!(
+        bottom[2] > 180.0 && bottom[0] < 80.0,
+        "bottom is blue: {bottom:?}"
+    );
+    assert!(
+        !bytes.windows(4).any(|w| w == b"Exif"),
+        "metadata not carried over"
+    );
 }
 
 async fn failed_download_calls_back_with_the_reason(backend: Backend) {
     let kiln = Kiln::start(backend).await;
     let origin = Origin::start().await;
     let sink = CallbackSink::start().await;
-    origin.serve("/page.html", OriginResponse::image("text/html", b"<html>hi</html>".to_vec()));
-    for (n, (path, error)) in [("/gone.jpg", "origin-status"), ("/page.html", "unsupported-image")]
-        .into_iter()
-        .enumerate()
+    origin.serve(
+        "/page.html",
+        OriginResponse::image("text/html", b"<html>hi</html>".to_vec()),
+    );
+    for (n, (path, error)) in [
+        ("/gone.jpg", "origin-status"),
+        ("/page.html", "unsupported-image"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let request = format!(
             "{}?url={}&callback={}",
@@ -263,10 +318,15 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
             urlencode(&sink.url(path))
         );
         assert_eq!(get(&request).await.status(), 202);
-        let hooks = sink.wait_for(n + 1, Duration::from_secs(30)).await;
-        let hook = hooks.iter().find(|h| h.path_and_query == path).expect("failure callback");
+        let hook = eventually(Duration::from_secs(30), "failure callback", || async {
+            sink.received()
+                .into_iter()
+                .find(|h| h.path_and_query == path)
+        })
+        .await;
         assert_eq!(hook.body["status"], "failed");
         assert_eq!(hook.body["error"], error);
+        // Asking again shows the failure (and tries the download once more).
         let record = json(&get(&request).await.text().await.unwrap());
         assert_eq!(record["record"]["marking"], "failed");
         assert_eq!(record["record"]["error"]["code"], error);
@@ -278,20 +338,60 @@ async fn bad_requests_get_clear_errors(backend: Backend) {
     kiln.store("acme/0/a.png", &png_rgba(10, 10, [0, 0, 0, 255]));
     let cases: &[(&str, u16, &str)] = &[
         ("/media/cache/nope/acme/0/a.png", 404, "unknown-filter"),
-        ("/media/cache/small/acme/0/missing.png", 404, "source-not-found"),
+        (
+            "/media/cache/small/acme/0/missing.png",
+            404,
+            "source-not-found",
+        ),
         ("/media/cache/small/../secret.png", 400, "invalid-path"),
-        ("/media/cache/small/acme/%2e%2e/%2e%2e/secret.png", 400, "invalid-path"),
-        ("/media/cache/small/acme/%252e%252e/secret.png", 400, "invalid-path"),
-        ("/media/cache/small/acme/..%5c..%5csecret.png", 400, "invalid-path"),
-        ("/media/cache/small/acme\\..\\secret.png", 400, "invalid-path"),
+        (
+            "/media/cache/small/acme/%2e%2e/%2e%2e/secret.png",
+            400,
+            "invalid-path",
+        ),
+        (
+            "/media/cache/small/acme/%252e%252e/secret.png",
+            400,
+            "invalid-path",
+        ),
+        (
+            "/media/cache/small/acme/..%5c..%5csecret.png",
+            400,
+            "invalid-path",
+        ),
+        (
+            "/media/cache/small/acme\\..\\secret.png",
+            400,
+            "invalid-path",
+        ),
         ("/media/cache/small/acme/%00.png", 400, "invalid-path"),
         ("/media/cache/small//etc/passwd", 400, "invalid-path"),
         ("/request/small", 400, "bad-request"),
-        ("/request/nope?url=http://127.0.0.1/a.jpg", 404, "unknown-filter"),
-        ("/request/small?url=ftp://127.0.0.1/a.jpg", 400, "invalid-url"),
-        ("/request/small?url=http://10.1.2.3/a.jpg", 403, "address-denied"),
-        ("/request/small?url=http://169.254.169.254/latest", 403, "address-denied"),
-        ("/request/small?url=http://127.0.0.1/a.jpg&callback=http://192.168.1.1/cb", 403, "address-denied"),
+        (
+            "/request/nope?url=http://127.0.0.1/a.jpg",
+            404,
+            "unknown-filter",
+        ),
+        (
+            "/request/small?url=ftp://127.0.0.1/a.jpg",
+            400,
+            "invalid-url",
+        ),
+        (
+            "/request/small?url=http://10.1.2.3/a.jpg",
+            403,
+            "address-denied",
+        ),
+        (
+            "/request/small?url=http://169.254.169.254/latest",
+            403,
+            "address-denied",
+        ),
+        (
+            "/request/small?url=http://127.0.0.1/a.jpg&callback=http://192.168.1.1/cb",
+            403,
+            "address-denied",
+        ),
         ("/nothing/here", 404, "no-route"),
     ];
     for (path, status, code) in cases {
@@ -309,7 +409,13 @@ async fn bad_requests_get_clear_errors(backend: Backend) {
         .unwrap();
     assert_eq!(delete.status(), 405);
     // Nothing was written outside the storage root.
-    assert!(!kiln.dir.path().parent().unwrap().join("secret.png").exists());
+    assert!(!kiln
+        .dir
+        .path()
+        .parent()
+        .unwrap()
+        .join("secret.png")
+        .exists());
 }
 
 /// Sends a request line byte for byte and returns the status and body.
@@ -322,8 +428,15 @@ async fn raw_get(base: &str, path: &str) -> (u16, String) {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let text = String::from_utf8_lossy(&response).to_string();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 

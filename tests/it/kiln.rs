@@ -15,17 +15,19 @@ pub enum Backend {
     Redis,
 }
 
-/// Config for a test kiln: loopback only, fast timeouts, storage in `dir`.
+/// Config for a test kiln: loopback only, fast timeouts, storage in `dir`,
+/// with `extra` TOML merged over it.
 pub fn test_config_toml(port: u16, dir: &Path, redis: Option<&RedisServer>, extra: &str) -> String {
     let backend = match redis {
         Some(r) => format!("[queue]\nbackend = \"redis\"\nclaim_block_ms = 200\nvisibility_timeout_secs = 30\n[redis]\nurl = \"{}\"\n", r.url()),
         None => "[queue]\nbackend = \"embedded\"\nclaim_block_ms = 200\nvisibility_timeout_secs = 30\n".to_string(),
     };
-    format!(
+    let base = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\ngrace_period_secs = 0\ngraceful_shutdown_timeout_secs = 1\n\
-         [storage]\nurl = \"{}\"\n[network]\nallow = [\"127.0.0.1/32\"]\n[callback]\nbackoff_ms = 50\n{backend}\n{extra}",
+         [storage]\nurl = \"{}\"\n[network]\nallow = [\"127.0.0.1/32\"]\n[callback]\nbackoff_ms = 50\n{backend}",
         dir.display()
-    )
+    );
+    merged(&base, extra)
 }
 
 /// Merges two TOML documents so a test's `extra` can override the base tables.
@@ -60,7 +62,7 @@ impl Kiln {
         let dir = tempfile::tempdir().expect("tempdir");
         let redis = (backend == Backend::Redis).then(RedisServer::start);
         let port = free_port();
-        let toml = merged(&test_config_toml(port, dir.path(), redis.as_ref(), ""), extra);
+        let toml = test_config_toml(port, dir.path(), redis.as_ref(), extra);
         let config = Config::load_from(Sources {
             extra_toml: Some(&toml),
             ..Default::default()
@@ -115,9 +117,13 @@ impl Drop for Kiln {
 
 /// Polls a cache URL until it answers 200, returning the response.
 pub async fn until_ready(url: &str) -> reqwest::Response {
-    eventually(Duration::from_secs(30), &format!("{url} answers 200"), || async move {
-        let r = reqwest::get(url).await.ok()?;
-        (r.status() == 200).then_some(r)
-    })
+    eventually(
+        Duration::from_secs(30),
+        &format!("{url} answers 200"),
+        || async move {
+            let r = reqwest::get(url).await.ok()?;
+            (r.status() == 200).then_some(r)
+        },
+    )
     .await
 }

@@ -79,33 +79,64 @@ async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
         async move {
             let mut j = job("a/0/x.jpg", Priority::Urgent);
             j.id = format!("job-{n}");
-            queue.enqueue(&j, Some(&format!("http://cb/{n}"))).await.unwrap()
+            queue
+                .enqueue(&j, Some(&format!("http://cb/{n}")))
+                .await
+                .unwrap()
         }
     }))
     .await;
     assert_eq!(added.iter().filter(|a| **a).count(), 1);
-    let claimed = f.queue.claim("c1", Duration::from_millis(500)).await.unwrap().expect("a job");
+    let claimed = f
+        .queue
+        .claim("c1", Duration::from_millis(500))
+        .await
+        .unwrap()
+        .expect("a job");
     assert_eq!(claimed.attempt, 1);
-    assert!(f.queue.claim("c1", Duration::from_millis(200)).await.unwrap().is_none());
+    assert!(f
+        .queue
+        .claim("c1", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_none());
     let mut callbacks = f.queue.complete(&claimed).await.unwrap();
     callbacks.sort();
     let mut expected: Vec<String> = (0..50).map(|n| format!("http://cb/{n}")).collect();
     expected.sort();
     assert_eq!(callbacks, expected);
     // Done: the next miss makes a new job.
-    assert!(f.queue.enqueue(&job("a/0/x.jpg", Priority::Urgent), None).await.unwrap());
+    assert!(f
+        .queue
+        .enqueue(&job("a/0/x.jpg", Priority::Urgent), None)
+        .await
+        .unwrap());
 }
 
 async fn urgent_is_drained_before_preheat(redis: bool) {
     let f = fixture(redis, 30);
-    f.queue.enqueue(&job("p/1.jpg", Priority::Preheat), None).await.unwrap();
-    f.queue.enqueue(&job("p/2.jpg", Priority::Preheat), None).await.unwrap();
-    f.queue.enqueue(&job("u/1.jpg", Priority::Urgent), None).await.unwrap();
+    f.queue
+        .enqueue(&job("p/1.jpg", Priority::Preheat), None)
+        .await
+        .unwrap();
+    f.queue
+        .enqueue(&job("p/2.jpg", Priority::Preheat), None)
+        .await
+        .unwrap();
+    f.queue
+        .enqueue(&job("u/1.jpg", Priority::Urgent), None)
+        .await
+        .unwrap();
     let depths = f.queue.depths().await.unwrap();
     assert_eq!((depths.urgent, depths.preheat), (1, 2));
     let mut order = Vec::new();
     for _ in 0..3 {
-        let claimed = f.queue.claim("c", Duration::from_millis(500)).await.unwrap().unwrap();
+        let claimed = f
+            .queue
+            .claim("c", Duration::from_millis(500))
+            .await
+            .unwrap()
+            .unwrap();
         order.push(claimed.job.original.clone());
         f.queue.complete(&claimed).await.unwrap();
     }
@@ -114,8 +145,16 @@ async fn urgent_is_drained_before_preheat(redis: bool) {
 
 async fn unacked_jobs_are_reclaimed_after_the_visibility_timeout(redis: bool) {
     let f = fixture(redis, 1);
-    f.queue.enqueue(&job("r/1.jpg", Priority::Urgent), Some("http://cb/1")).await.unwrap();
-    let first = f.queue.claim("crashed", Duration::from_millis(500)).await.unwrap().unwrap();
+    f.queue
+        .enqueue(&job("r/1.jpg", Priority::Urgent), Some("http://cb/1"))
+        .await
+        .unwrap();
+    let first = f
+        .queue
+        .claim("crashed", Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
     // The first consumer never acks; another takes the job over after the timeout.
     let second = f
         .queue
@@ -130,11 +169,28 @@ async fn unacked_jobs_are_reclaimed_after_the_visibility_timeout(redis: bool) {
 
 async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
     let f = fixture(redis, 30);
-    f.queue.enqueue(&job("d/1.jpg", Priority::Preheat), Some("http://cb/d")).await.unwrap();
-    let claimed = f.queue.claim("c", Duration::from_millis(500)).await.unwrap().unwrap();
-    let callbacks = f.queue.dead_letter(&claimed, "origin-status: 404").await.unwrap();
+    f.queue
+        .enqueue(&job("d/1.jpg", Priority::Preheat), Some("http://cb/d"))
+        .await
+        .unwrap();
+    let claimed = f
+        .queue
+        .claim("c", Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    let callbacks = f
+        .queue
+        .dead_letter(&claimed, "origin-status: 404")
+        .await
+        .unwrap();
     assert_eq!(callbacks, ["http://cb/d"]);
     let depths = f.queue.depths().await.unwrap();
     assert_eq!((depths.preheat, depths.dead), (0, 1));
-    assert!(f.queue.claim("c", Duration::from_millis(200)).await.unwrap().is_none());
+    assert!(f
+        .queue
+        .claim("c", Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_none());
 }
