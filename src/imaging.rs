@@ -271,6 +271,48 @@ mod tests {
         assert_eq!(blurhash(&source).unwrap().len(), 4 + 2 * (4 * 3));
     }
 
+    fn encoded(format: ImageFormat) -> Vec<u8> {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            300,
+            100,
+            image::Rgb([200, 30, 30]),
+        ));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), format).unwrap();
+        out
+    }
+
+    #[test]
+    fn every_input_format_renders_to_its_output_format() {
+        let preset = |format| Preset {
+            name: "p".into(),
+            mode: Mode::Outbound,
+            width: 50,
+            height: 50,
+            upscale: false,
+            quality: 80,
+            format,
+        };
+        for (input, wanted, expected) in [
+            (ImageFormat::Gif, OutputFormat::Source, ImageFormat::Png),
+            (ImageFormat::WebP, OutputFormat::Source, ImageFormat::WebP),
+            (ImageFormat::Png, OutputFormat::Webp, ImageFormat::WebP),
+            (ImageFormat::Jpeg, OutputFormat::Png, ImageFormat::Png),
+        ] {
+            let source = decode(&encoded(input), limits()).unwrap();
+            let out = render(&source, &preset(wanted)).unwrap();
+            assert_eq!(
+                image::guess_format(&out.bytes).unwrap(),
+                expected,
+                "{input:?}"
+            );
+            let back = image::load_from_memory(&out.bytes).unwrap();
+            assert_eq!((back.width(), back.height()), (50, 50), "{input:?}");
+            let px = back.to_rgb8().get_pixel(25, 25).0;
+            assert!(px[0] > 150 && px[1] < 80, "{input:?} colour {px:?}");
+        }
+    }
+
     #[test]
     fn refuses_what_it_must() {
         assert_eq!(

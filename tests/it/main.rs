@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod distributed;
+mod fetch;
 mod flow;
 mod kiln;
 mod queue_contract;

@@ -1,0 +1,105 @@
+//! Downloading originals through the guard: redirect cap, denied redirect
+//! targets, byte cap enforced while streaming, deadlines, content checks.
+
+use std::time::Duration;
+
+use kiln::config::{Config, Sources};
+use kiln::fetch::Fetcher;
+use kiln::security::NetworkPolicy;
+
+use crate::support::{jpeg, Origin, OriginResponse};
+
+fn fetcher(tweak: impl FnOnce(&mut Config)) -> Fetcher {
+    let mut config = Config::load_from(Sources::default()).unwrap();
+    config.fetch.total_timeout_ms = 1500;
+    tweak(&mut config);
+    let policy = NetworkPolicy::new(vec!["127.0.0.1/32".parse().unwrap()]);
+    Fetcher::new(&config.fetch, policy).unwrap()
+}
+
+#[tokio::test]
+async fn follows_redirects_up_to_the_cap() {
+    let origin = Origin::start().await;
+    origin.serve(
+        "/img.jpg",
+        OriginResponse::image("image/jpeg", jpeg(32, 32, [1, 2, 3])),
+    );
+    origin.redirect("/r1", &origin.url("/img.jpg"));
+    origin.redirect("/r2", &origin.url("/r1"));
+    origin.redirect("/r3", &origin.url("/r2"));
+    let fetched = fetcher(|c| c.fetch.max_redirects = 2)
+        .fetch(&origin.url("/r2"))
+        .await
+        .unwrap();
+    assert_eq!(fetched.mime, "image/jpeg");
+    let err = fetcher(|c| c.fetch.max_redirects = 2)
+        .fetch(&origin.url("/r3"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "too-many-redirects", "{err}");
+}
+
+#[tokio::test]
+async fn a_redirect_to_a_denied_address_is_refused() {
+    let origin = Origin::start().await;
+    origin.redirect("/to-metadata", "http://169.254.169.254/latest/meta-data/");
+    origin.redirect("/to-private", "http://10.0.0.1/x.jpg");
+    for path in ["/to-metadata", "/to-private"] {
+        let err = fetcher(|_| {}).fetch(&origin.url(path)).await.unwrap_err();
+        assert_eq!(err.code(), "address-denied", "{path}: {err}");
+    }
+    // localhost is judged after DNS: not allowed when only another address is.
+    let strict = {
+        let config = Config::load_from(Sources::default()).unwrap();
+        Fetcher::new(&config.fetch, NetworkPolicy::default()).unwrap()
+    };
+    let url = origin.url("/to-private").replace("127.0.0.1", "localhost");
+    assert_eq!(
+        strict.fetch(&url).await.unwrap_err().code(),
+        "address-denied"
+    );
+}
+
+#[tokio::test]
+async fn byte_cap_deadline_and_content_checks() {
+    let origin = Origin::start().await;
+    origin.serve(
+        "/big.jpg",
+        OriginResponse::image("image/jpeg", jpeg(600, 600, [9, 9, 9])),
+    );
+    origin.serve(
+        "/slow.jpg",
+        OriginResponse::image("image/jpeg", jpeg(8, 8, [9, 9, 9]))
+            .with_delay(Duration::from_secs(5)),
+    );
+    origin.serve(
+        "/text",
+        OriginResponse::image("image/jpeg", b"definitely not an image".to_vec()),
+    );
+    origin.serve("/boom", OriginResponse::status(503));
+    let small_cap = fetcher(|c| c.fetch.max_bytes = 1000);
+    assert_eq!(
+        small_cap
+            .fetch(&origin.url("/big.jpg"))
+            .await
+            .unwrap_err()
+            .code(),
+        "too-large"
+    );
+    let f = fetcher(|_| {});
+    let started = std::time::Instant::now();
+    let err = f.fetch(&origin.url("/slow.jpg")).await.unwrap_err();
+    assert_eq!(err.code(), "timeout", "{err}");
+    assert!(err.is_retryable());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "total deadline kept"
+    );
+    let err = f.fetch(&origin.url("/text")).await.unwrap_err();
+    assert_eq!(err.code(), "unsupported-image");
+    assert!(!err.is_retryable());
+    let err = f.fetch(&origin.url("/boom")).await.unwrap_err();
+    assert_eq!((err.code(), err.is_retryable()), ("origin-status", true));
+    let err = f.fetch(&origin.url("/missing")).await.unwrap_err();
+    assert_eq!((err.code(), err.is_retryable()), ("origin-status", false));
+}
