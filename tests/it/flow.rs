@@ -304,13 +304,10 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
         "/page.html",
         OriginResponse::image("text/html", b"<html>hi</html>".to_vec()),
     );
-    for (n, (path, error)) in [
+    for (path, error) in [
         ("/gone.jpg", "origin-status"),
         ("/page.html", "unsupported-image"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ] {
         let request = format!(
             "{}?url={}&callback={}",
             kiln.url("/request/tiny"),
