@@ -230,18 +230,7 @@ impl Worker {
             .iter()
             .map(|name| self.filters.get(name).cloned())
             .collect::<Result<_>>()?;
-        let mut record = self
-            .storage
-            .media_record(&job.code)
-            .await?
-            .unwrap_or_else(|| MediaRecord {
-                code: job.code.clone(),
-                root: job.root.clone(),
-                path: Some(job.original.clone()),
-                original_url: job.source_url.clone(),
-                marking: "new".into(),
-                ..Default::default()
-            });
+        let mut record = self.load_record(job).await?;
 
         let mut done = Vec::new();
         let mut to_render = Vec::new();
@@ -377,8 +366,9 @@ impl Worker {
         Ok(fetched.bytes)
     }
 
-    async fn record_failure(&self, job: &Job, error: &Error) -> Result<()> {
-        let mut record = self
+    /// The job's media record, or a new one.
+    async fn load_record(&self, job: &Job) -> Result<MediaRecord> {
+        Ok(self
             .storage
             .media_record(&job.code)
             .await?
@@ -387,8 +377,13 @@ impl Worker {
                 root: job.root.clone(),
                 path: Some(job.original.clone()),
                 original_url: job.source_url.clone(),
+                marking: "new".into(),
                 ..Default::default()
-            });
+            }))
+    }
+
+    async fn record_failure(&self, job: &Job, error: &Error) -> Result<()> {
+        let mut record = self.load_record(job).await?;
         if let Error::OriginStatus { status, .. } = error {
             record.status_code = Some(*status);
         }

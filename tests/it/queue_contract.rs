@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln::config::{Config, Sources};
-use kiln::queue::{EmbeddedQueue, Job, Priority, Queue, RedisQueue};
+use kiln::queue::{Claimed, EmbeddedQueue, Job, Priority, Queue, RedisQueue};
 use kiln::redis_conn::RedisHandle;
 
 use crate::support::RedisServer;
@@ -13,6 +13,13 @@ use crate::support::RedisServer;
 struct Fixture {
     queue: Arc<dyn Queue>,
     _redis: Option<RedisServer>,
+}
+
+impl Fixture {
+    /// The next job for `consumer`, if one comes within `wait`.
+    async fn claim(&self, consumer: &str, wait: Duration) -> Option<Claimed> {
+        self.queue.claim(consumer, wait).await.expect("claim")
+    }
 }
 
 fn fixture(redis: bool, visibility_secs: u64) -> Fixture {
@@ -88,18 +95,11 @@ async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
     .await;
     assert_eq!(added.iter().filter(|a| **a).count(), 1);
     let claimed = f
-        .queue
         .claim("c1", Duration::from_millis(500))
         .await
-        .unwrap()
         .expect("a job");
     assert_eq!(claimed.attempt, 1);
-    assert!(f
-        .queue
-        .claim("c1", Duration::from_millis(200))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(f.claim("c1", Duration::from_millis(200)).await.is_none());
     let mut callbacks = f.queue.complete(&claimed).await.unwrap();
     callbacks.sort();
     let mut expected: Vec<String> = (0..50).map(|n| format!("http://cb/{n}")).collect();
@@ -131,12 +131,7 @@ async fn urgent_is_drained_before_preheat(redis: bool) {
     assert_eq!((depths.urgent, depths.preheat), (1, 2));
     let mut order = Vec::new();
     for _ in 0..3 {
-        let claimed = f
-            .queue
-            .claim("c", Duration::from_millis(500))
-            .await
-            .unwrap()
-            .unwrap();
+        let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
         order.push(claimed.job.original.clone());
         f.queue.complete(&claimed).await.unwrap();
     }
@@ -150,17 +145,13 @@ async fn unacked_jobs_are_reclaimed_after_the_visibility_timeout(redis: bool) {
         .await
         .unwrap();
     let first = f
-        .queue
         .claim("crashed", Duration::from_millis(500))
         .await
-        .unwrap()
         .unwrap();
     // The first consumer never acks; another takes the job over after the timeout.
     let second = f
-        .queue
         .claim("alive", Duration::from_secs(5))
         .await
-        .unwrap()
         .expect("reclaimed");
     assert_eq!(second.job.id, first.job.id);
     assert_eq!(second.attempt, 2);
@@ -173,12 +164,7 @@ async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
         .enqueue(&job("d/1.jpg", Priority::Preheat), Some("http://cb/d"))
         .await
         .unwrap();
-    let claimed = f
-        .queue
-        .claim("c", Duration::from_millis(500))
-        .await
-        .unwrap()
-        .unwrap();
+    let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
     let callbacks = f
         .queue
         .dead_letter(&claimed, "origin-status: 404")
@@ -187,10 +173,5 @@ async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
     assert_eq!(callbacks, ["http://cb/d"]);
     let depths = f.queue.depths().await.unwrap();
     assert_eq!((depths.preheat, depths.dead), (0, 1));
-    assert!(f
-        .queue
-        .claim("c", Duration::from_millis(200))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(f.claim("c", Duration::from_millis(200)).await.is_none());
 }
