@@ -164,19 +164,13 @@ async fn miss_answers_202_then_the_same_url_answers_200(backend: Backend) {
     kiln.store("acme/0/logo.png", &png_rgba(900, 600, [20, 200, 40, 128]));
     let url = kiln.url("/media/cache/medium/acme/0/logo.png");
 
-    let started = std::time::Instant::now();
     let miss = get(&url).await;
-    let latency = started.elapsed();
     assert_eq!(miss.status(), 202);
     assert_eq!(miss.headers()["cache-control"], "no-store");
     assert_eq!(miss.headers()["retry-after"], "2");
     assert_eq!(miss.headers()["content-type"], "image/png");
     let placeholder = miss.bytes().await.unwrap();
     assert_eq!(dimensions(&placeholder), (1, 1));
-    assert!(
-        latency < Duration::from_secs(2),
-        "a miss answers at once, took {latency:?}"
-    );
 
     let hit = until_ready(&url).await;
     assert_eq!(
