@@ -1,8 +1,13 @@
 //! The `kiln` binary: help, presets, config layering and validation.
 
 use std::process::Command;
+use std::time::Duration;
 
-fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+use crate::distributed::Process;
+use crate::kiln::{until_ready, Backend, Kiln};
+use crate::support::{eventually, free_port, png_rgba, Origin, OriginResponse};
+
+fn kiln_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .envs(env.iter().copied())
@@ -19,7 +24,7 @@ fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
 
 #[test]
 fn help_names_every_command() {
-    let (ok, text) = kiln(&["--help"], &[]);
+    let (ok, text) = kiln_cli(&["--help"], &[]);
     assert!(ok, "{text}");
     for command in ["serve", "front", "worker", "request", "filters"] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
@@ -28,7 +33,7 @@ fn help_names_every_command() {
 
 #[test]
 fn filters_lists_the_sais_presets() {
-    let (ok, text) = kiln(&["filters"], &[]);
+    let (ok, text) = kiln_cli(&["filters"], &[]);
     assert!(ok, "{text}");
     for line in ["tiny", "small", "medium", "large", "square"] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
@@ -41,37 +46,85 @@ fn filters_lists_the_sais_presets() {
 
 #[test]
 fn bad_settings_are_refused_before_anything_binds() {
-    let (ok, text) = kiln(&["serve"], &[("KILN_SERVER__LISTEN", "not-an-address")]);
+    let (ok, text) = kiln_cli(&["serve"], &[("KILN_SERVER__LISTEN", "not-an-address")]);
     assert!(!ok);
     assert!(text.contains("server.listen"), "{text}");
-    let (ok, text) = kiln(&["serve"], &[("KILN_NETWORK__ALLOW", "[\"10.0.0.0/99\"]")]);
+    let (ok, text) = kiln_cli(&["serve"], &[("KILN_NETWORK__ALLOW", "[\"10.0.0.0/99\"]")]);
     assert!(!ok);
     assert!(text.contains("network.allow"), "{text}");
-    let (ok, text) = kiln(&["serve"], &[("KILN_QUEUE__BACKEND", "carrier-pigeon")]);
+    let (ok, text) = kiln_cli(&["serve"], &[("KILN_QUEUE__BACKEND", "carrier-pigeon")]);
     assert!(!ok);
     assert!(text.to_lowercase().contains("queue.backend"), "{text}");
-    let (ok, text) = kiln(&["front"], &[]);
+    let (ok, text) = kiln_cli(&["front"], &[]);
     assert!(!ok, "front needs the redis backend");
     assert!(text.contains("redis"), "{text}");
-    let (ok, text) = kiln(&["--config", "/nonexistent/kiln.toml", "serve"], &[]);
+    let (ok, text) = kiln_cli(&["--config", "/nonexistent/kiln.toml", "serve"], &[]);
     assert!(!ok);
     assert!(text.contains("does not exist"), "{text}");
 }
 
-#[test]
-fn request_reaches_a_running_kiln() {
-    // Nothing listens there: the command says so and fails.
-    let port = crate::support::free_port();
-    let server = format!("http://127.0.0.1:{port}");
-    let (ok, text) = kiln(
-        &[
-            "request",
-            "small",
-            "http://example.com/a.jpg",
-            "--server",
-            &server,
-        ],
-        &[],
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_enqueues_through_a_running_kiln_and_prints_the_record() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let origin = Origin::start().await;
+    origin.serve(
+        "/shell.png",
+        OriginResponse::image("image/png", png_rgba(64, 64, [1, 2, 3, 255])),
     );
+    let image_url = origin.url("/shell.png");
+    let args = [
+        "request",
+        "tiny",
+        image_url.as_str(),
+        "--server",
+        kiln.base.as_str(),
+    ]
+    .map(String::from);
+    let (ok, text) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kiln_cli(&args, &[])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{text}");
+    let record: serde_json::Value = serde_json::from_str(text.trim()).expect("the record as JSON");
+    assert_eq!(
+        record["code"],
+        kiln::keys::media_code(&image_url, "default")
+    );
+    until_ready(record["url"].as_str().unwrap()).await;
+
+    // Nothing listens there: the command says so and fails.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (ok, text) = kiln_cli(&["request", "small", &image_url, "--server", &nowhere], &[]);
     assert!(!ok, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_overrides_reach_a_served_kiln() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let storage = format!("file://{}", dir.path().join("store").display());
+    let _kiln = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .env_remove("KILN_CONFIG")
+            .env("KILN_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("KILN_STORAGE__URL", &storage)
+            .stderr(std::process::Stdio::null()),
+    );
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    eventually(
+        Duration::from_secs(20),
+        "kiln serves on the env's port",
+        || {
+            let url = url.clone();
+            async move { (reqwest::get(&url).await.ok()?.status() == 200).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        dir.path().join("store").is_dir(),
+        "storage opened where KILN_STORAGE__URL says"
+    );
 }

@@ -12,19 +12,22 @@ use crate::support::{
 };
 
 /// A kiln child process, killed when dropped.
-struct Process(Child);
+pub struct Process(Child);
 
 impl Process {
+    pub fn spawn(command: &mut Command) -> Process {
+        Process(command.spawn().expect("start kiln"))
+    }
+
     fn start(role: &str, config: &Path, log: &Path) -> Process {
         let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["--config", config.to_str().unwrap(), role])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start kiln");
-        Process(child)
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["--config", config.to_str().unwrap(), role])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
     }
 }
 
