@@ -123,14 +123,17 @@ fn scaled(side: f64, scale: f64) -> u32 {
     ((side * scale).round() as u32).max(1)
 }
 
-/// Names usable as `<filter>` in URLs.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
+/// 1-64 of `[A-Za-z0-9_-]`: safe as one URL and path segment.
+pub fn is_identifier(name: &str) -> bool {
+    (1..=64).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Names usable as `<filter>` in URLs.
+pub fn validate_name(name: &str) -> Result<()> {
+    if is_identifier(name) {
         Ok(())
     } else {
         Err(Error::UnknownFilter(name.chars().take(64).collect()))

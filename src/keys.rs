@@ -73,12 +73,8 @@ pub fn extension_from_url(url: &url::Url) -> Option<&'static str> {
 
 /// A storage root (account) name: a single safe path segment.
 pub fn validate_root(root: &str) -> Result<()> {
-    let ok = !root.is_empty()
-        && root.len() <= 64
-        && root
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok && root != "media" && root != "meta" && root != "accounts" {
+    if crate::filter::is_identifier(root) && root != "media" && root != "meta" && root != "accounts"
+    {
         Ok(())
     } else {
         Err(Error::BadRequest(format!(
