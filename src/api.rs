@@ -51,7 +51,6 @@ impl Context {
         url: Option<&str>,
         callback: Option<&str>,
     ) -> Result<PreheatAnswer> {
-        crate::filter::validate_name(filter)?;
         self.filters.get(filter)?;
         let url = url
             .filter(|u| !u.is_empty())

@@ -66,12 +66,8 @@ impl Notifier {
                 Ok(response) => Error::Callback(format!("{url} answered {}", response.status())),
                 Err(e) => classify_client_error(&e, url),
             };
-            if !error.is_retryable()
-                && !matches!(error, Error::Timeout(_) | Error::OriginUnreachable(_))
-            {
-                return Err(error);
-            }
-            if attempt >= self.max_attempts {
+            // Refused addresses and bad URLs will not get better; the rest is worth another try.
+            if !error.is_retryable() || attempt >= self.max_attempts {
                 return Err(error);
             }
             tracing::debug!(url, attempt, error = %error, "callback failed; retrying");

@@ -131,15 +131,6 @@ pub fn is_identifier(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Names usable as `<filter>` in URLs.
-pub fn validate_name(name: &str) -> Result<()> {
-    if is_identifier(name) {
-        Ok(())
-    } else {
-        Err(Error::UnknownFilter(name.chars().take(64).collect()))
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct FilterSet {
     presets: BTreeMap<String, Preset>,
@@ -150,8 +141,9 @@ impl FilterSet {
         let mut presets: BTreeMap<String, Preset> =
             toml::from_str(text).map_err(|e| Error::Config(format!("filters: {e}")))?;
         for (name, preset) in presets.iter_mut() {
-            validate_name(name)
-                .map_err(|_| Error::Config(format!("filters: bad name {name:?}")))?;
+            if !is_identifier(name) {
+                return Err(Error::Config(format!("filters: bad name {name:?}")));
+            }
             if preset.width == 0 || preset.height == 0 {
                 return Err(Error::Config(format!(
                     "filters.{name}: width and height must be positive"

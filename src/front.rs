@@ -75,27 +75,7 @@ impl Front {
         query: Option<&str>,
         if_none_match: Option<&str>,
     ) -> Reply {
-        let result = match path {
-            "/healthz" => Ok(Reply::json(200, &serde_json::json!({"status": "ok"}))),
-            "/readyz" => self.ready().await,
-            _ => {
-                if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
-                    self.only_get(method)
-                        .and(self.cache(rest, if_none_match, true).await)
-                } else if let Some(rest) = path.strip_prefix("/media/cache/") {
-                    self.only_get(method)
-                        .and(self.cache(rest, if_none_match, false).await)
-                } else if let Some(filter) = path.strip_prefix("/request/") {
-                    if method == Method::GET || method == Method::POST {
-                        self.request(filter, query).await
-                    } else {
-                        Err(Error::MethodNotAllowed(method.to_string()))
-                    }
-                } else {
-                    Err(Error::NoRoute(path.chars().take(200).collect()))
-                }
-            }
-        };
+        let result = self.route(method, path, query, if_none_match).await;
         result.unwrap_or_else(|e| {
             if e.status() >= 500 {
                 tracing::warn!(code = e.code(), error = %e, "request failed");
@@ -104,11 +84,38 @@ impl Front {
         })
     }
 
-    fn only_get(&self, method: &Method) -> Result<()> {
-        if method == Method::GET || method == Method::HEAD {
-            Ok(())
+    async fn route(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        if_none_match: Option<&str>,
+    ) -> Result<Reply> {
+        let allow = |allowed: &[Method]| {
+            if allowed.contains(method) {
+                Ok(())
+            } else {
+                Err(Error::MethodNotAllowed(method.to_string()))
+            }
+        };
+        const READ: &[Method] = &[Method::GET, Method::HEAD];
+        if path == "/healthz" {
+            allow(READ)?;
+            Ok(Reply::json(200, &serde_json::json!({"status": "ok"})))
+        } else if path == "/readyz" {
+            allow(READ)?;
+            self.ready().await
+        } else if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
+            allow(READ)?;
+            self.cache(rest, if_none_match, true).await
+        } else if let Some(rest) = path.strip_prefix("/media/cache/") {
+            allow(READ)?;
+            self.cache(rest, if_none_match, false).await
+        } else if let Some(filter) = path.strip_prefix("/request/") {
+            allow(&[Method::GET, Method::POST])?;
+            self.request(filter, query).await
         } else {
-            Err(Error::MethodNotAllowed(method.to_string()))
+            Err(Error::NoRoute(path.chars().take(200).collect()))
         }
     }
 
@@ -143,7 +150,6 @@ impl Front {
         let (filter, raw_path) = rest
             .split_once('/')
             .ok_or_else(|| Error::InvalidPath("expected <filter>/<path>".into()))?;
-        crate::filter::validate_name(filter)?;
         self.ctx.filters.get(filter)?;
         let path = normalize_path(raw_path, self.ctx.config.server.max_path_bytes)?;
         let variant = keys::variant_path(filter, &path);
