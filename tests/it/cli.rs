@@ -1,11 +1,10 @@
 //! The `kiln` binary: help, presets, config layering and validation.
 
 use std::process::Command;
-use std::time::Duration;
 
 use crate::distributed::Process;
 use crate::kiln::{until_ready, Backend, Kiln};
-use crate::support::{eventually, free_port, png_rgba, Origin, OriginResponse};
+use crate::support::{free_port, png_rgba, Origin, OriginResponse};
 
 fn kiln_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -113,16 +112,7 @@ async fn environment_overrides_reach_a_served_kiln() {
             .env("KILN_STORAGE__URL", &storage)
             .stderr(std::process::Stdio::null()),
     );
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    eventually(
-        Duration::from_secs(20),
-        "kiln serves on the env's port",
-        || {
-            let url = url.clone();
-            async move { (reqwest::get(&url).await.ok()?.status() == 200).then_some(()) }
-        },
-    )
-    .await;
+    until_ready(&format!("http://127.0.0.1:{port}/readyz")).await;
     assert!(
         dir.path().join("store").is_dir(),
         "storage opened where KILN_STORAGE__URL says"

@@ -62,12 +62,7 @@ fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
 }
 
 async fn wait_healthy(base: &str) {
-    let url = format!("{base}/healthz");
-    eventually(Duration::from_secs(20), "front answers /healthz", || {
-        let url = url.clone();
-        async move { (reqwest::get(&url).await.ok()?.status() == 200).then_some(()) }
-    })
-    .await;
+    until_ready(&format!("{base}/healthz")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,15 +80,7 @@ impl Kiln {
     }
 
     pub async fn wait_healthy(&self) {
-        let url = format!("{}/healthz", self.base);
-        eventually(Duration::from_secs(20), "kiln answers /healthz", || {
-            let url = url.clone();
-            async move {
-                let r = reqwest::get(&url).await.ok()?;
-                (r.status() == 200).then_some(())
-            }
-        })
-        .await;
+        until_ready(&self.url("/healthz")).await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -115,7 +107,7 @@ impl Drop for Kiln {
     }
 }
 
-/// Polls a cache URL until it answers 200, returning the response.
+/// Polls a URL until it answers 200, returning the response.
 pub async fn until_ready(url: &str) -> reqwest::Response {
     eventually(
         Duration::from_secs(30),
