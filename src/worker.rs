@@ -142,11 +142,11 @@ impl Worker {
             return self.fail(&claimed, &error).await;
         }
         match self.process(job).await {
-            Ok(done) => match self.queue.complete(&claimed).await {
+            Ok((record, done)) => match self.queue.complete(&claimed).await {
                 Ok(callbacks) => {
                     tracing::info!(job = %job.id, code = %job.code, ms = started.elapsed().as_millis() as u64, "job done");
                     for filter_done in &done {
-                        let body = self.success_body(job, filter_done).await;
+                        let body = success_body(job, &record, filter_done);
                         self.send_callbacks(&callbacks, &job.id, &filter_done.filter, body);
                     }
                 }
@@ -205,26 +205,8 @@ impl Worker {
         }
     }
 
-    async fn success_body(&self, job: &Job, done: &Done) -> Value {
-        let record = self.storage.media_record(&job.code).await.ok().flatten();
-        json!({
-            "status": "done",
-            "code": job.code,
-            "path": job.original,
-            "filter": done.filter,
-            "url": done.summary.url,
-            "size": done.summary.size,
-            "width": done.summary.width,
-            "height": done.summary.height,
-            "mimeType": done.summary.mime_type,
-            "blurhash": record.as_ref().and_then(|r| r.blurhash.clone()),
-            "originalUrl": job.source_url,
-            "originalWidth": record.as_ref().and_then(|r| r.original_width),
-            "originalHeight": record.as_ref().and_then(|r| r.original_height),
-        })
-    }
-
-    async fn process(&self, job: &Job) -> Result<Vec<Done>> {
+    /// Renders what is missing; returns the updated media record and every variant.
+    async fn process(&self, job: &Job) -> Result<(MediaRecord, Vec<Done>)> {
         let presets: Vec<Preset> = job
             .filters
             .iter()
@@ -269,7 +251,7 @@ impl Worker {
             }
         }
         if to_render.is_empty() && record.blurhash.is_some() {
-            return Ok(done);
+            return Ok((record, done));
         }
 
         let original = self.load_original(job, &mut record).await?;
@@ -322,7 +304,7 @@ impl Worker {
         record.error = None;
         record.updated_at = now_secs();
         self.storage.put_media_record(&record).await?;
-        Ok(done)
+        Ok((record, done))
     }
 
     fn summary(
@@ -417,6 +399,25 @@ impl Worker {
             Err(e) => Err(Error::Internal(e.to_string())),
         }
     }
+}
+
+/// The callback body for one finished variant.
+fn success_body(job: &Job, record: &MediaRecord, done: &Done) -> Value {
+    json!({
+        "status": "done",
+        "code": job.code,
+        "path": job.original,
+        "filter": done.filter,
+        "url": done.summary.url,
+        "size": done.summary.size,
+        "width": done.summary.width,
+        "height": done.summary.height,
+        "mimeType": done.summary.mime_type,
+        "blurhash": record.blurhash,
+        "originalUrl": job.source_url,
+        "originalWidth": record.original_width,
+        "originalHeight": record.original_height,
+    })
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
