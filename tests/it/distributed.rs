@@ -5,8 +5,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::flow::urlencode;
-use crate::kiln::{test_config_toml, until_ready};
+use crate::kiln::{preheat_url, test_config_toml, until_ready};
 use crate::support::{
     dimensions, eventually, free_port, jpeg, CallbackSink, Origin, OriginResponse, RedisServer,
 };
@@ -86,11 +85,11 @@ async fn front_and_worker_processes_share_redis_and_storage() {
         "/p.jpg",
         OriginResponse::image("image/jpeg", jpeg(1000, 1000, [90, 90, 90])),
     );
-    let request = format!(
-        "{}/request/medium?url={}&callback={}",
-        d.base,
-        urlencode(&origin.url("/p.jpg")),
-        urlencode(&sink.url("/done?code=1"))
+    let request = preheat_url(
+        &d.base,
+        "medium",
+        &origin.url("/p.jpg"),
+        Some(&sink.url("/done?code=1")),
     );
     let answer: serde_json::Value = reqwest::get(&request).await.unwrap().json().await.unwrap();
     let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
@@ -132,11 +131,11 @@ async fn a_job_held_by_a_dead_worker_is_reclaimed_and_called_back_once() {
         "/q.jpg",
         OriginResponse::image("image/jpeg", jpeg(600, 400, [10, 200, 10])),
     );
-    let request = format!(
-        "{}/request/tiny?url={}&callback={}",
-        d.base,
-        urlencode(&origin.url("/q.jpg")),
-        urlencode(&sink.url("/cb"))
+    let request = preheat_url(
+        &d.base,
+        "tiny",
+        &origin.url("/q.jpg"),
+        Some(&sink.url("/cb")),
     );
     assert_eq!(reqwest::get(&request).await.unwrap().status(), 202);
     assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:preheat"]), 1);

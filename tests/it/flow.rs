@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::kiln::{until_ready, Backend, Kiln};
+use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
 use crate::support::{
     decode, dimensions, eventually, format_of, jpeg, jpeg_with_orientation, mean_rgb, png_rgba,
     CallbackSink, Origin, OriginResponse,
@@ -145,12 +145,7 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
     assert_eq!(changed.status(), 200);
 
     // Asking again: done, 200, nothing fetched again.
-    let again = get(&format!(
-        "{}?url={}",
-        kiln.url("/request/small"),
-        urlencode(&image_url)
-    ))
-    .await;
+    let again = get(&preheat_url(&kiln.base, "small", &image_url, None)).await;
     assert_eq!(again.status(), 200);
     let again = json(&again.text().await.unwrap());
     assert_eq!(again["status"], "done");
@@ -212,12 +207,7 @@ async fn concurrent_requests_make_one_job_and_one_fetch(backend: Backend) {
             .with_delay(Duration::from_millis(500)),
     );
     let image_url = origin.url("/big.jpg");
-    let request = format!(
-        "{}?url={}&callback={}",
-        kiln.url("/request/large"),
-        urlencode(&image_url),
-        urlencode(&sink.url("/cb"))
-    );
+    let request = preheat_url(&kiln.base, "large", &image_url, Some(&sink.url("/cb")));
     let answers = futures::future::join_all((0..25).map(|_| {
         let request = request.clone();
         async move {
@@ -302,12 +292,7 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
         ("/gone.jpg", "origin-status"),
         ("/page.html", "unsupported-image"),
     ] {
-        let request = format!(
-            "{}?url={}&callback={}",
-            kiln.url("/request/tiny"),
-            urlencode(&origin.url(path)),
-            urlencode(&sink.url(path))
-        );
+        let request = preheat_url(&kiln.base, "tiny", &origin.url(path), Some(&sink.url(path)));
         assert_eq!(get(&request).await.status(), 202);
         let hook = eventually(Duration::from_secs(30), "failure callback", || async {
             sink.received()
@@ -429,8 +414,4 @@ async fn raw_get(base: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-pub fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

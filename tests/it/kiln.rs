@@ -119,3 +119,13 @@ pub async fn until_ready(url: &str) -> reqwest::Response {
     )
     .await
 }
+
+/// A pre-heat URL: `<base>/request/<filter>?url=…[&callback=…]`, encoded.
+pub fn preheat_url(base: &str, filter: &str, image_url: &str, callback: Option<&str>) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("url", image_url);
+    if let Some(callback) = callback {
+        query.append_pair("callback", callback);
+    }
+    format!("{base}/request/{filter}?{}", query.finish())
+}
