@@ -14,6 +14,87 @@ pub fn media_code(url: &str, root: &str) -> String {
     format!("{:016x}", xxh3_64(&input))
 }
 
+/// SAIS G3 (v2 client) media code: xxh3-64 of the normalised URL, root
+/// ignored. Only used to find records a newer client names by this code.
+pub fn normalized_code(url: &str) -> String {
+    format!("{:016x}", xxh3_64(normalize_url(url).as_bytes()))
+}
+
+/// The v2 client's URL normalisation: lowercase scheme and host, default
+/// port, user-info and fragment dropped, empty path `/`, query re-encoded
+/// with sorted keys. Strings without scheme or host are only trimmed.
+pub fn normalize_url(raw: &str) -> String {
+    let trimmed = raw.trim();
+    let Ok(parsed) = url::Url::parse(trimmed) else {
+        return trimmed.to_string();
+    };
+    let Some(host) = parsed.host_str() else {
+        return trimmed.to_string();
+    };
+    let scheme = parsed.scheme().to_ascii_lowercase();
+    let mut out = format!("{scheme}://{}", host.to_ascii_lowercase());
+    // `Url` already drops the scheme's default port.
+    if let Some(port) = parsed.port() {
+        out.push_str(&format!(":{port}"));
+    }
+    let path = parsed.path();
+    out.push_str(if path.is_empty() { "/" } else { path });
+    if let Some(query) = parsed.query() {
+        let rebuilt = php_sorted_query(query);
+        if !rebuilt.is_empty() {
+            out.push('?');
+            out.push_str(&rebuilt);
+        }
+    }
+    out
+}
+
+/// PHP `parse_str` then `ksort` then `http_build_query(RFC 3986)`: later
+/// duplicates win, dots and spaces in keys become `_`, `k` alone is `k=`,
+/// `k[]=a&k[]=b` is a list written back as `k[0]=a&k[1]=b`.
+fn php_sorted_query(query: &str) -> String {
+    use std::collections::BTreeMap;
+    enum Value {
+        One(String),
+        List(Vec<String>),
+    }
+    let mut params: BTreeMap<String, Value> = BTreeMap::new();
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        let (name, is_list) = match key.strip_suffix("[]") {
+            Some(name) => (name, true),
+            None => (key.as_ref(), false),
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let name = name.replace(['.', ' '], "_");
+        let value = value.into_owned();
+        if is_list {
+            match params.get_mut(&name) {
+                Some(Value::List(items)) => items.push(value),
+                _ => {
+                    params.insert(name, Value::List(vec![value]));
+                }
+            }
+        } else {
+            params.insert(name, Value::One(value));
+        }
+    }
+    let encode = |s: &str| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string();
+    let mut pairs = Vec::new();
+    for (name, value) in &params {
+        match value {
+            Value::One(v) => pairs.push(format!("{}={}", encode(name), encode(v))),
+            Value::List(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    pairs.push(format!("{}={}", encode(&format!("{name}[{i}]")), encode(v)));
+                }
+            }
+        }
+    }
+    pairs.join("&")
+}
+
 /// Strong ETag of a variant's bytes.
 pub fn etag(bytes: &[u8]) -> String {
     format!("\"{:016x}\"", xxh3_64(bytes))
@@ -85,7 +166,12 @@ pub fn validate_root(root: &str) -> Result<()> {
 
 /// Where an original is stored: `<root>/<bin>/<code>.<ext>`.
 pub fn original_path(root: &str, approx: u64, code: &str, ext: &str) -> String {
-    format!("{root}/{}/{code}.{ext}", bin_for(code, approx))
+    format!("{}.{ext}", original_stem(root, approx, code))
+}
+
+/// An original's path before its extension: `<root>/<bin>/<code>`.
+pub fn original_stem(root: &str, approx: u64, code: &str) -> String {
+    format!("{root}/{}/{code}", bin_for(code, approx))
 }
 
 /// Where a variant is stored: the cache URL's path, so the tree can be served statically.
@@ -113,10 +199,43 @@ pub fn media_record_path(code: &str) -> String {
     format!("meta/{code}.json")
 }
 
+/// Where an account is stored.
+pub fn account_path(root: &str) -> String {
+    format!("accounts/{root}.json")
+}
+
+/// A marker per media of an account; listing them counts the account's media.
+pub fn account_media_marker(root: &str, code: &str) -> String {
+    format!("accounts/{root}/media/{code}")
+}
+
+pub fn account_media_prefix(root: &str) -> String {
+    format!("accounts/{root}/media")
+}
+
+/// Where a G3 (normalised-URL) code points at an account's record.
+pub fn normalized_alias_path(normalized_code: &str, root: &str) -> String {
+    format!("meta/g3/{normalized_code}/{root}.json")
+}
+
+pub fn normalized_alias_prefix(normalized_code: &str) -> String {
+    format!("meta/g3/{normalized_code}")
+}
+
+/// Which root an API key (by its SHA-256 digest) belongs to.
+pub fn api_key_path(digest: &str) -> String {
+    format!("meta/keys/{digest}.json")
+}
+
+/// Whether a string looks like a media code (16 hex digits).
+pub fn is_media_code(s: &str) -> bool {
+    s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The code of an original at a SAIS path (its file stem), if it has one.
 pub fn code_from_path(original: &str) -> Option<&str> {
     let stem = original.rsplit('/').next()?.split('.').next()?;
-    (stem.len() == 16 && stem.bytes().all(|b| b.is_ascii_hexdigit())).then_some(stem)
+    is_media_code(stem).then_some(stem)
 }
 
 /// One job per original and set of filters; misses for the same ones share it.
@@ -169,6 +288,22 @@ impl RedisKeys {
         format!("{}callbacks:{{{dedupe}}}", self.prefix)
     }
 
+    /// Webhook deliveries waiting, scored by when they are due (ms). The
+    /// three webhook keys share a hash tag so their scripts run on Cluster.
+    pub fn webhooks_due(&self) -> String {
+        format!("{}{{webhooks}}:due", self.prefix)
+    }
+
+    /// Hash of delivery id to the delivery's JSON.
+    pub fn webhooks_pending(&self) -> String {
+        format!("{}{{webhooks}}:pending", self.prefix)
+    }
+
+    /// Deliveries that ran out of attempts, newest first.
+    pub fn webhooks_dead(&self) -> String {
+        format!("{}{{webhooks}}:dead", self.prefix)
+    }
+
     pub fn variant_index(&self, variant_path: &str) -> String {
         format!("{}variant:{variant_path}", self.prefix)
     }
@@ -188,6 +323,26 @@ mod tests {
             "b53470c4d6e0576d"
         );
         assert_eq!(media_code("abc.com", "root"), "323cacebbf207228");
+    }
+
+    #[test]
+    fn normalised_code_vectors() {
+        assert_eq!(
+            normalized_code(
+                "https://cdn.dummyjson.com/products/images/beauty/Powder%20Canister/1.png"
+            ),
+            "6cb2d0d5fcb46e21"
+        );
+        assert_eq!(normalized_code("abc.com"), "5721165f1ed5e9ca");
+        assert_eq!(
+            normalize_url("HTTPS://User:pw@Example.COM:443?b=2&a=1&a=3&c.d=x y#frag"),
+            "https://example.com/?a=3&b=2&c_d=x%20y"
+        );
+        assert_eq!(
+            normalize_url("http://e.com:8080/p?k&l[]=1&l[]=2"),
+            "http://e.com:8080/p?k=&l%5B0%5D=1&l%5B1%5D=2"
+        );
+        assert_eq!(normalize_url("  not a url "), "not a url");
     }
 
     #[test]
