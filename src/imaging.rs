@@ -202,9 +202,17 @@ fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
     }
 }
 
-/// BlurHash of the source, computed from a small copy.
-pub fn blurhash(source: &Decoded) -> Result<String> {
-    const SIDE: u32 = 32;
+/// The two previews a record carries: BlurHash, and ThumbHash (what SAIS
+/// sends as `blur`) as unpadded standard base64.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Previews {
+    pub blurhash: String,
+    pub thumbhash: String,
+}
+
+/// Both previews from one small box-filtered copy (ThumbHash takes at most 100x100).
+pub fn previews(source: &Decoded) -> Result<Previews> {
+    const SIDE: u32 = 64;
     let (w, h) = (source.width(), source.height());
     let scale = (f64::from(SIDE) / f64::from(w.max(h))).min(1.0);
     let tw = ((f64::from(w) * scale).round() as u32).max(1);
@@ -220,8 +228,14 @@ pub fn blurhash(source: &Decoded) -> Result<String> {
     let rgba = small.to_rgba8();
     // More components along the longer side keep the preview's shape.
     let (cx, cy) = if w >= h { (4, 3) } else { (3, 4) };
-    blurhash::encode(cx, cy, tw, th, rgba.as_raw())
-        .map_err(|e| Error::Internal(format!("blurhash: {e}")))
+    let blurhash = blurhash::encode(cx, cy, tw, th, rgba.as_raw())
+        .map_err(|e| Error::Internal(format!("blurhash: {e}")))?;
+    let thumbhash = thumbhash::rgba_to_thumb_hash(tw as usize, th as usize, rgba.as_raw());
+    use base64::Engine as _;
+    Ok(Previews {
+        blurhash,
+        thumbhash: base64::engine::general_purpose::STANDARD_NO_PAD.encode(thumbhash),
+    })
 }
 
 #[cfg(test)]
@@ -268,7 +282,18 @@ mod tests {
         assert_eq!((back.width(), back.height()), (100, 50));
         let px = back.to_rgb8().get_pixel(50, 25).0;
         assert!(px[1] > 150 && px[0] < 60, "{px:?}");
-        assert_eq!(blurhash(&source).unwrap().len(), 4 + 2 * (4 * 3));
+        let previews = previews(&source).unwrap();
+        assert_eq!(previews.blurhash.len(), 4 + 2 * (4 * 3));
+        // The ThumbHash decodes back to the source's aspect ratio and colour.
+        use base64::Engine as _;
+        let hash = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&previews.thumbhash)
+            .unwrap();
+        assert!(!previews.thumbhash.ends_with('='));
+        let ratio = thumbhash::thumb_hash_to_approximate_aspect_ratio(&hash).unwrap();
+        assert!((ratio - 2.0).abs() < 0.3, "{ratio}");
+        let (r, g, b, _) = thumbhash::thumb_hash_to_average_rgba(&hash).unwrap();
+        assert!(g > 0.5 && r < 0.3 && b < 0.3, "{r} {g} {b}");
     }
 
     fn encoded(format: ImageFormat) -> Vec<u8> {
