@@ -18,6 +18,18 @@ pub enum Error {
     InvalidUrl(String),
     #[error("unknown filter {0:?}")]
     UnknownFilter(String),
+    #[error("Validation error: {0}")]
+    InvalidPayload(String),
+    #[error("unsupported content type {0:?}: send application/json")]
+    UnsupportedContentType(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("unknown account {0:?}: set it up with /account_setup first")]
+    UnknownAccount(String),
+    #[error("unknown media {0:?}")]
+    UnknownMedia(String),
     #[error("no route for {0}")]
     NoRoute(String),
     #[error("method {0} not allowed here")]
@@ -67,6 +79,12 @@ impl Error {
             Error::InvalidPath(_) => "invalid-path",
             Error::InvalidUrl(_) => "invalid-url",
             Error::UnknownFilter(_) => "unknown-filter",
+            Error::InvalidPayload(_) => "invalid-payload",
+            Error::UnsupportedContentType(_) => "unsupported-content-type",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
+            Error::UnknownAccount(_) => "unknown-account",
+            Error::UnknownMedia(_) => "unknown-media",
             Error::NoRoute(_) => "no-route",
             Error::MethodNotAllowed(_) => "method-not-allowed",
             Error::SourceNotFound(_) => "source-not-found",
@@ -95,8 +113,15 @@ impl Error {
             | Error::InvalidPath(_)
             | Error::InvalidUrl(_)
             | Error::Config(_) => 400,
-            Error::AddressDenied(_) => 403,
-            Error::UnknownFilter(_) | Error::NoRoute(_) | Error::SourceNotFound(_) => 404,
+            Error::Unauthorized(_) => 401,
+            Error::AddressDenied(_) | Error::Forbidden(_) => 403,
+            Error::UnknownFilter(_)
+            | Error::NoRoute(_)
+            | Error::SourceNotFound(_)
+            | Error::UnknownAccount(_)
+            | Error::UnknownMedia(_) => 404,
+            Error::UnsupportedContentType(_) => 415,
+            Error::InvalidPayload(_) => 422,
             Error::MethodNotAllowed(_) => 405,
             Error::TooLarge(_) | Error::ImageTooLarge(_) => 413,
             Error::UnsupportedImage(_) | Error::DecodeFailed(_) => 422,

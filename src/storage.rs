@@ -2,6 +2,7 @@
 //! source of truth. Backend errors are mapped to `Error` here; nothing above
 //! this module knows whether bytes live on disk or in S3.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -147,44 +148,103 @@ impl Storage {
 }
 
 /// What kiln knows of one original and its variants, stored at
-/// `meta/<code>.json`. Field names follow the SAIS media record.
+/// `meta/<code>.json`. Field names are the SAIS media record's.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct MediaRecord {
     pub code: String,
     pub root: String,
+    /// Storage path of the original; null until it is downloaded and its type sniffed.
     pub path: Option<String>,
     pub original_url: Option<String>,
     pub mime_type: Option<String>,
     pub size: Option<u64>,
     pub original_width: Option<u32>,
     pub original_height: Option<u32>,
+    /// HTTP status of the origin fetch.
     pub status_code: Option<u16>,
+    /// ThumbHash, unpadded standard base64 (what SAIS sends).
+    pub blur: Option<String>,
     pub blurhash: Option<String>,
     /// Filter name to variant URL.
-    pub resized: std::collections::BTreeMap<String, String>,
-    pub variants: std::collections::BTreeMap<String, VariantSummary>,
+    pub resized: BTreeMap<String, String>,
+    /// Filter name to the thumbnail's state, URL and size.
+    pub thumb_data: BTreeMap<String, Thumb>,
+    /// The client's context, echoed back.
+    #[serde(deserialize_with = "context_from_json")]
+    pub context: serde_json::Value,
     /// `new`, `downloaded`, `resized` or `failed`.
     pub marking: String,
+    /// Why the media failed, when it did.
     pub error: Option<FailureSummary>,
     /// Unix seconds.
     pub updated_at: i64,
 }
 
+/// One thumbnail of a media record: `new` until rendered, then `done`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VariantSummary {
-    pub url: String,
-    pub size: u64,
-    pub width: u32,
-    pub height: u32,
-    pub mime_type: String,
+#[serde(rename_all = "camelCase", default)]
+pub struct Thumb {
+    pub marking: String,
+    pub url: Option<String>,
+    pub size: Option<u64>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub mime_type: Option<String>,
+}
+
+impl Thumb {
+    pub fn pending() -> Thumb {
+        Thumb {
+            marking: "new".into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.marking == "done" && self.url.is_some()
+    }
+}
+
+/// PHP encodes an empty map as `[]`; a context is always kept as an object.
+pub fn context_from_json<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<serde_json::Value, D::Error> {
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(normalize_context(value))
+}
+
+pub fn normalize_context(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Null => serde_json::json!({}),
+        serde_json::Value::Array(items) if items.is_empty() => serde_json::json!({}),
+        other => other,
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct FailureSummary {
     pub code: String,
     pub message: String,
+}
+
+/// A SAIS account: a storage root with its key, webhook secret and
+/// fallback callback URLs, stored at `accounts/<root>.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Account {
+    pub root: String,
+    /// Fixed once the account has media: it decides every original's bin.
+    pub approx_image_count: u64,
+    pub bin_count: u64,
+    pub media_callback_url: Option<String>,
+    pub thumb_callback_url: Option<String>,
+    pub api_key: String,
+    /// Standard Webhooks secret (`whsec_` + base64) that signs this account's webhooks.
+    pub webhook_secret: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
 }
 
 impl Storage {
@@ -194,8 +254,117 @@ impl Storage {
 
     /// Writes the record only if none exists yet; false when one did.
     pub async fn create_media_record(&self, record: &MediaRecord) -> Result<bool> {
-        let location = Self::location(&crate::keys::media_record_path(&record.code))?;
-        let payload = PutPayload::from(serde_json::to_vec_pretty(record)?);
+        self.create_json(&crate::keys::media_record_path(&record.code), record)
+            .await
+    }
+
+    pub async fn put_media_record(&self, record: &MediaRecord) -> Result<()> {
+        self.put_json(&crate::keys::media_record_path(&record.code), record)
+            .await
+    }
+
+    pub async fn account(&self, root: &str) -> Result<Option<Account>> {
+        self.get_json(&crate::keys::account_path(root)).await
+    }
+
+    /// Writes a new account unless one exists; false when one did.
+    pub async fn create_account(&self, account: &Account) -> Result<bool> {
+        self.create_json(&crate::keys::account_path(&account.root), account)
+            .await
+    }
+
+    pub async fn put_account(&self, account: &Account) -> Result<()> {
+        self.put_json(&crate::keys::account_path(&account.root), account)
+            .await
+    }
+
+    /// Files an account's key (by digest) so a presented key finds its account.
+    pub async fn put_key_index(&self, digest: &str, root: &str) -> Result<()> {
+        self.put_json(
+            &crate::keys::api_key_path(digest),
+            &serde_json::json!({ "root": root }),
+        )
+        .await
+    }
+
+    pub async fn delete_key_index(&self, digest: &str) -> Result<()> {
+        match self
+            .store
+            .delete(&Self::location(&crate::keys::api_key_path(digest))?)
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn root_for_key(&self, digest: &str) -> Result<Option<String>> {
+        let entry: Option<serde_json::Value> =
+            self.get_json(&crate::keys::api_key_path(digest)).await?;
+        Ok(entry.and_then(|e| e["root"].as_str().map(str::to_string)))
+    }
+
+    /// Counts an account's media: one empty marker per code, so counting
+    /// needs no read-modify-write shared by fronts.
+    pub async fn add_account_media(&self, root: &str, code: &str) -> Result<()> {
+        self.put(&crate::keys::account_media_marker(root, code), Bytes::new())
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn account_media_count(&self, root: &str) -> Result<u64> {
+        use futures::TryStreamExt;
+        let prefix = StorePath::from(crate::keys::account_media_prefix(root));
+        let mut listing = self.store.list(Some(&prefix));
+        let mut count = 0;
+        while listing.try_next().await?.is_some() {
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Points a G3 (normalised-URL) code at an account's record.
+    pub async fn put_normalized_alias(
+        &self,
+        normalized: &str,
+        root: &str,
+        code: &str,
+    ) -> Result<()> {
+        self.put_json(
+            &crate::keys::normalized_alias_path(normalized, root),
+            &serde_json::json!({ "code": code }),
+        )
+        .await
+    }
+
+    /// The legacy code a G3 code stands for: in `root` when given, else in any account.
+    pub async fn code_for_normalized(
+        &self,
+        normalized: &str,
+        root: Option<&str>,
+    ) -> Result<Option<String>> {
+        use futures::TryStreamExt;
+        let alias_path = match root {
+            Some(root) => Some(crate::keys::normalized_alias_path(normalized, root)),
+            None => {
+                let prefix = StorePath::from(crate::keys::normalized_alias_prefix(normalized));
+                self.store
+                    .list(Some(&prefix))
+                    .try_next()
+                    .await?
+                    .map(|meta| meta.location.to_string())
+            }
+        };
+        let Some(alias_path) = alias_path else {
+            return Ok(None);
+        };
+        let alias: Option<serde_json::Value> = self.get_json(&alias_path).await?;
+        Ok(alias.and_then(|a| a["code"].as_str().map(str::to_string)))
+    }
+
+    async fn create_json<T: Serialize>(&self, path: &str, value: &T) -> Result<bool> {
+        let location = Self::location(path)?;
+        let payload = PutPayload::from(serde_json::to_vec_pretty(value)?);
         match self
             .store
             .put_opts(&location, payload, object_store::PutMode::Create.into())
@@ -205,11 +374,6 @@ impl Storage {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(e.into()),
         }
-    }
-
-    pub async fn put_media_record(&self, record: &MediaRecord) -> Result<()> {
-        self.put_json(&crate::keys::media_record_path(&record.code), record)
-            .await
     }
 }
 
