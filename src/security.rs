@@ -262,6 +262,17 @@ pub fn normalize_path(raw: &str, max_bytes: usize) -> Result<String> {
     Ok(decoded.into_owned())
 }
 
+/// A new account API key: `kiln_` + 32 random hex digits.
+pub fn new_api_key() -> String {
+    format!("kiln_{:032x}", rand::random::<u128>())
+}
+
+/// Compares a presented key with a stored one in constant time.
+pub fn keys_match(presented: &str, stored: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    !stored.is_empty() && bool::from(presented.as_bytes().ct_eq(stored.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,19 +1,179 @@
-//! Webhook delivery: POSTs a JSON body to the client's URL exactly as given,
-//! through the SSRF guard, retrying timeouts and non-2xx answers with
-//! exponential backoff. The same `webhook-id` is sent on every attempt so a
-//! receiver can drop duplicates.
+//! Webhooks: who gets told what (`Subscriber`), the SAIS bodies, Standard
+//! Webhooks signatures, and delivery from the outbox with exponential
+//! backoff. Every URL goes through the SSRF guard and is POSTed exactly as
+//! given (clients keep `?code=` in it). Never renders or touches the queue.
 
+mod outbox;
+
+use std::sync::Arc;
 use std::time::Duration;
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::CallbackConfig;
 use crate::error::{Error, Result};
 use crate::security::{classify_client_error, guarded_client, ClientLimits, NetworkPolicy};
+use crate::storage::{MediaRecord, Storage, Thumb};
 
+pub use outbox::{Delivery, EmbeddedOutbox, Outbox, RedisOutbox};
+
+/// Where one caller wants a job's results, fixed when it enqueues: the
+/// request's URLs, else its account's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Subscriber {
+    /// The account whose secret signs the webhooks.
+    pub root: String,
+    /// Gets the media record when the media is done, or failed.
+    pub media: Option<String>,
+    /// Gets one body per finished thumbnail. With no media URL, it also
+    /// hears of a failure, so a caller never waits for nothing.
+    pub thumb: Option<String>,
+}
+
+impl Subscriber {
+    pub fn is_empty(&self) -> bool {
+        self.media.is_none() && self.thumb.is_none()
+    }
+
+    /// The form kept beside a queued job.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads a queued subscriber; a bare URL (older queue entries) is a thumb URL.
+    pub fn decode(text: &str, root: &str) -> Subscriber {
+        serde_json::from_str(text).unwrap_or_else(|_| Subscriber {
+            root: root.to_string(),
+            media: None,
+            thumb: Some(text.to_string()),
+        })
+    }
+}
+
+/// The thumb webhook: SAIS's `liipCode, url, size, marking`, plus the
+/// `mediaCode`/`code` SAIS left out and what a client needs to lay it out.
+pub fn thumb_body(record: &MediaRecord, filter: &str, thumb: &Thumb) -> Value {
+    json!({
+        "liipCode": filter,
+        "url": thumb.url,
+        "size": thumb.size,
+        "marking": thumb.marking,
+        "mediaCode": record.code,
+        "code": record.code,
+        "root": record.root,
+        "status": "done",
+        "filter": filter,
+        "path": record.path,
+        "width": thumb.width,
+        "height": thumb.height,
+        "mimeType": thumb.mime_type,
+        "blur": record.blur,
+        "blurhash": record.blurhash,
+        "originalUrl": record.original_url,
+        "originalWidth": record.original_width,
+        "originalHeight": record.original_height,
+        "context": record.context,
+    })
+}
+
+/// The deliveries one subscriber gets for a finished job: a thumb webhook per
+/// variant and the media webhook. Ids derive from the job, so a retried job
+/// schedules the same deliveries again, not new ones.
+pub fn success_deliveries(
+    job_id: &str,
+    position: usize,
+    subscriber: &Subscriber,
+    record: &MediaRecord,
+    filters: &[String],
+) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    if let Some(url) = &subscriber.thumb {
+        for filter in filters {
+            if let Some(thumb) = record.thumb_data.get(filter) {
+                out.push(delivery(
+                    format!("{job_id}.{position}.thumb.{filter}"),
+                    url,
+                    subscriber,
+                    &thumb_body(record, filter, thumb),
+                ));
+            }
+        }
+    }
+    if let Some(url) = &subscriber.media {
+        out.push(delivery(
+            format!("{job_id}.{position}.media"),
+            url,
+            subscriber,
+            &serde_json::to_value(record).unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+/// The failure webhook: the media record, marked failed with its reason.
+pub fn failure_deliveries(
+    job_id: &str,
+    position: usize,
+    subscriber: &Subscriber,
+    record: &MediaRecord,
+) -> Vec<Delivery> {
+    let Some(url) = subscriber.media.as_ref().or(subscriber.thumb.as_ref()) else {
+        return Vec::new();
+    };
+    let mut body = serde_json::to_value(record).unwrap_or_default();
+    body["status"] = json!("failed");
+    vec![delivery(
+        format!("{job_id}.{position}.failed"),
+        url,
+        subscriber,
+        &body,
+    )]
+}
+
+fn delivery(id: String, url: &str, subscriber: &Subscriber, body: &Value) -> Delivery {
+    Delivery {
+        id: format!("msg_{id}"),
+        url: url.to_string(),
+        root: subscriber.root.clone(),
+        body: body.to_string(),
+        attempts: 0,
+        last_error: None,
+    }
+}
+
+/// A new Standard Webhooks secret: `whsec_` + base64 of 24 random bytes.
+pub fn new_webhook_secret() -> String {
+    let key: [u8; 24] = rand::random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// `webhook-signature` per Standard Webhooks: `v1,` + base64 of
+/// HMAC-SHA256(secret key, "{id}.{timestamp}.{body}").
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> Result<String> {
+    let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| Error::Internal(format!("webhook secret is not base64: {e}")))?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key)
+        .map_err(|e| Error::Internal(format!("webhook secret: {e}")))?;
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    Ok(format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    ))
+}
+
+/// Sends one attempt of a delivery.
 pub struct Notifier {
     client: reqwest::Client,
     policy: NetworkPolicy,
-    max_attempts: u32,
-    backoff: Duration,
 }
 
 impl Notifier {
@@ -32,48 +192,214 @@ impl Notifier {
                 user_agent: user_agent.to_string(),
             },
         )?;
-        Ok(Notifier {
-            client,
-            policy,
-            max_attempts: config.max_attempts,
-            backoff: Duration::from_millis(config.backoff_ms),
-        })
+        Ok(Notifier { client, policy })
     }
 
-    /// Delivers with retries; the error is the last attempt's.
-    pub async fn deliver(
-        &self,
-        url: &str,
-        webhook_id: &str,
-        body: &serde_json::Value,
-    ) -> Result<()> {
-        let target = crate::security::parse_outbound_url(url, &self.policy)?;
-        let payload = serde_json::to_vec(body)?;
-        let mut delay = self.backoff;
-        let mut attempt = 1;
-        loop {
-            let outcome = self
-                .client
-                .post(target.clone())
-                .header("content-type", "application/json")
-                .header("webhook-id", webhook_id)
-                .header("webhook-timestamp", crate::storage::now_secs().to_string())
-                .body(payload.clone())
-                .send()
-                .await;
-            let error = match outcome {
-                Ok(response) if response.status().is_success() => return Ok(()),
-                Ok(response) => Error::Callback(format!("{url} answered {}", response.status())),
-                Err(e) => classify_client_error(&e, url),
-            };
-            // Refused addresses and bad URLs will not get better; the rest is worth another try.
-            if !error.is_retryable() || attempt >= self.max_attempts {
-                return Err(error);
-            }
-            tracing::debug!(url, attempt, error = %error, "callback failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = delay.saturating_mul(2);
-            attempt += 1;
+    /// One signed POST; a non-2xx answer is an error.
+    pub async fn attempt(&self, delivery: &Delivery, secret: Option<&str>) -> Result<()> {
+        let target = crate::security::parse_outbound_url(&delivery.url, &self.policy)?;
+        let timestamp = crate::storage::now_secs();
+        let mut request = self
+            .client
+            .post(target)
+            .header("content-type", "application/json")
+            .header("webhook-id", &delivery.id)
+            .header("webhook-timestamp", timestamp.to_string());
+        if let Some(secret) = secret {
+            request = request.header(
+                "webhook-signature",
+                sign(secret, &delivery.id, timestamp, &delivery.body)?,
+            );
         }
+        match request.body(delivery.body.clone()).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(Error::Callback(format!(
+                "{} answered {}",
+                delivery.url,
+                response.status()
+            ))),
+            Err(e) => Err(classify_client_error(&e, &delivery.url)),
+        }
+    }
+}
+
+/// Drains the outbox: sends what is due, reschedules failures with
+/// exponential backoff, gives up after `max_attempts`.
+pub struct Deliverer {
+    pub outbox: Arc<dyn Outbox>,
+    pub notifier: Notifier,
+    pub storage: Storage,
+    secrets: moka::future::Cache<String, Option<String>>,
+    max_attempts: u32,
+    backoff: Duration,
+    max_backoff: Duration,
+    poll: Duration,
+    lease: Duration,
+    slots: Arc<Semaphore>,
+}
+
+impl Deliverer {
+    pub fn new(
+        config: &CallbackConfig,
+        outbox: Arc<dyn Outbox>,
+        notifier: Notifier,
+        storage: Storage,
+    ) -> Deliverer {
+        Deliverer {
+            outbox,
+            notifier,
+            storage,
+            secrets: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+            max_attempts: config.max_attempts,
+            backoff: Duration::from_millis(config.backoff_ms),
+            max_backoff: Duration::from_millis(config.max_backoff_ms),
+            poll: Duration::from_millis(config.poll_ms),
+            // An attempt that outlives its timeout twice over is presumed dead.
+            lease: Duration::from_millis(config.timeout_ms.saturating_mul(2) + 1000),
+            slots: Arc::new(Semaphore::new(config.concurrency)),
+        }
+    }
+
+    /// The wait before attempt `attempts + 1`: backoff × 2^(attempts − 1), capped.
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(20);
+        self.backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        while !*shutdown.borrow() {
+            let free = self.slots.available_permits();
+            let due = if free == 0 {
+                Ok(Vec::new())
+            } else {
+                self.outbox.take_due(free, self.lease).await
+            };
+            match due {
+                Ok(due) if !due.is_empty() => {
+                    for delivery in due {
+                        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            this.send(delivery).await;
+                            drop(slot);
+                        });
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "webhook outbox unavailable"),
+            }
+            tokio::select! {
+                () = self.outbox.wait(self.poll) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn secret(&self, root: &str) -> Option<String> {
+        let storage = self.storage.clone();
+        let root_owned = root.to_string();
+        self.secrets
+            .get_with(root.to_string(), async move {
+                match storage.account(&root_owned).await {
+                    Ok(account) => account
+                        .map(|a| a.webhook_secret)
+                        .filter(|s| !s.is_empty()),
+                    Err(e) => {
+                        tracing::warn!(root = root_owned, error = %e, "cannot read account for signing");
+                        None
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn send(&self, mut delivery: Delivery) {
+        let secret = self.secret(&delivery.root).await;
+        let outcome = self.notifier.attempt(&delivery, secret.as_deref()).await;
+        delivery.attempts += 1;
+        let settled = match outcome {
+            Ok(()) => {
+                tracing::debug!(id = delivery.id, url = delivery.url, "webhook delivered");
+                self.outbox.done(&delivery.id).await
+            }
+            Err(e) => {
+                delivery.last_error = Some(e.to_string());
+                // Refused addresses and bad URLs will not get better.
+                if e.is_retryable() && delivery.attempts < self.max_attempts {
+                    let delay = self.delay_after(delivery.attempts);
+                    tracing::info!(id = delivery.id, url = delivery.url, attempts = delivery.attempts, error = %e, "webhook failed; retrying in {delay:?}");
+                    self.outbox.retry(&delivery, delay).await
+                } else {
+                    tracing::warn!(id = delivery.id, url = delivery.url, attempts = delivery.attempts, error = %e, "webhook given up");
+                    self.outbox.give_up(&delivery).await
+                }
+            }
+        };
+        if let Err(e) = settled {
+            // The lease runs out and the delivery is tried again: at least once, never lost.
+            tracing::warn!(id = delivery.id, error = %e, "could not settle webhook delivery");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_webhooks_signature_vector() {
+        // The example from the Standard Webhooks specification.
+        let signature = sign(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            r#"{"test": 2432232314}"#,
+        )
+        .unwrap();
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn subscribers_round_trip_and_bare_urls_are_thumb_urls() {
+        let s = Subscriber {
+            root: "acme".into(),
+            media: Some("http://m/?code=1".into()),
+            thumb: None,
+        };
+        assert_eq!(Subscriber::decode(&s.encode(), "x"), s);
+        let bare = Subscriber::decode("http://t/cb", "acme");
+        assert_eq!(bare.thumb.as_deref(), Some("http://t/cb"));
+        assert_eq!(bare.root, "acme");
+    }
+
+    #[test]
+    fn failure_goes_to_media_url_else_thumb_url() {
+        let record = MediaRecord {
+            code: "c".into(),
+            marking: "failed".into(),
+            ..Default::default()
+        };
+        let both = Subscriber {
+            root: "r".into(),
+            media: Some("http://m".into()),
+            thumb: Some("http://t".into()),
+        };
+        let d = failure_deliveries("j", 0, &both, &record);
+        assert_eq!((d.len(), d[0].url.as_str()), (1, "http://m"));
+        let thumb_only = Subscriber {
+            media: None,
+            ..both.clone()
+        };
+        assert_eq!(
+            failure_deliveries("j", 0, &thumb_only, &record)[0].url,
+            "http://t"
+        );
+        assert!(failure_deliveries("j", 0, &Subscriber::default(), &record).is_empty());
     }
 }

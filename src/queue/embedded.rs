@@ -160,6 +160,15 @@ impl Queue for EmbeddedQueue {
         }
     }
 
+    async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>> {
+        let state = self.state.lock();
+        Ok(state
+            .callbacks
+            .get(&claimed.job.dedupe)
+            .cloned()
+            .unwrap_or_default())
+    }
+
     async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {
         Ok(self.finish(claimed, None))
     }

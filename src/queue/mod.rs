@@ -39,8 +39,12 @@ impl Priority {
 pub struct Job {
     pub id: String,
     pub priority: Priority,
-    /// Storage path of the original.
+    /// Storage path of the original; empty while its extension waits for
+    /// the downloaded bytes' type (then it is `<stem>.<ext>`).
     pub original: String,
+    /// `<root>/<bin>/<code>`: where an original of unknown type goes.
+    #[serde(default)]
+    pub stem: Option<String>,
     /// Where to download the original from when it is not stored yet.
     pub source_url: Option<String>,
     pub root: String,
@@ -77,6 +81,10 @@ pub trait Queue: Send + Sync {
     /// The next job, urgent first, waiting up to `wait`. Jobs claimed by a
     /// worker that went quiet for the visibility timeout are handed out again.
     async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>>;
+
+    /// The callbacks attached to the job so far, left in place. Read before
+    /// `complete` so they are safe elsewhere before the ack drops them.
+    async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>>;
 
     /// Done: acknowledges the job, clears its in-flight mark and returns the
     /// callbacks attached to it.

@@ -267,6 +267,13 @@ impl Queue for RedisQueue {
         }
     }
 
+    async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>> {
+        let mut conn = self.handle.conn().await?;
+        Ok(conn
+            .lrange(self.keys.callbacks(&claimed.job.dedupe), 0, -1)
+            .await?)
+    }
+
     async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {
         self.finish(claimed, "").await
     }

@@ -1,0 +1,265 @@
+//! The webhook outbox: deliveries waiting to be sent, each due at a time,
+//! leased while an attempt runs. `redis` keeps them in a ZSET + hash (they
+//! survive a restart of kiln); `embedded` keeps them in memory (they do not).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::error::Result;
+use crate::keys::RedisKeys;
+use crate::queue::now_millis;
+use crate::redis_conn::RedisHandle;
+
+const SCHEDULE_LUA: &str = include_str!("../../lua/webhook_schedule.lua");
+const TAKE_LUA: &str = include_str!("../../lua/webhook_take.lua");
+const SETTLE_LUA: &str = include_str!("../../lua/webhook_settle.lua");
+
+/// Dead deliveries kept for inspection.
+const DEAD_KEPT: usize = 1000;
+
+/// One webhook to deliver. The id is stable across attempts and job retries,
+/// so scheduling it twice is one delivery and receivers can drop duplicates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub id: String,
+    pub url: String,
+    /// The account whose secret signs it.
+    pub root: String,
+    /// The exact JSON text POSTed.
+    pub body: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The last attempt's error, if any.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Adds the deliveries, due now, except ids already scheduled.
+    async fn schedule(&self, deliveries: &[Delivery]) -> Result<()>;
+
+    /// Up to `limit` due deliveries, each leased for `lease`: unless settled
+    /// by then it becomes due again.
+    async fn take_due(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>>;
+
+    /// Delivered: forget it.
+    async fn done(&self, id: &str) -> Result<()>;
+
+    /// Failed this time: keep the updated delivery, due after `delay`.
+    async fn retry(&self, delivery: &Delivery, delay: Duration) -> Result<()>;
+
+    /// Out of attempts: forget it, but keep it on the dead list.
+    async fn give_up(&self, delivery: &Delivery) -> Result<()>;
+
+    /// Deliveries waiting (due or not).
+    async fn pending(&self) -> Result<u64>;
+
+    /// Resolves when something may have become due; backends that cannot
+    /// tell resolve after `poll`.
+    async fn wait(&self, poll: Duration);
+}
+
+/// In-memory outbox of the embedded backend: nothing survives a restart.
+#[derive(Default)]
+pub struct EmbeddedOutbox {
+    entries: Mutex<HashMap<String, (u64, Delivery)>>,
+    dead: Mutex<Vec<Delivery>>,
+    changed: Notify,
+}
+
+impl EmbeddedOutbox {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Outbox for EmbeddedOutbox {
+    async fn schedule(&self, deliveries: &[Delivery]) -> Result<()> {
+        let now = now_millis();
+        let mut entries = self.entries.lock();
+        for delivery in deliveries {
+            entries
+                .entry(delivery.id.clone())
+                .or_insert_with(|| (now, delivery.clone()));
+        }
+        drop(entries);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    async fn take_due(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>> {
+        let now = now_millis();
+        let mut entries = self.entries.lock();
+        let mut due: Vec<(u64, String)> = entries
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(id, (at, _))| (*at, id.clone()))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        Ok(due
+            .into_iter()
+            .filter_map(|(_, id)| {
+                let entry = entries.get_mut(&id)?;
+                entry.0 = now + lease.as_millis() as u64;
+                Some(entry.1.clone())
+            })
+            .collect())
+    }
+
+    async fn done(&self, id: &str) -> Result<()> {
+        self.entries.lock().remove(id);
+        Ok(())
+    }
+
+    async fn retry(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        let due = now_millis() + delay.as_millis() as u64;
+        self.entries
+            .lock()
+            .insert(delivery.id.clone(), (due, delivery.clone()));
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    async fn give_up(&self, delivery: &Delivery) -> Result<()> {
+        self.entries.lock().remove(&delivery.id);
+        let mut dead = self.dead.lock();
+        dead.push(delivery.clone());
+        if dead.len() > DEAD_KEPT {
+            dead.remove(0);
+        }
+        Ok(())
+    }
+
+    async fn pending(&self) -> Result<u64> {
+        Ok(self.entries.lock().len() as u64)
+    }
+
+    async fn wait(&self, poll: Duration) {
+        let _ = tokio::time::timeout(poll, self.changed.notified()).await;
+    }
+}
+
+/// Redis outbox: `{webhooks}:due` (ZSET of id by due ms) and
+/// `{webhooks}:pending` (hash of id to JSON), changed only by `lua/webhook_*.lua`.
+pub struct RedisOutbox {
+    handle: Arc<RedisHandle>,
+    keys: RedisKeys,
+    schedule_script: redis::Script,
+    take_script: redis::Script,
+    settle_script: redis::Script,
+}
+
+impl RedisOutbox {
+    pub fn new(handle: Arc<RedisHandle>, prefix: &str) -> Self {
+        RedisOutbox {
+            handle,
+            keys: RedisKeys::new(prefix),
+            schedule_script: redis::Script::new(SCHEDULE_LUA),
+            take_script: redis::Script::new(TAKE_LUA),
+            settle_script: redis::Script::new(SETTLE_LUA),
+        }
+    }
+
+    async fn settle(&self, delivery: &Delivery, outcome: &str, due_ms: u64) -> Result<()> {
+        let mut conn = self.handle.conn().await?;
+        let _: i64 = self
+            .settle_script
+            .key(self.keys.webhooks_due())
+            .key(self.keys.webhooks_pending())
+            .key(self.keys.webhooks_dead())
+            .arg(&delivery.id)
+            .arg(outcome)
+            .arg(due_ms)
+            .arg(serde_json::to_string(delivery)?)
+            .arg(DEAD_KEPT)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Outbox for RedisOutbox {
+    async fn schedule(&self, deliveries: &[Delivery]) -> Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.schedule_script.prepare_invoke();
+        invocation
+            .key(self.keys.webhooks_due())
+            .key(self.keys.webhooks_pending())
+            .arg(now_millis());
+        for delivery in deliveries {
+            invocation
+                .arg(&delivery.id)
+                .arg(serde_json::to_string(delivery)?);
+        }
+        let mut conn = self.handle.conn().await?;
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn take_due(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>> {
+        let mut conn = self.handle.conn().await?;
+        let taken: Vec<String> = self
+            .take_script
+            .key(self.keys.webhooks_due())
+            .key(self.keys.webhooks_pending())
+            .arg(now_millis())
+            .arg(lease.as_millis() as u64)
+            .arg(limit)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(taken
+            .iter()
+            .filter_map(|json| match serde_json::from_str(json) {
+                Ok(delivery) => Some(delivery),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable webhook delivery skipped");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    async fn done(&self, id: &str) -> Result<()> {
+        let mut conn = self.handle.conn().await?;
+        let _: () = redis::pipe()
+            .atomic()
+            .hdel(self.keys.webhooks_pending(), id)
+            .zrem(self.keys.webhooks_due(), id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn retry(&self, delivery: &Delivery, delay: Duration) -> Result<()> {
+        self.settle(delivery, "retry", now_millis() + delay.as_millis() as u64)
+            .await
+    }
+
+    async fn give_up(&self, delivery: &Delivery) -> Result<()> {
+        self.settle(delivery, "dead", 0).await
+    }
+
+    async fn pending(&self) -> Result<u64> {
+        let mut conn = self.handle.conn().await?;
+        Ok(redis::cmd("HLEN")
+            .arg(self.keys.webhooks_pending())
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    async fn wait(&self, poll: Duration) {
+        tokio::time::sleep(poll).await;
+    }
+}
