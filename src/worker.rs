@@ -1,17 +1,17 @@
 //! The job pipeline: claim, load the original (storage, or fetch and
 //! archive), decode once, render every wanted filter on the bounded blocking
-//! pool, store, index, update the media record, complete, call back.
-//! Retryable failures are left unacked for a later attempt; permanent ones
-//! and jobs out of attempts are dead-lettered with a failure callback.
+//! pool, store, index, update the media record, schedule the webhooks in the
+//! outbox, complete. Retryable failures are left unacked for a later
+//! attempt; permanent ones and jobs out of attempts are dead-lettered with a
+//! failure webhook.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 
-use crate::callback::Notifier;
+use crate::callback::{self, Delivery, Outbox, Subscriber};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fetch::Fetcher;
@@ -20,7 +20,7 @@ use crate::imaging::{self, Limits};
 use crate::index::{Index, VariantInfo};
 use crate::keys;
 use crate::queue::{Claimed, Job, Queue};
-use crate::storage::{now_secs, FailureSummary, MediaRecord, Storage, VariantSummary};
+use crate::storage::{now_secs, FailureSummary, MediaRecord, Storage, Thumb};
 
 pub struct Worker {
     pub queue: Arc<dyn Queue>,
@@ -28,7 +28,7 @@ pub struct Worker {
     pub index: Arc<Index>,
     pub filters: Arc<FilterSet>,
     pub fetcher: Fetcher,
-    pub notifier: Arc<Notifier>,
+    pub outbox: Arc<dyn Outbox>,
     pub limits: Limits,
     pub render_slots: Arc<Semaphore>,
     pub public_base: String,
@@ -39,13 +39,6 @@ pub struct Worker {
     pub consumer: String,
 }
 
-/// A variant the job produced or found already stored.
-#[derive(Debug, Clone)]
-struct Done {
-    filter: String,
-    summary: VariantSummary,
-}
-
 impl Worker {
     pub fn new(
         config: &Config,
@@ -53,6 +46,7 @@ impl Worker {
         storage: Storage,
         index: Arc<Index>,
         filters: Arc<FilterSet>,
+        outbox: Arc<dyn Outbox>,
     ) -> Result<Worker> {
         let policy = crate::security::NetworkPolicy::new(config.allowed_networks()?);
         Ok(Worker {
@@ -60,12 +54,8 @@ impl Worker {
             storage,
             index,
             filters,
-            fetcher: Fetcher::new(&config.fetch, policy.clone())?,
-            notifier: Arc::new(Notifier::new(
-                &config.callback,
-                policy,
-                &config.fetch.user_agent,
-            )?),
+            fetcher: Fetcher::new(&config.fetch, policy)?,
+            outbox,
             limits: Limits::from(&config.imaging),
             render_slots: Arc::new(Semaphore::new(config.imaging.render_threads)),
             public_base: config.public_base(),
@@ -141,72 +131,89 @@ impl Worker {
             let error = Error::Internal(format!("gave up after {} attempts", self.max_attempts));
             return self.fail(&claimed, &error).await;
         }
-        match self.process(job).await {
-            Ok((record, done)) => match self.queue.complete(&claimed).await {
-                Ok(callbacks) => {
-                    tracing::info!(job = %job.id, code = %job.code, ms = started.elapsed().as_millis() as u64, "job done");
-                    for filter_done in &done {
-                        let body = success_body(job, &record, filter_done);
-                        self.send_callbacks(&callbacks, &job.id, &filter_done.filter, body);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(job = %job.id, error = %e, "could not complete job; it will be retried")
-                }
-            },
+        let record = match self.process(job).await {
+            Ok(record) => record,
             Err(e) if e.is_retryable() && claimed.attempt < self.max_attempts => {
                 tracing::warn!(job = %job.id, attempt = claimed.attempt, error = %e, "job failed; left for retry");
+                return;
             }
-            Err(e) => self.fail(&claimed, &e).await,
+            Err(e) => return self.fail(&claimed, &e).await,
+        };
+        let deliveries = |subscribers: &[String]| -> Vec<Delivery> {
+            subscribers
+                .iter()
+                .enumerate()
+                .flat_map(|(position, text)| {
+                    let subscriber = Subscriber::decode(text, &job.root);
+                    callback::success_deliveries(
+                        &job.id,
+                        position,
+                        &subscriber,
+                        &record,
+                        &job.filters,
+                    )
+                })
+                .collect()
+        };
+        match self.settle(&claimed, None, deliveries).await {
+            Ok(()) => {
+                tracing::info!(job = %job.id, code = %job.code, ms = started.elapsed().as_millis() as u64, "job done")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "could not complete job; it will be retried")
+            }
         }
+    }
+
+    /// Webhooks first, ack second: the subscribers' deliveries go to the
+    /// outbox before the ack drops them, and again (same ids, so no
+    /// duplicates) for any that attached in between.
+    async fn settle(
+        &self,
+        claimed: &Claimed,
+        failure: Option<&str>,
+        deliveries: impl Fn(&[String]) -> Vec<Delivery>,
+    ) -> Result<()> {
+        let attached = self.queue.peek_callbacks(claimed).await?;
+        self.outbox.schedule(&deliveries(&attached)).await?;
+        let all = match failure {
+            None => self.queue.complete(claimed).await?,
+            Some(reason) => self.queue.dead_letter(claimed, reason).await?,
+        };
+        if all.len() > attached.len() {
+            self.outbox.schedule(&deliveries(&all)).await?;
+        }
+        Ok(())
     }
 
     async fn fail(&self, claimed: &Claimed, error: &Error) {
         let job = &claimed.job;
         tracing::warn!(job = %job.id, code = error.code(), error = %error, "job failed for good");
-        if let Err(e) = self.record_failure(job, error).await {
-            tracing::warn!(job = %job.id, error = %e, "could not record the failure");
-        }
-        match self
-            .queue
-            .dead_letter(claimed, &format!("{}: {error}", error.code()))
-            .await
-        {
-            Ok(callbacks) => {
-                for filter in &job.filters {
-                    let body = json!({
-                        "status": "failed",
-                        "code": job.code,
-                        "path": job.original,
-                        "filter": filter,
-                        "originalUrl": job.source_url,
-                        "error": error.code(),
-                        "message": error.to_string(),
-                    });
-                    self.send_callbacks(&callbacks, &job.id, filter, body);
-                }
+        let record = match self.record_failure(job, error).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "could not record the failure; left for retry");
+                return;
             }
-            Err(e) => tracing::warn!(job = %job.id, error = %e, "could not dead-letter job"),
+        };
+        let deliveries = |subscribers: &[String]| -> Vec<Delivery> {
+            subscribers
+                .iter()
+                .enumerate()
+                .flat_map(|(position, text)| {
+                    let subscriber = Subscriber::decode(text, &job.root);
+                    callback::failure_deliveries(&job.id, position, &subscriber, &record)
+                })
+                .collect()
+        };
+        let reason = format!("{}: {error}", error.code());
+        if let Err(e) = self.settle(claimed, Some(&reason), deliveries).await {
+            tracing::warn!(job = %job.id, error = %e, "could not dead-letter job");
         }
     }
 
-    /// Delivery runs beside the queue: a slow receiver never holds a worker.
-    fn send_callbacks(&self, urls: &[String], job_id: &str, filter: &str, body: Value) {
-        for url in urls {
-            let notifier = self.notifier.clone();
-            let url = url.clone();
-            let webhook_id = format!("{job_id}-{filter}");
-            let body = body.clone();
-            tokio::spawn(async move {
-                if let Err(e) = notifier.deliver(&url, &webhook_id, &body).await {
-                    tracing::warn!(url, error = %e, "callback not delivered");
-                }
-            });
-        }
-    }
-
-    /// Renders what is missing; returns the updated media record and every variant.
-    async fn process(&self, job: &Job) -> Result<(MediaRecord, Vec<Done>)> {
+    /// Renders what is missing; returns the updated media record.
+    async fn process(&self, job: &Job) -> Result<MediaRecord> {
         let presets: Vec<Preset> = job
             .filters
             .iter()
@@ -214,17 +221,30 @@ impl Worker {
             .collect::<Result<_>>()?;
         let mut record = self.load_record(job).await?;
 
-        let mut done = Vec::new();
+        // The original's path is known from the job or the record, or fixed
+        // now by downloading it: its extension comes from the sniffed type.
+        let mut downloaded = None;
+        let original = match (job.original.as_str(), &record.path) {
+            ("", Some(path)) => path.clone(),
+            ("", None) => {
+                let (path, bytes) = self.download_new(job, &mut record).await?;
+                downloaded = Some(bytes);
+                path
+            }
+            (path, _) => path.to_string(),
+        };
+
         let mut to_render = Vec::new();
         for preset in presets {
-            let variant = keys::variant_path(&preset.name, &job.original);
-            let known = record.variants.get(&preset.name).cloned();
-            match (self.index.locate(&self.storage, &variant).await?, known) {
-                (Some(_), Some(summary)) => done.push(Done {
-                    filter: preset.name.clone(),
-                    summary,
-                }),
-                (Some((info, _, bytes)), None) => {
+            let variant = keys::variant_path(&preset.name, &original);
+            let recorded = record
+                .thumb_data
+                .get(&preset.name)
+                .is_some_and(Thumb::is_done);
+            match self.index.locate(&self.storage, &variant).await? {
+                Some(_) if recorded => {}
+                Some((info, _, bytes)) => {
+                    // Stored but not in the record (e.g. rendered by a miss): describe it.
                     let bytes = match bytes {
                         Some(b) => b,
                         None => self
@@ -235,117 +255,155 @@ impl Worker {
                             .unwrap_or_default(),
                     };
                     let (width, height) = dimensions(&bytes);
-                    done.push(Done {
-                        filter: preset.name.clone(),
-                        summary: self.summary(
-                            &preset.name,
-                            job,
-                            info.size,
-                            width,
-                            height,
-                            &info.content_type,
-                        ),
-                    });
+                    let thumb = self.thumb(
+                        &preset.name,
+                        &original,
+                        info.size,
+                        (width, height),
+                        &info.content_type,
+                    );
+                    note_thumb(&mut record, &preset.name, thumb);
                 }
-                (None, _) => to_render.push(preset),
+                None => to_render.push(preset),
             }
         }
-        if to_render.is_empty() && record.blurhash.is_some() {
-            return Ok((record, done));
-        }
 
-        let original = self.load_original(job, &mut record).await?;
+        let needs_previews = record.blurhash.is_none() || record.blur.is_none();
+        if !to_render.is_empty() || needs_previews {
+            let bytes = match downloaded {
+                Some(bytes) => Some(bytes),
+                None => match self.load_original(job, &original, &mut record).await {
+                    Ok(bytes) => Some(bytes),
+                    // Only previews were missing: the stored variants still stand.
+                    Err(Error::SourceNotFound(_)) if to_render.is_empty() => None,
+                    Err(e) => return Err(e),
+                },
+            };
+            if let Some(bytes) = bytes {
+                self.render(&original, bytes, to_render, &mut record)
+                    .await?;
+            }
+        }
+        record.path = Some(original);
+        record.marking = "resized".into();
+        record.error = None;
+        record.updated_at = now_secs();
+        self.storage.put_media_record(&record).await?;
+        Ok(record)
+    }
+
+    /// Decodes once, computes the previews, renders every preset, and
+    /// stores each variant: storage first, index second.
+    async fn render(
+        &self,
+        original: &str,
+        bytes: Bytes,
+        presets: Vec<Preset>,
+        record: &mut MediaRecord,
+    ) -> Result<()> {
         let limits = self.limits;
-        let rendered = self
+        let (width, height, previews, variants) = self
             .blocking(move || {
-                let source = imaging::decode(&original, limits)?;
-                let blurhash = imaging::blurhash(&source)?;
-                let variants = to_render
+                let source = imaging::decode(&bytes, limits)?;
+                let previews = imaging::previews(&source)?;
+                let variants = presets
                     .iter()
                     .map(|preset| {
                         imaging::render(&source, preset).map(|r| (preset.name.clone(), r))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok((source.width(), source.height(), blurhash, variants))
+                Ok((source.width(), source.height(), previews, variants))
             })
             .await?;
-        let (width, height, blurhash, variants) = rendered;
         record.original_width = Some(width);
         record.original_height = Some(height);
-        record.blurhash = Some(blurhash);
+        record.blurhash = Some(previews.blurhash);
+        record.blur = Some(previews.thumbhash);
 
         for (filter, variant) in variants {
-            let path = keys::variant_path(&filter, &job.original);
+            let path = keys::variant_path(&filter, original);
             let bytes = Bytes::from(variant.bytes);
             // Storage first, index second: the index never points at missing bytes.
             let stored = self.storage.put(&path, bytes.clone()).await?;
             let info = VariantInfo::of_bytes(&bytes, stored.last_modified);
             self.index.mark(&path, info.clone()).await?;
             self.index.hot_put(&path, bytes).await;
-            done.push(Done {
-                summary: self.summary(
-                    &filter,
-                    job,
-                    info.size,
-                    variant.width,
-                    variant.height,
-                    &info.content_type,
-                ),
-                filter,
-            });
+            let thumb = self.thumb(
+                &filter,
+                original,
+                info.size,
+                (variant.width, variant.height),
+                &info.content_type,
+            );
+            note_thumb(record, &filter, thumb);
         }
-        for d in &done {
-            record
-                .resized
-                .insert(d.filter.clone(), d.summary.url.clone());
-            record.variants.insert(d.filter.clone(), d.summary.clone());
-        }
-        record.marking = "resized".into();
-        record.error = None;
-        record.updated_at = now_secs();
-        self.storage.put_media_record(&record).await?;
-        Ok((record, done))
+        Ok(())
     }
 
-    fn summary(
+    fn thumb(
         &self,
         filter: &str,
-        job: &Job,
+        original: &str,
         size: u64,
-        width: u32,
-        height: u32,
+        (width, height): (u32, u32),
         mime: &str,
-    ) -> VariantSummary {
-        VariantSummary {
-            url: keys::variant_url(&self.public_base, filter, &job.original),
-            size,
-            width,
-            height,
-            mime_type: mime.to_string(),
+    ) -> Thumb {
+        Thumb {
+            marking: "done".into(),
+            url: Some(keys::variant_url(&self.public_base, filter, original)),
+            size: Some(size),
+            width: Some(width),
+            height: Some(height),
+            mime_type: Some(mime.to_string()),
         }
+    }
+
+    /// Downloads an original whose path waits for its type, archives it at
+    /// `<stem>.<ext>` and records it as downloaded.
+    async fn download_new(&self, job: &Job, record: &mut MediaRecord) -> Result<(String, Bytes)> {
+        let (Some(url), Some(stem)) = (&job.source_url, &job.stem) else {
+            return Err(Error::SourceNotFound(job.code.clone()));
+        };
+        let fetched = self.fetcher.fetch(url).await?;
+        let path = format!("{stem}.{}", keys::extension_for_mime(fetched.mime));
+        self.archive(&path, url, &fetched, record).await?;
+        Ok((path, fetched.bytes))
     }
 
     /// The stored original, or a download archived to storage first.
-    async fn load_original(&self, job: &Job, record: &mut MediaRecord) -> Result<Bytes> {
-        if let Some(object) = self.storage.get(&job.original).await? {
+    async fn load_original(
+        &self,
+        job: &Job,
+        path: &str,
+        record: &mut MediaRecord,
+    ) -> Result<Bytes> {
+        if let Some(object) = self.storage.get(path).await? {
             return Ok(object.bytes);
         }
         let Some(url) = &job.source_url else {
-            return Err(Error::SourceNotFound(job.original.clone()));
+            return Err(Error::SourceNotFound(path.to_string()));
         };
         let fetched = self.fetcher.fetch(url).await?;
-        self.storage
-            .put(&job.original, fetched.bytes.clone())
-            .await?;
-        record.path = Some(job.original.clone());
-        record.original_url = Some(url.clone());
+        self.archive(path, url, &fetched, record).await?;
+        Ok(fetched.bytes)
+    }
+
+    async fn archive(
+        &self,
+        path: &str,
+        url: &str,
+        fetched: &crate::fetch::Fetched,
+        record: &mut MediaRecord,
+    ) -> Result<()> {
+        self.storage.put(path, fetched.bytes.clone()).await?;
+        record.path = Some(path.to_string());
+        record.original_url = Some(url.to_string());
         record.mime_type = Some(fetched.mime.to_string());
         record.size = Some(fetched.bytes.len() as u64);
         record.status_code = Some(fetched.status);
         record.marking = "downloaded".into();
         record.updated_at = now_secs();
-        self.storage.put_media_record(record).await?;
-        Ok(fetched.bytes)
+        self.storage.put_media_record(record).await
     }
 
     /// The job's media record, or a new one.
@@ -357,20 +415,24 @@ impl Worker {
             .unwrap_or_else(|| MediaRecord {
                 code: job.code.clone(),
                 root: job.root.clone(),
-                path: Some(job.original.clone()),
+                path: Some(job.original.clone()).filter(|p| !p.is_empty()),
                 original_url: job.source_url.clone(),
                 marking: "new".into(),
+                context: serde_json::json!({}),
                 ..Default::default()
             }))
     }
 
-    async fn record_failure(&self, job: &Job, error: &Error) -> Result<()> {
+    async fn record_failure(&self, job: &Job, error: &Error) -> Result<MediaRecord> {
         let mut record = self.load_record(job).await?;
-        if let Error::OriginStatus { status, .. } = error {
-            record.status_code = Some(*status);
+        match error {
+            Error::OriginStatus { status, .. } => record.status_code = Some(*status),
+            // SAIS's convention for "no HTTP answer at all".
+            Error::OriginUnreachable(_) | Error::Timeout(_) => record.status_code = Some(0),
+            _ => {}
         }
         // A failed re-render of one filter does not undo what is stored.
-        if record.variants.is_empty() {
+        if !record.thumb_data.values().any(Thumb::is_done) {
             record.marking = "failed".into();
         }
         record.error = Some(FailureSummary {
@@ -378,7 +440,8 @@ impl Worker {
             message: error.to_string(),
         });
         record.updated_at = now_secs();
-        self.storage.put_media_record(&record).await
+        self.storage.put_media_record(&record).await?;
+        Ok(record)
     }
 
     /// Runs CPU work on the blocking pool, at most `render_threads` at once;
@@ -401,23 +464,12 @@ impl Worker {
     }
 }
 
-/// The callback body for one finished variant.
-fn success_body(job: &Job, record: &MediaRecord, done: &Done) -> Value {
-    json!({
-        "status": "done",
-        "code": job.code,
-        "path": job.original,
-        "filter": done.filter,
-        "url": done.summary.url,
-        "size": done.summary.size,
-        "width": done.summary.width,
-        "height": done.summary.height,
-        "mimeType": done.summary.mime_type,
-        "blurhash": record.blurhash,
-        "originalUrl": job.source_url,
-        "originalWidth": record.original_width,
-        "originalHeight": record.original_height,
-    })
+/// Records a finished thumbnail in the SAIS maps.
+fn note_thumb(record: &mut MediaRecord, filter: &str, thumb: Thumb) {
+    if let Some(url) = &thumb.url {
+        record.resized.insert(filter.to_string(), url.clone());
+    }
+    record.thumb_data.insert(filter.to_string(), thumb);
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
