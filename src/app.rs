@@ -11,6 +11,7 @@ use pingora_core::services::listening::Service;
 use tokio::sync::watch;
 
 use crate::api::Context;
+use crate::callback::{Deliverer, EmbeddedOutbox, Notifier, Outbox, RedisOutbox};
 use crate::config::{Config, QueueBackend};
 use crate::error::{Error, Result};
 use crate::filter::FilterSet;
@@ -34,10 +35,11 @@ pub enum Role {
     Worker,
 }
 
-/// A queue and an index, embedded or over one Redis connection.
+/// A queue, an index and a webhook outbox, embedded or over one Redis connection.
 struct Backends {
     queue: Arc<dyn Queue>,
     index: Arc<Index>,
+    outbox: Arc<dyn Outbox>,
 }
 
 fn backends(config: &Config) -> Result<Backends> {
@@ -45,6 +47,7 @@ fn backends(config: &Config) -> Result<Backends> {
         QueueBackend::Embedded => Backends {
             queue: Arc::new(EmbeddedQueue::new(&config.queue)),
             index: Arc::new(Index::new(&config.index, None)),
+            outbox: Arc::new(EmbeddedOutbox::new()),
         },
         QueueBackend::Redis => {
             let handle = Arc::new(RedisHandle::new(&config.redis)?);
@@ -56,19 +59,22 @@ fn backends(config: &Config) -> Result<Backends> {
                 )),
                 index: Arc::new(Index::new(
                     &config.index,
-                    Some((handle, RedisKeys::new(&config.redis.prefix))),
+                    Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
                 )),
+                outbox: Arc::new(RedisOutbox::new(handle, &config.redis.prefix)),
             }
         }
     })
 }
 
-struct WorkerService(Arc<Worker>);
+struct WorkerService(Arc<Worker>, Arc<Deliverer>);
 
 #[async_trait]
 impl BackgroundService for WorkerService {
     async fn start(&self, shutdown: ShutdownWatch) {
+        let deliverer = tokio::spawn(self.1.clone().run(shutdown.clone()));
         self.0.clone().run(shutdown).await;
+        let _ = deliverer.await;
     }
 }
 
@@ -116,6 +122,7 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
         QueueBackend::Embedded => Backends {
             queue: front_backends.queue.clone(),
             index: front_backends.index.clone(),
+            outbox: front_backends.outbox.clone(),
         },
         QueueBackend::Redis => backends(&config)?,
     };
@@ -131,15 +138,22 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
     server.bootstrap();
 
     if role != Role::Worker {
-        let ctx = Arc::new(Context {
-            public_base: config.public_base(),
-            config: config.clone(),
-            filters: filters.clone(),
-            storage: storage.clone(),
-            index: front_backends.index,
-            queue: front_backends.queue,
-            policy,
-        });
+        let admin_key = if config.auth.admin_key.is_empty() {
+            let key = crate::security::new_api_key();
+            tracing::warn!(admin_key = %key, "auth.admin_key is not set; generated one for this run (set KILN_AUTH__ADMIN_KEY to keep one)");
+            key
+        } else {
+            config.auth.admin_key.clone()
+        };
+        let ctx = Arc::new(Context::new(
+            config.clone(),
+            filters.clone(),
+            storage.clone(),
+            front_backends.index,
+            front_backends.queue,
+            policy.clone(),
+            admin_key,
+        ));
         let mut service = Service::new("kiln front".to_string(), Front::new(ctx));
         service.add_tcp(&config.server.listen);
         server.add_service(service);
@@ -148,13 +162,16 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
         let worker = Worker::new(
             &config,
             worker_backends.queue,
-            storage,
+            storage.clone(),
             worker_backends.index,
             filters,
+            worker_backends.outbox.clone(),
         )?;
+        let notifier = Notifier::new(&config.callback, policy, &config.fetch.user_agent)?;
+        let deliverer = Deliverer::new(&config.callback, worker_backends.outbox, notifier, storage);
         server.add_service(background_service(
             "kiln worker",
-            WorkerService(Arc::new(worker)),
+            WorkerService(Arc::new(worker), Arc::new(deliverer)),
         ));
     }
     tracing::info!(listen = %config.server.listen, ?role, backend = ?config.queue.backend, "kiln starting");

@@ -29,6 +29,8 @@ pub struct Config {
     pub imaging: ImagingConfig,
     pub network: NetworkConfig,
     pub filters: FiltersConfig,
+    pub auth: AuthConfig,
+    pub sais: SaisConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +52,8 @@ pub struct ServerConfig {
     pub retry_after_secs: u64,
     /// Longest accepted request path, bytes. Default 1024.
     pub max_path_bytes: usize,
+    /// Largest accepted request body, bytes. Default 1 MiB.
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,10 +141,44 @@ pub struct FetchConfig {
 pub struct CallbackConfig {
     /// Milliseconds one callback POST may take. Default 10 000.
     pub timeout_ms: u64,
-    /// Delivery attempts per callback. Default 5.
+    /// Delivery attempts per webhook. Default 12.
     pub max_attempts: u32,
-    /// Milliseconds before the first retry, doubling. Default 500.
+    /// Milliseconds before the first retry, doubling. Default 1000.
     pub backoff_ms: u64,
+    /// Longest wait between two attempts, milliseconds. Default one hour.
+    pub max_backoff_ms: u64,
+    /// Milliseconds between looks at the outbox for due deliveries. Default 200.
+    pub poll_ms: u64,
+    /// Webhook POSTs in flight per worker process. Default 16.
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Key that sets up accounts and may act on any root. Empty: a random
+    /// one is generated at start and logged. Default empty.
+    pub admin_key: String,
+    /// Require an account's API key for dispatch, pre-heat and media JSON.
+    /// `false` lets legacy SAIS clients, which send none, in. Default true.
+    pub require_api_key: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaisConfig {
+    /// Filters rendered when a dispatch names none. Default small, medium.
+    pub default_filters: Vec<String>,
+    /// Longest a `wait: true` dispatch holds its answer, milliseconds. Default 20 000.
+    pub wait_timeout_ms: u64,
+    /// Most images in one dispatch. Default 1000.
+    pub max_images: usize,
+    /// Longest accepted image URL, bytes. Default 4096.
+    pub max_url_bytes: usize,
+    /// Largest accepted `context`, bytes of JSON. Default 16 KiB.
+    pub max_context_bytes: usize,
+    /// Estimated image count of an account set up without one. Default 1000.
+    pub default_approx: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,7 +248,12 @@ impl Config {
             figment = figment.merge(Toml::string(extra));
         }
         if sources.env {
-            figment = figment.merge(Env::prefixed("KILN_").ignore(&["config"]).split("__"));
+            // KILN_CONFIG names the file and KILN_API_KEY is the CLI's key: neither is a setting.
+            figment = figment.merge(
+                Env::prefixed("KILN_")
+                    .ignore(&["config", "api_key"])
+                    .split("__"),
+            );
         }
         let config: Config = figment
             .extract()
@@ -273,6 +316,12 @@ impl Config {
         }
         if self.callback.max_attempts == 0 {
             return bad("callback.max_attempts", "must be at least 1".into());
+        }
+        if self.callback.concurrency == 0 || self.callback.poll_ms == 0 {
+            return bad("callback.concurrency / poll_ms", "must be positive".into());
+        }
+        if self.sais.max_images == 0 {
+            return bad("sais.max_images", "must be at least 1".into());
         }
         self.allowed_networks()?;
         Ok(())

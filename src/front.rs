@@ -68,14 +68,8 @@ impl Front {
     }
 
     /// Routes one request to its answer.
-    pub async fn answer(
-        &self,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-        if_none_match: Option<&str>,
-    ) -> Reply {
-        let result = self.route(method, path, query, if_none_match).await;
+    pub async fn answer(&self, request: &Request) -> Reply {
+        let result = self.route(request).await;
         result.unwrap_or_else(|e| {
             if e.status() >= 500 {
                 tracing::warn!(code = e.code(), error = %e, "request failed");
@@ -84,13 +78,9 @@ impl Front {
         })
     }
 
-    async fn route(
-        &self,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-        if_none_match: Option<&str>,
-    ) -> Result<Reply> {
+    async fn route(&self, request: &Request) -> Result<Reply> {
+        let method = &request.method;
+        let path = request.path.as_str();
         let allow = |allowed: &[Method]| {
             if allowed.contains(method) {
                 Ok(())
@@ -99,21 +89,77 @@ impl Front {
             }
         };
         const READ: &[Method] = &[Method::GET, Method::HEAD];
-        if path == "/healthz" {
-            allow(READ)?;
-            Ok(Reply::json(200, &serde_json::json!({"status": "ok"})))
-        } else if path == "/readyz" {
-            allow(READ)?;
-            self.ready().await
-        } else if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
+        const POST: &[Method] = &[Method::POST];
+        const READ_OR_POST: &[Method] = &[Method::GET, Method::POST];
+        let if_none_match = request.if_none_match.as_deref();
+        match path {
+            "/healthz" => {
+                allow(READ)?;
+                return Ok(Reply::json(200, &serde_json::json!({"status": "ok"})));
+            }
+            "/readyz" => {
+                allow(READ)?;
+                return self.ready().await;
+            }
+            "/status" => {
+                allow(READ)?;
+                return Ok(Reply::json(200, &self.ctx.status().await?));
+            }
+            "/account_setup" | "/account_setup.json" => {
+                allow(POST)?;
+                let setup = request.json()?;
+                let caller = self.ctx.caller(request.key()).await?;
+                return Ok(Reply::json(
+                    200,
+                    &self.ctx.account_setup(&caller, setup).await?,
+                ));
+            }
+            "/dispatch_process" | "/dispatch_process.json" => {
+                allow(POST)?;
+                let payload: crate::api::sais::ProcessPayload = request.json()?;
+                let key = request.key().or(payload.api_key.as_deref());
+                let caller = self.ctx.caller(key).await?;
+                return Ok(Reply::json(
+                    200,
+                    &self.ctx.dispatch(&caller, payload).await?,
+                ));
+            }
+            "/fetch/media/by-ids" => {
+                allow(READ_OR_POST)?;
+                let ids = request.ids()?;
+                let caller = self.ctx.caller(request.key()).await?;
+                return Ok(Reply::json(
+                    200,
+                    &self.ctx.media_by_ids(&caller, &ids).await?,
+                ));
+            }
+            "/tools" | "/mcp" => {
+                allow(POST)?;
+                request.require_json()?;
+                return Ok(
+                    match crate::api::tools::handle(&self.ctx, request.key(), &request.body).await {
+                        Some(answer) => Reply::json(200, &answer),
+                        None => Reply::new(202, "application/json", Bytes::new())
+                            .header("cache-control", "no-store"),
+                    },
+                );
+            }
+            _ => {}
+        }
+        if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
             allow(READ)?;
             self.cache(rest, if_none_match, true).await
         } else if let Some(rest) = path.strip_prefix("/media/cache/") {
             allow(READ)?;
             self.cache(rest, if_none_match, false).await
+        } else if let Some(code) = path.strip_prefix("/media/") {
+            allow(READ)?;
+            let caller = self.ctx.caller(request.key()).await?;
+            let code = code.trim_end_matches('/');
+            Ok(Reply::json(200, &self.ctx.media(&caller, code).await?))
         } else if let Some(filter) = path.strip_prefix("/request/") {
-            allow(&[Method::GET, Method::POST])?;
-            self.request(filter, query).await
+            allow(READ_OR_POST)?;
+            self.request(filter, request).await
         } else {
             Err(Error::NoRoute(path.chars().take(200).collect()))
         }
@@ -125,21 +171,29 @@ impl Front {
         Ok(Reply::json(200, &serde_json::json!({"status": "ready"})))
     }
 
-    async fn request(&self, filter: &str, query: Option<&str>) -> Result<Reply> {
+    async fn request(&self, filter: &str, request: &Request) -> Result<Reply> {
         let mut url = None;
         let mut callback = None;
-        for (key, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let mut root = None;
+        for (key, value) in request.query_pairs() {
+            let value = Some(value.into_owned()).filter(|v| !v.is_empty());
             match key.as_ref() {
-                "url" => url = Some(value.into_owned()),
-                "callback" | "callbackUrl" => {
-                    callback = Some(value.into_owned()).filter(|v| !v.is_empty())
-                }
+                "url" => url = value,
+                "callback" | "callbackUrl" => callback = value,
+                "root" => root = value,
                 _ => {}
             }
         }
+        let caller = self.ctx.caller(request.key()).await?;
         let answer = self
             .ctx
-            .preheat(filter, url.as_deref(), callback.as_deref())
+            .preheat(
+                &caller,
+                filter,
+                url.as_deref(),
+                callback.as_deref(),
+                root.as_deref(),
+            )
             .await?;
         let status = if answer.status == "done" { 200 } else { 202 };
         Ok(Reply::json(status, &answer))
@@ -249,6 +303,149 @@ fn transparent_pixel_png() -> Bytes {
     Bytes::from(out)
 }
 
+/// A request as the routes see it: head fields they use and the whole body.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub if_none_match: Option<String>,
+    /// The `Authorization: Bearer` key, else `?token=`.
+    pub bearer: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+impl Request {
+    pub fn query_pairs(&self) -> url::form_urlencoded::Parse<'_> {
+        url::form_urlencoded::parse(self.query.as_deref().unwrap_or("").as_bytes())
+    }
+
+    /// The key from the head: `Authorization: Bearer`, else `?token=`.
+    pub fn key(&self) -> Option<&str> {
+        self.bearer.as_deref().filter(|k| !k.is_empty())
+    }
+
+    /// A JSON body, or none at all; a form or anything else is refused.
+    pub fn require_json(&self) -> Result<()> {
+        match self.content_type.as_deref() {
+            Some(ct) if !ct.to_ascii_lowercase().contains("json") && !self.body.is_empty() => {
+                Err(Error::UnsupportedContentType(ct.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The body as `T`: malformed JSON is 400, JSON of the wrong shape 422.
+    pub fn json<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T> {
+        self.require_json()?;
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(T::default());
+        }
+        serde_json::from_slice(&self.body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => Error::InvalidPayload(e.to_string()),
+            _ => Error::BadRequest(format!("malformed JSON: {e}")),
+        })
+    }
+
+    /// Media ids from `?id=a,b` (also `ids=`) or a JSON body `{"ids": [...]}`.
+    pub fn ids(&self) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .query_pairs()
+            .filter(|(k, _)| k == "id" || k == "ids" || k == "ids[]")
+            .flat_map(|(_, v)| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if self.method == Method::POST {
+            #[derive(serde::Deserialize, Default)]
+            #[serde(default)]
+            struct Ids {
+                ids: Option<Vec<String>>,
+            }
+            let body: Ids = self.json()?;
+            ids.extend(body.ids.unwrap_or_default());
+        }
+        Ok(ids)
+    }
+}
+
+enum ReadFailure {
+    /// Answer this instead of routing (e.g. a body over the limit).
+    Reply(Method, Reply),
+    Connection,
+}
+
+impl Front {
+    /// Reads the head fields the routes use and the body, up to `server.max_body_bytes`.
+    async fn read(&self, session: &mut ServerSession) -> std::result::Result<Request, ReadFailure> {
+        let header = session.req_header();
+        let method = header.method.clone();
+        let header_text = |name: http::header::HeaderName| {
+            header
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let if_none_match = header_text(http::header::IF_NONE_MATCH);
+        let content_type = header_text(http::header::CONTENT_TYPE);
+        let bearer = header_text(http::header::AUTHORIZATION).and_then(|value| {
+            let (scheme, key) = value.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| key.trim().to_string())
+        });
+        let path = header.uri.path().to_string();
+        let query = header.uri.query().map(str::to_string);
+        let bearer = bearer.or_else(|| {
+            url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        let limit = self.ctx.config.server.max_body_bytes;
+        let too_large = |method: &Method| {
+            ReadFailure::Reply(
+                method.clone(),
+                Reply::error(&Error::TooLarge(format!("request body over {limit} bytes"))),
+            )
+        };
+        let announced =
+            header_text(http::header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+        if announced.is_some_and(|n| n > limit) {
+            return Err(too_large(&method));
+        }
+        let mut body = bytes::BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large(&method));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not read request body");
+                    return Err(ReadFailure::Connection);
+                }
+            }
+        }
+        Ok(Request {
+            method,
+            path,
+            query,
+            if_none_match,
+            bearer,
+            content_type,
+            body: body.freeze(),
+        })
+    }
+}
+
 #[async_trait]
 impl HttpServerApp for Front {
     async fn process_new_http(
@@ -265,21 +462,18 @@ impl HttpServerApp for Front {
             }
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        let header = session.req_header();
-        let method = header.method.clone();
-        let path = header.uri.path().to_string();
-        let query = header.uri.query().map(str::to_string);
-        let if_none_match = session
-            .get_header(http::header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        // Request bodies carry nothing kiln reads yet; drain so the connection can be reused.
-        if session.drain_request_body().await.is_err() {
-            return None;
-        }
-        let reply = self
-            .answer(&method, &path, query.as_deref(), if_none_match.as_deref())
-            .await;
+        let (method, reply) = match self.read(&mut session).await {
+            Ok(request) => {
+                let reply = self.answer(&request).await;
+                (request.method, reply)
+            }
+            Err(ReadFailure::Reply(method, reply)) => {
+                // The rest of an over-long body is not read: do not reuse the connection.
+                session.set_keepalive(None);
+                (method, reply)
+            }
+            Err(ReadFailure::Connection) => return None,
+        };
 
         let mut response =
             ResponseHeader::build(reply.status, Some(reply.headers.len() + 2)).ok()?;

@@ -1,19 +1,25 @@
-//! Client-facing operations behind the HTTP routes: pre-heat
-//! (`/request/<filter>`), with their request and response types. Enqueues
-//! and reads storage; never downloads, renders or calls back.
+//! Client-facing operations behind the HTTP routes: who is calling
+//! (`Caller`), pre-heat (`/request/<filter>`), cache-miss enqueues, and the
+//! SAIS protocol (`sais`, `tools`). Enqueues and reads storage; never
+//! downloads, renders or calls back.
+
+pub mod sais;
+pub mod tools;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::callback::Subscriber;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::filter::FilterSet;
 use crate::index::Index;
 use crate::keys;
 use crate::queue::{now_millis, Job, Priority, Queue};
-use crate::security::NetworkPolicy;
-use crate::storage::{MediaRecord, Storage};
+use crate::security::{keys_match, NetworkPolicy};
+use crate::storage::{Account, MediaRecord, Storage};
 
 /// What the front and the API share.
 pub struct Context {
@@ -24,6 +30,21 @@ pub struct Context {
     pub queue: Arc<dyn Queue>,
     pub policy: NetworkPolicy,
     pub public_base: String,
+    /// The admin key in force (configured, or generated at start).
+    pub admin_key: String,
+    /// API key digest to account root, briefly, so a key is not a storage read per request.
+    key_roots: moka::future::Cache<String, Option<String>>,
+}
+
+/// Who is calling, from the key presented.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Holds the admin key: may set up accounts and act on any root.
+    Admin,
+    /// Holds an account's key: acts on that account's root only.
+    Account(Box<Account>),
+    /// Presented no key (only let in when `auth.require_api_key` is off).
+    Anonymous,
 }
 
 /// The answer to a pre-heat request.
@@ -43,13 +64,122 @@ pub struct PreheatAnswer {
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        filters: Arc<FilterSet>,
+        storage: Storage,
+        index: Arc<Index>,
+        queue: Arc<dyn Queue>,
+        policy: NetworkPolicy,
+        admin_key: String,
+    ) -> Context {
+        Context {
+            public_base: config.public_base(),
+            config,
+            filters,
+            storage,
+            index,
+            queue,
+            policy,
+            admin_key,
+            key_roots: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
+        }
+    }
+
+    /// Identifies the caller by the key it presented (Bearer, `apiKey` or
+    /// `?token=`). A key that matches nothing is refused outright, never
+    /// treated as no key.
+    pub async fn caller(&self, presented: Option<&str>) -> Result<Caller> {
+        let Some(key) = presented.filter(|k| !k.is_empty()) else {
+            return Ok(Caller::Anonymous);
+        };
+        if keys_match(key, &self.admin_key) {
+            return Ok(Caller::Admin);
+        }
+        let digest = key_digest(key);
+        let storage = self.storage.clone();
+        let lookup = digest.clone();
+        let root = self
+            .key_roots
+            .try_get_with(digest, async move { storage.root_for_key(&lookup).await })
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        if let Some(root) = root {
+            if let Some(account) = self.storage.account(&root).await? {
+                if keys_match(key, &account.api_key) {
+                    return Ok(Caller::Account(Box::new(account)));
+                }
+            }
+        }
+        Err(Error::Unauthorized("unknown API key".into()))
+    }
+
+    /// Forgets cached key look-ups after a key changes.
+    pub(crate) async fn forget_key(&self, key: &str) {
+        self.key_roots.invalidate(&key_digest(key)).await;
+    }
+
+    /// The root a caller acts on: the one it names, which must be its own
+    /// unless it is the admin; an account's key names its own by default.
+    pub fn root_for(&self, caller: &Caller, named: Option<&str>) -> Result<String> {
+        let named = named.filter(|r| !r.is_empty());
+        match (caller, named) {
+            (Caller::Account(account), None) => Ok(account.root.clone()),
+            (Caller::Account(account), Some(root)) if root == account.root => Ok(root.to_string()),
+            (Caller::Account(account), Some(root)) => Err(Error::Forbidden(format!(
+                "the key of account {:?} cannot act on root {root:?}",
+                account.root
+            ))),
+            (Caller::Anonymous, _) if self.config.auth.require_api_key => Err(Error::Unauthorized(
+                "an API key is required (Authorization: Bearer, apiKey or ?token=)".into(),
+            )),
+            (Caller::Admin | Caller::Anonymous, Some(root)) => Ok(root.to_string()),
+            (Caller::Admin | Caller::Anonymous, None) => Err(Error::InvalidPayload(
+                "root - this value should not be blank".into(),
+            )),
+        }
+    }
+
+    /// Whether a caller may read what is stored under `root`.
+    pub fn may_read(&self, caller: &Caller, root: &str) -> bool {
+        match caller {
+            Caller::Admin => true,
+            Caller::Account(account) => account.root == root,
+            Caller::Anonymous => !self.config.auth.require_api_key,
+        }
+    }
+
+    /// The account of a root, created on the fly for the configured default
+    /// root (so `/request` works without any set-up).
+    pub async fn account_for_root(&self, root: &str) -> Result<Account> {
+        if let Some(account) = self.storage.account(root).await? {
+            return Ok(account);
+        }
+        if root != self.config.storage.default_root {
+            return Err(Error::UnknownAccount(root.to_string()));
+        }
+        let account = sais::new_account(root, self.config.storage.default_approx, None);
+        self.storage.create_account(&account).await?;
+        // Whoever created it first wins; read back the one that exists.
+        self.storage
+            .account(root)
+            .await?
+            .ok_or_else(|| Error::UnknownAccount(root.to_string()))
+    }
+
     /// Validates, answers from storage when the variant exists, and
     /// otherwise enqueues one pre-heat job (deduped) with the callback.
     pub async fn preheat(
         &self,
+        caller: &Caller,
         filter: &str,
         url: Option<&str>,
         callback: Option<&str>,
+        root: Option<&str>,
     ) -> Result<PreheatAnswer> {
         self.filters.get(filter)?;
         let url = url
@@ -59,8 +189,16 @@ impl Context {
         if let Some(callback) = callback {
             crate::security::parse_outbound_url(callback, &self.policy)?;
         }
-        let root = &self.config.storage.default_root;
-        let code = keys::media_code(url, root);
+        let root = match caller {
+            Caller::Account(_) => self.root_for(caller, root)?,
+            _ => self.root_for(
+                caller,
+                Some(root.unwrap_or(&self.config.storage.default_root)),
+            )?,
+        };
+        keys::validate_root(&root)?;
+        let account = self.account_for_root(&root).await?;
+        let code = keys::media_code(url, &root);
         let record = self.storage.media_record(&code).await?;
         // The path is fixed at first sight so the URL handed out now stays valid.
         let path = record
@@ -68,21 +206,23 @@ impl Context {
             .and_then(|r| r.path.clone())
             .unwrap_or_else(|| {
                 let ext = keys::extension_from_url(&parsed).unwrap_or("img");
-                keys::original_path(root, self.config.storage.default_approx, &code, ext)
+                keys::original_path(&root, account.approx_image_count, &code, ext)
             });
         if record.is_none() {
             // Known from now on, so a page asking for the variant gets 202, not 404.
-            self.storage
-                .create_media_record(&MediaRecord {
-                    code: code.clone(),
-                    root: root.clone(),
-                    path: Some(path.clone()),
-                    original_url: Some(url.to_string()),
-                    marking: "new".into(),
-                    updated_at: crate::storage::now_secs(),
-                    ..Default::default()
-                })
-                .await?;
+            let fresh = MediaRecord {
+                code: code.clone(),
+                root: root.clone(),
+                path: Some(path.clone()),
+                original_url: Some(url.to_string()),
+                marking: "new".into(),
+                context: serde_json::json!({}),
+                updated_at: crate::storage::now_secs(),
+                ..Default::default()
+            };
+            if self.storage.create_media_record(&fresh).await? {
+                sais::count_new_media(&self.storage, &fresh).await?;
+            }
         }
         let variant = keys::variant_path(filter, &path);
         let exists = self.index.locate(&self.storage, &variant).await?.is_some();
@@ -97,13 +237,22 @@ impl Context {
                 priority: Priority::Preheat,
                 dedupe: keys::dedupe_key(&path, &filters),
                 original: path.clone(),
+                stem: None,
                 source_url: Some(url.to_string()),
                 root: root.clone(),
                 code: code.clone(),
                 filters,
                 enqueued_at_ms: now_millis(),
             };
-            self.queue.enqueue(&job, callback).await?
+            let subscriber = callback.map(|url| {
+                Subscriber {
+                    root: root.clone(),
+                    media: None,
+                    thumb: Some(url.to_string()),
+                }
+                .encode()
+            });
+            self.queue.enqueue(&job, subscriber.as_deref()).await?
         };
         Ok(PreheatAnswer {
             url: keys::variant_url(&self.public_base, filter, &path),
@@ -149,6 +298,7 @@ impl Context {
             priority: Priority::Urgent,
             dedupe: keys::dedupe_key(original, &filters),
             original: original.to_string(),
+            stem: None,
             source_url,
             root,
             code,
@@ -157,4 +307,12 @@ impl Context {
         };
         self.queue.enqueue(&job, None).await
     }
+}
+
+/// What an API key is filed under: its SHA-256, so storage never holds a
+/// usable key index and a look-up leaks nothing about the key.
+pub fn key_digest(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
