@@ -39,12 +39,109 @@ enum Command {
         /// URL to POST the result to when the variant is ready.
         #[arg(long)]
         callback: Option<String>,
-        /// Base URL of the running kiln; default: server.public_url or http://<server.listen>.
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Manage SAIS accounts on a running kiln.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+    /// Queue image URLs of an account for download and thumbnails.
+    Dispatch {
+        /// The account's root.
+        root: String,
+        /// An image URL; repeat for more.
+        #[arg(long = "url")]
+        urls: Vec<String>,
+        /// A file with one image URL per line (`-` for stdin).
         #[arg(long)]
-        server: Option<String>,
+        file: Option<PathBuf>,
+        /// A filter to render; repeat for more (default: sais.default_filters).
+        #[arg(long = "filter")]
+        filters: Vec<String>,
+        /// Wait for each batch to be processed before sending the next.
+        #[arg(long)]
+        wait: bool,
+        /// URLs per request.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print the media record of a code.
+    Media {
+        code: String,
+        #[command(flatten)]
+        remote: Remote,
     },
     /// List the filter presets.
     Filters,
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Create an account, or update its callbacks (uses the admin key).
+    Setup {
+        root: String,
+        /// Estimated number of images (sizes the storage bins; fixed once media exist).
+        #[arg(long)]
+        approx: Option<u64>,
+        #[arg(long)]
+        media_callback: Option<String>,
+        #[arg(long)]
+        thumb_callback: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Where the running kiln is and which key to show it.
+#[derive(clap::Args)]
+struct Remote {
+    /// Base URL of the running kiln; default: server.public_url or http://<server.listen>.
+    #[arg(long)]
+    server: Option<String>,
+    /// API key (an account's, or the admin key); default: auth.admin_key.
+    #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
+    key: Option<String>,
+}
+
+impl Remote {
+    fn base(&self, config: &Config) -> String {
+        self.server
+            .clone()
+            .unwrap_or_else(|| config.public_base())
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    fn key(&self, config: &Config) -> Option<String> {
+        self.key
+            .clone()
+            .or_else(|| Some(config.auth.admin_key.clone()))
+            .filter(|k| !k.is_empty())
+    }
+
+    /// Sends one request and returns the JSON answer; a non-2xx is an error
+    /// carrying kiln's message.
+    async fn send(
+        &self,
+        config: &Config,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<serde_json::Value> {
+        let request = match self.key(config) {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        };
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("kiln answered {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
 }
 
 fn main() -> ExitCode {
@@ -88,30 +185,130 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             filter,
             url,
             callback,
-            server,
+            remote,
         } => {
-            let base = server.unwrap_or_else(|| config.public_base());
             let mut query = vec![("url", url)];
             if let Some(callback) = callback {
                 query.push(("callback", callback));
             }
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let (status, body) = runtime.block_on(async {
-                let response = reqwest::Client::new()
-                    .post(format!("{}/request/{filter}", base.trim_end_matches('/')))
-                    .query(&query)
-                    .send()
-                    .await?;
-                let status = response.status();
-                anyhow::Ok((status, response.text().await?))
-            })?;
-            println!("{body}");
-            if !status.is_success() {
-                anyhow::bail!("kiln answered {status}");
+            let endpoint = format!("{}/request/{filter}", remote.base(&config));
+            let answer = block_on(
+                remote.send(&config, reqwest::Client::new().post(endpoint).query(&query)),
+            )?;
+            println!("{answer}");
+        }
+        Command::Account {
+            command:
+                AccountCommand::Setup {
+                    root,
+                    approx,
+                    media_callback,
+                    thumb_callback,
+                    remote,
+                },
+        } => {
+            let body = serde_json::json!({
+                "root": root,
+                "approx": approx,
+                "mediaCallbackUrl": media_callback,
+                "thumbCallbackUrl": thumb_callback,
+            });
+            let endpoint = format!("{}/account_setup", remote.base(&config));
+            let answer =
+                block_on(remote.send(&config, reqwest::Client::new().post(endpoint).json(&body)))?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        Command::Dispatch {
+            root,
+            urls,
+            file,
+            filters,
+            wait,
+            batch,
+            remote,
+        } => {
+            let mut all = urls;
+            if let Some(file) = file {
+                let text = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&file)?
+                };
+                all.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string),
+                );
             }
+            if all.is_empty() {
+                anyhow::bail!("no URLs: give --url or --file");
+            }
+            block_on(dispatch(
+                &config,
+                &remote,
+                &root,
+                &all,
+                &filters,
+                wait,
+                batch.max(1),
+            ))?;
+        }
+        Command::Media { code, remote } => {
+            let endpoint = format!("{}/media/{code}", remote.base(&config));
+            let answer = block_on(remote.send(&config, reqwest::Client::new().get(endpoint)))?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
         }
     }
+    Ok(())
+}
+
+fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(work)
+}
+
+/// Sends the URLs in batches, with a progress bar on stderr; prints one
+/// JSON record per line on stdout.
+async fn dispatch(
+    config: &Config,
+    remote: &Remote,
+    root: &str,
+    urls: &[String],
+    filters: &[String],
+    wait: bool,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let progress = indicatif::ProgressBar::new(urls.len() as u64);
+    progress.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} URLs  {per_sec}  eta {eta}  {msg}",
+    )?);
+    let client = reqwest::Client::new();
+    let endpoint = format!("{}/dispatch_process", remote.base(config));
+    let mut failed = 0;
+    for chunk in urls.chunks(batch) {
+        let body = serde_json::json!({
+            "root": root,
+            "images": chunk,
+            "filters": if filters.is_empty() { None } else { Some(filters) },
+            "wait": wait,
+        });
+        let rows = remote
+            .send(config, client.post(&endpoint).json(&body))
+            .await?;
+        for row in rows.as_array().into_iter().flatten() {
+            if row["marking"] == "failed" {
+                failed += 1;
+            }
+            progress.suspend(|| println!("{row}"));
+        }
+        progress.inc(chunk.len() as u64);
+        if failed > 0 {
+            progress.set_message(format!("{failed} failed"));
+        }
+    }
+    progress.finish();
     Ok(())
 }
