@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use crate::distributed::Process;
-use crate::kiln::{until_ready, Backend, Kiln};
+use crate::kiln::{until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::support::{free_port, png_rgba, Origin, OriginResponse};
 
 fn kiln_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
@@ -25,7 +25,9 @@ fn kiln_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
 fn help_names_every_command() {
     let (ok, text) = kiln_cli(&["--help"], &[]);
     assert!(ok, "{text}");
-    for command in ["serve", "front", "worker", "request", "filters"] {
+    for command in [
+        "serve", "front", "worker", "request", "filters", "account", "dispatch", "media",
+    ] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
     }
 }
@@ -81,7 +83,7 @@ async fn request_enqueues_through_a_running_kiln_and_prints_the_record() {
     .map(String::from);
     let (ok, text) = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        kiln_cli(&args, &[])
+        kiln_cli(&args, &[("KILN_API_KEY", ADMIN_KEY)])
     })
     .await
     .unwrap();
@@ -117,4 +119,84 @@ async fn environment_overrides_reach_a_served_kiln() {
         dir.path().join("store").is_dir(),
         "storage opened where KILN_STORAGE__URL says"
     );
+}
+
+/// Runs the CLI off the test's runtime threads (it blocks on its own runtime).
+async fn kiln_cli_async(args: Vec<String>, env: Vec<(&'static str, String)>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        kiln_cli(&args, &env)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_dispatch_and_media_commands_drive_a_running_kiln() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let origin = Origin::start().await;
+    for n in 0..3 {
+        origin.serve(
+            &format!("/batch/{n}.png"),
+            OriginResponse::image("image/png", png_rgba(32, 32, [n as u8 * 50, 0, 0, 255])),
+        );
+    }
+    let server = kiln.base.clone();
+    let admin = vec![("KILN_API_KEY", ADMIN_KEY.to_string())];
+    let (ok, text) = kiln_cli_async(
+        [
+            "account", "setup", "clibox", "--approx", "2000", "--server", &server,
+        ]
+        .map(String::from)
+        .to_vec(),
+        admin.clone(),
+    )
+    .await;
+    assert!(ok, "{text}");
+    let account: serde_json::Value = serde_json::from_str(text.trim()).expect("account JSON");
+    assert_eq!(account["binCount"], 2);
+    let key = account["apiKey"].as_str().unwrap().to_string();
+
+    let list = tempfile::NamedTempFile::new().unwrap();
+    let urls: Vec<String> = (0..3)
+        .map(|n| origin.url(&format!("/batch/{n}.png")))
+        .collect();
+    std::fs::write(list.path(), format!("# a comment\n{}\n\n", urls.join("\n"))).unwrap();
+    let (ok, text) = kiln_cli_async(
+        vec![
+            "dispatch".into(),
+            "clibox".into(),
+            "--file".into(),
+            list.path().display().to_string(),
+            "--filter".into(),
+            "tiny".into(),
+            "--wait".into(),
+            "--batch".into(),
+            "2".into(),
+            "--server".into(),
+            server.clone(),
+        ],
+        vec![("KILN_API_KEY", key.clone())],
+    )
+    .await;
+    assert!(ok, "{text}");
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    assert!(rows.iter().all(|r| r["marking"] == "resized"), "{text}");
+
+    let code = rows[0]["code"].as_str().unwrap().to_string();
+    let (ok, text) = kiln_cli_async(
+        vec!["media".into(), code.clone(), "--server".into(), server],
+        vec![("KILN_API_KEY", key)],
+    )
+    .await;
+    assert!(ok, "{text}");
+    let record: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(record["code"], code.as_str());
+    assert_eq!(record["originalUrl"], urls[0].as_str());
 }

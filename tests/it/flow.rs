@@ -4,34 +4,13 @@
 
 use std::time::Duration;
 
-use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
+use crate::kiln::{preheat_url, until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::support::{
     decode, dimensions, eventually, format_of, jpeg, jpeg_with_orientation, mean_rgb, png_rgba,
     CallbackSink, Origin, OriginResponse,
 };
 
-macro_rules! contract {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::kiln::Backend::Embedded).await
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::kiln::Backend::Redis).await
-                }
-            )*
-        }
-    };
-}
-
-contract!(
+on_both_backends!(
     preheat_downloads_renders_stores_and_calls_back,
     miss_answers_202_then_the_same_url_answers_200,
     concurrent_requests_make_one_job_and_one_fetch,
@@ -62,6 +41,7 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
 
     let response = reqwest::Client::new()
         .post(kiln.url("/request/small"))
+        .bearer_auth(ADMIN_KEY)
         .query(&[("url", image_url.as_str()), ("callback", callback.as_str())])
         .send()
         .await
@@ -301,7 +281,8 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
         })
         .await;
         assert_eq!(hook.body["status"], "failed");
-        assert_eq!(hook.body["error"], error);
+        assert_eq!(hook.body["error"]["code"], error);
+        assert_eq!(hook.body["marking"], "failed");
         // Asking again shows the failure (and tries the download once more).
         let record = json(&get(&request).await.text().await.unwrap());
         assert_eq!(record["record"]["marking"], "failed");
@@ -342,29 +323,39 @@ async fn bad_requests_get_clear_errors(backend: Backend) {
         ),
         ("/media/cache/small/acme/%00.png", 400, "invalid-path"),
         ("/media/cache/small//etc/passwd", 400, "invalid-path"),
-        ("/request/small", 400, "bad-request"),
+        ("/request/small?token=test-admin-key-0123456789", 400, "bad-request"),
         (
-            "/request/nope?url=http://127.0.0.1/a.jpg",
+            "/request/small?url=http://127.0.0.1/a.jpg",
+            401,
+            "unauthorized",
+        ),
+        (
+            "/request/small?url=http://127.0.0.1/a.jpg&token=wrong-key",
+            401,
+            "unauthorized",
+        ),
+        (
+            "/request/nope?url=http://127.0.0.1/a.jpg&token=test-admin-key-0123456789",
             404,
             "unknown-filter",
         ),
         (
-            "/request/small?url=ftp://127.0.0.1/a.jpg",
+            "/request/small?url=ftp://127.0.0.1/a.jpg&token=test-admin-key-0123456789",
             400,
             "invalid-url",
         ),
         (
-            "/request/small?url=http://10.1.2.3/a.jpg",
+            "/request/small?url=http://10.1.2.3/a.jpg&token=test-admin-key-0123456789",
             403,
             "address-denied",
         ),
         (
-            "/request/small?url=http://169.254.169.254/latest",
+            "/request/small?url=http://169.254.169.254/latest&token=test-admin-key-0123456789",
             403,
             "address-denied",
         ),
         (
-            "/request/small?url=http://127.0.0.1/a.jpg&callback=http://192.168.1.1/cb",
+            "/request/small?url=http://127.0.0.1/a.jpg&callback=http://192.168.1.1/cb&token=test-admin-key-0123456789",
             403,
             "address-denied",
         ),

@@ -9,11 +9,37 @@ use kiln::config::{Config, Sources};
 
 use crate::support::{eventually, free_port, RedisServer};
 
+/// Runs each `async fn name(backend: Backend)` as two tests, `embedded::name`
+/// and `redis::name`: one contract, both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::kiln::Backend::Embedded).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::kiln::Backend::Redis).await
+                }
+            )*
+        }
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
     Redis,
 }
+
+/// The admin key every test kiln is configured with.
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 
 /// Config for a test kiln: loopback only, fast timeouts, storage in `dir`,
 /// with `extra` TOML merged over it.
@@ -24,7 +50,8 @@ pub fn test_config_toml(port: u16, dir: &Path, redis: Option<&RedisServer>, extr
     };
     let base = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\ngrace_period_secs = 0\ngraceful_shutdown_timeout_secs = 1\n\
-         [storage]\nurl = \"{}\"\n[network]\nallow = [\"127.0.0.1/32\"]\n[callback]\nbackoff_ms = 50\n{backend}",
+         [storage]\nurl = \"{}\"\n[network]\nallow = [\"127.0.0.1/32\"]\n[callback]\nbackoff_ms = 50\npoll_ms = 50\n\
+         [auth]\nadmin_key = \"{ADMIN_KEY}\"\n{backend}",
         dir.display()
     );
     merged(&base, extra)
@@ -120,9 +147,54 @@ pub async fn until_ready(url: &str) -> reqwest::Response {
     .await
 }
 
-/// A pre-heat URL: `<base>/request/<filter>?url=…[&callback=…]`, encoded.
+/// POSTs `body` as JSON with `key` as a Bearer token; the status and the
+/// answer parsed as JSON (`Null` when it is not JSON).
+pub async fn post_json(
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    send_json(reqwest::Client::new().post(url).json(body), key).await
+}
+
+/// GETs with `key` as a Bearer token; the status and the JSON answer.
+pub async fn get_json(url: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    send_json(reqwest::Client::new().get(url), key).await
+}
+
+async fn send_json(
+    mut request: reqwest::RequestBuilder,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Sets up an account with the admin key; its answer (apiKey, webhookSecret, …).
+pub async fn setup_account(base: &str, root: &str, approx: u64) -> serde_json::Value {
+    let (status, answer) = post_json(
+        &format!("{base}/account_setup"),
+        Some(ADMIN_KEY),
+        &serde_json::json!({"root": root, "approx": approx}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+/// A pre-heat URL with the admin key:
+/// `<base>/request/<filter>?url=…[&callback=…]&token=…`, encoded.
 pub fn preheat_url(base: &str, filter: &str, image_url: &str, callback: Option<&str>) -> String {
     let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("token", ADMIN_KEY);
     query.append_pair("url", image_url);
     if let Some(callback) = callback {
         query.append_pair("callback", callback);

@@ -3,10 +3,12 @@
 //! callback sink, and kiln itself in-process or as child processes.
 
 mod support;
+#[macro_use]
+mod kiln;
 
 mod cli;
 mod distributed;
 mod fetch;
 mod flow;
-mod kiln;
 mod queue_contract;
+mod sais;

@@ -43,6 +43,7 @@ fn fixture(redis: bool, visibility_secs: u64) -> Fixture {
 fn job(original: &str, priority: Priority) -> Job {
     let filters = vec!["small".to_string()];
     Job {
+        stem: None,
         id: kiln::keys::job_id(),
         priority,
         original: original.into(),

@@ -4,7 +4,7 @@
 //! Owns only its listener and connection tasks, all aborted on drop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,33 @@ pub struct Received {
 }
 
 impl Received {
+    /// Checks the Standard Webhooks signature: `webhook-signature` holds a
+    /// `v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>` where the
+    /// key is the base64 after `whsec_` in `secret`.
+    pub fn signature_valid(&self, secret: &str) -> bool {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let (Some(id), Some(timestamp), Some(signatures)) = (
+            self.header("webhook-id"),
+            self.header("webhook-timestamp"),
+            self.header("webhook-signature"),
+        ) else {
+            return false;
+        };
+        let key = engine
+            .decode(secret.trim_start_matches("whsec_"))
+            .expect("secret is base64");
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(&self.raw);
+        let expected = format!("v1,{}", engine.encode(mac.finalize().into_bytes()));
+        signatures.split(' ').any(|s| s == expected)
+    }
+
     /// First value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -42,6 +69,9 @@ impl Received {
 struct State {
     received: Mutex<Vec<Received>>,
     status: AtomicU16,
+    /// Requests still to answer with `failure_status` before `status` applies.
+    failures_left: AtomicUsize,
+    failure_status: AtomicU16,
 }
 
 /// The callback sink. Accepts any method on any path.
@@ -57,6 +87,8 @@ impl CallbackSink {
         let state = Arc::new(State {
             received: Mutex::default(),
             status: AtomicU16::new(200),
+            failures_left: AtomicUsize::new(0),
+            failure_status: AtomicU16::new(500),
         });
         let handler_state = state.clone();
         let (addr, task) = super::http::serve_http(move |req| {
@@ -77,7 +109,15 @@ impl CallbackSink {
                     body,
                     raw,
                 });
-                let status = state.status.load(Ordering::SeqCst);
+                let failing = state
+                    .failures_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let status = if failing {
+                    state.failure_status.load(Ordering::SeqCst)
+                } else {
+                    state.status.load(Ordering::SeqCst)
+                };
                 Ok(Response::builder()
                     .status(status)
                     .body(Full::new(Bytes::new()))
@@ -95,6 +135,12 @@ impl CallbackSink {
             "invalid HTTP status {status}"
         );
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answers `status` to the next `n` requests, then as before.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.state.failure_status.store(status, Ordering::SeqCst);
+        self.state.failures_left.store(n, Ordering::SeqCst);
     }
 
     /// `http://127.0.0.1:<port><path_and_query>`.
