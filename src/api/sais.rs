@@ -232,6 +232,8 @@ impl Context {
                 self.storage
                     .put_key_index(&super::key_digest(&key), &root)
                     .await?;
+                // A look-up of the new key may have been cached as unknown.
+                self.forget_key(&key).await;
                 account.api_key = key;
             }
             account.updated_at = now_secs();
