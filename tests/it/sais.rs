@@ -338,15 +338,32 @@ async fn account_setup_creates_updates_and_refuses() {
         .await
         .unwrap();
     assert_eq!(form.status(), 415);
-    let huge = client
-        .post(&url)
-        .bearer_auth(ADMIN_KEY)
-        .header("content-type", "application/json")
-        .body(vec![b' '; 2 << 20])
-        .send()
+    // An announced body over server.max_body_bytes is refused before it is read.
+    // Raw, since kiln answers and closes while an HTTP client is still sending.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(kiln.base.trim_start_matches("http://"))
         .await
         .unwrap();
-    assert_eq!(huge.status(), 413);
+    socket
+        .write_all(
+            format!(
+                "POST /account_setup HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\n\
+                 Authorization: Bearer {ADMIN_KEY}\r\nContent-Length: {}\r\n\r\n",
+                2 << 20
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // kiln closes the connection after answering: read to its end.
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("kiln answers and closes")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("too-large"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,13 +374,15 @@ async fn wait_true_answers_finished_records_and_failures() {
         "/w.jpg",
         OriginResponse::image("image/jpeg", jpeg(640, 480, [10, 200, 10])),
     );
+    let sink = CallbackSink::start().await;
     let account = setup_account(&kiln.base, "waiter", 100).await;
     let key = account["apiKey"].as_str().unwrap();
     let (status, rows) = post_json(
         &kiln.url("/dispatch_process"),
         Some(key),
         &json!({"root": "waiter", "images": [origin.url("/w.jpg"), origin.url("/missing.jpg"),
-                "ftp://127.0.0.1/x.jpg"], "filters": ["small"], "wait": true}),
+                "ftp://127.0.0.1/x.jpg"], "filters": ["small"], "wait": true,
+                "mediaCallbackUrl": sink.url("/media")}),
     )
     .await;
     assert_eq!(status, 200, "{rows}");
@@ -378,6 +397,16 @@ async fn wait_true_answers_finished_records_and_failures() {
     assert_eq!(rows[1]["error"]["code"], "origin-status");
     assert_eq!(rows[2]["marking"], "failed");
     assert_eq!(rows[2]["error"]["code"], "invalid-url");
+    // The failed download gets a media webhook too, signed like the rest.
+    let failure = eventually(Duration::from_secs(30), "failure webhook", || async {
+        sink.received()
+            .into_iter()
+            .find(|h| h.body["marking"] == "failed")
+    })
+    .await;
+    assert_eq!(failure.body["code"], rows[1]["code"]);
+    assert_eq!(failure.body["error"]["code"], "origin-status");
+    assert_signed(&[failure], account["webhookSecret"].as_str().unwrap());
 
     // Unknown filters and oversized batches are refused before anything is queued.
     let (status, answer) = post_json(
