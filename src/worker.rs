@@ -139,23 +139,7 @@ impl Worker {
             }
             Err(e) => return self.fail(&claimed, &e).await,
         };
-        let deliveries = |subscribers: &[String]| -> Vec<Delivery> {
-            subscribers
-                .iter()
-                .enumerate()
-                .flat_map(|(position, text)| {
-                    let subscriber = Subscriber::decode(text, &job.root);
-                    callback::success_deliveries(
-                        &job.id,
-                        position,
-                        &subscriber,
-                        &record,
-                        &job.filters,
-                    )
-                })
-                .collect()
-        };
-        match self.settle(&claimed, None, deliveries).await {
+        match self.settle(&claimed, Outcome::Done(&record)).await {
             Ok(()) => {
                 tracing::info!(job = %job.id, code = %job.code, ms = started.elapsed().as_millis() as u64, "job done")
             }
@@ -168,20 +152,19 @@ impl Worker {
     /// Webhooks first, ack second: the subscribers' deliveries go to the
     /// outbox before the ack drops them, and again (same ids, so no
     /// duplicates) for any that attached in between.
-    async fn settle(
-        &self,
-        claimed: &Claimed,
-        failure: Option<&str>,
-        deliveries: impl Fn(&[String]) -> Vec<Delivery>,
-    ) -> Result<()> {
+    async fn settle(&self, claimed: &Claimed, outcome: Outcome<'_>) -> Result<()> {
         let attached = self.queue.peek_callbacks(claimed).await?;
-        self.outbox.schedule(&deliveries(&attached)).await?;
-        let all = match failure {
-            None => self.queue.complete(claimed).await?,
-            Some(reason) => self.queue.dead_letter(claimed, reason).await?,
+        self.outbox
+            .schedule(&deliveries(&claimed.job, &attached, &outcome))
+            .await?;
+        let all = match outcome {
+            Outcome::Done(_) => self.queue.complete(claimed).await?,
+            Outcome::Failed(_, reason) => self.queue.dead_letter(claimed, reason).await?,
         };
         if all.len() > attached.len() {
-            self.outbox.schedule(&deliveries(&all)).await?;
+            self.outbox
+                .schedule(&deliveries(&claimed.job, &all, &outcome))
+                .await?;
         }
         Ok(())
     }
@@ -196,18 +179,11 @@ impl Worker {
                 return;
             }
         };
-        let deliveries = |subscribers: &[String]| -> Vec<Delivery> {
-            subscribers
-                .iter()
-                .enumerate()
-                .flat_map(|(position, text)| {
-                    let subscriber = Subscriber::decode(text, &job.root);
-                    callback::failure_deliveries(&job.id, position, &subscriber, &record)
-                })
-                .collect()
-        };
         let reason = format!("{}: {error}", error.code());
-        if let Err(e) = self.settle(claimed, Some(&reason), deliveries).await {
+        if let Err(e) = self
+            .settle(claimed, Outcome::Failed(&record, &reason))
+            .await
+        {
             tracing::warn!(job = %job.id, error = %e, "could not dead-letter job");
         }
     }
@@ -462,6 +438,36 @@ impl Worker {
             Err(e) => Err(Error::Internal(e.to_string())),
         }
     }
+}
+
+/// How a job ended, for its webhooks and its ack.
+enum Outcome<'a> {
+    Done(&'a MediaRecord),
+    /// Dead-lettered with this reason.
+    Failed(&'a MediaRecord, &'a str),
+}
+
+/// The webhooks every attached subscriber gets for an outcome.
+fn deliveries(job: &Job, attached: &[String], outcome: &Outcome<'_>) -> Vec<Delivery> {
+    attached
+        .iter()
+        .enumerate()
+        .flat_map(|(position, text)| {
+            let subscriber = Subscriber::decode(text, &job.root);
+            match outcome {
+                Outcome::Done(record) => callback::success_deliveries(
+                    &job.id,
+                    position,
+                    &subscriber,
+                    record,
+                    &job.filters,
+                ),
+                Outcome::Failed(record, _) => {
+                    callback::failure_deliveries(&job.id, position, &subscriber, record)
+                }
+            }
+        })
+        .collect()
 }
 
 /// Records a finished thumbnail in the SAIS maps.
