@@ -113,6 +113,11 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
     }
     let config = Arc::new(config);
     let filters = Arc::new(FilterSet::from_config(&config)?);
+    for name in &config.sais.default_filters {
+        filters.get(name).map_err(|_| {
+            Error::Config(format!("sais.default_filters: no filter named {name:?}"))
+        })?;
+    }
     let storage = Storage::open(&config.storage.url)?;
     let policy = NetworkPolicy::new(config.allowed_networks()?);
 

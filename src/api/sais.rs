@@ -195,6 +195,7 @@ impl Context {
                     self.storage
                         .put_key_index(&super::key_digest(&account.api_key), &root)
                         .await?;
+                    self.forget_key(&account.api_key).await;
                     (account, true)
                 } else {
                     // Someone else created it a moment ago: update theirs.

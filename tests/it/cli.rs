@@ -56,6 +56,15 @@ fn bad_settings_are_refused_before_anything_binds() {
     let (ok, text) = kiln_cli(&["serve"], &[("KILN_QUEUE__BACKEND", "carrier-pigeon")]);
     assert!(!ok);
     assert!(text.to_lowercase().contains("queue.backend"), "{text}");
+    let (ok, text) = kiln_cli(
+        &["serve"],
+        &[
+            ("KILN_SAIS__DEFAULT_FILTERS", "[\"nope\"]"),
+            ("KILN_SERVER__LISTEN", "127.0.0.1:1"),
+        ],
+    );
+    assert!(!ok);
+    assert!(text.contains("sais.default_filters"), "{text}");
     let (ok, text) = kiln_cli(&["front"], &[]);
     assert!(!ok, "front needs the redis backend");
     assert!(text.contains("redis"), "{text}");
