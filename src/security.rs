@@ -322,8 +322,15 @@ mod tests {
             "ftp://example.com/a.jpg",
             "http://user:pw@example.com/a.jpg",
             "http://127.0.0.1/a.jpg",
+            // Other spellings of loopback and "this host" are judged as what they mean.
             "http://2130706433/a.jpg",
             "http://0x7f.1/a.jpg",
+            "http://0x7f000001/a.jpg",
+            "http://0177.0.0.1/a.jpg",
+            "http://127.1/a.jpg",
+            "http://0/a.jpg",
+            "http://169.254.43518/latest",
+            "http://[::ffff:7f00:1]/a.jpg",
             "http://[::1]/a.jpg",
             "file:///etc/passwd",
         ] {

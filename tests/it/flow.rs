@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::kiln::{preheat_url, until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::support::{
-    decode, dimensions, eventually, format_of, jpeg, jpeg_with_orientation, mean_rgb, png_rgba,
-    CallbackSink, Origin, OriginResponse,
+    decode, dimensions, eventually, format_of, jpeg, jpeg_with_orientation, mean_rgb,
+    png_header_claiming, png_rgba, CallbackSink, Origin, OriginResponse,
 };
 
 on_both_backends!(
@@ -268,9 +268,23 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
         "/page.html",
         OriginResponse::image("text/html", b"<html>hi</html>".to_vec()),
     );
+    // A few dozen bytes claiming 2.5 gigapixels: refused from the header, before any allocation.
+    origin.serve(
+        "/bomb.png",
+        OriginResponse::image("image/png", png_header_claiming(50_000, 50_000)),
+    );
+    origin.serve(
+        "/vector.svg",
+        OriginResponse::image(
+            "image/svg+xml",
+            b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>".to_vec(),
+        ),
+    );
     for (path, error) in [
         ("/gone.jpg", "origin-status"),
         ("/page.html", "unsupported-image"),
+        ("/bomb.png", "image-too-large"),
+        ("/vector.svg", "unsupported-image"),
     ] {
         let request = preheat_url(&kiln.base, "tiny", &origin.url(path), Some(&sink.url(path)));
         assert_eq!(get(&request).await.status(), 202);

@@ -15,8 +15,8 @@ pub mod sink;
 // Re-exports are used by some tests and not others.
 #[allow(unused_imports)]
 pub use images::{
-    decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_rgba,
-    webp_lossless,
+    decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_header_claiming,
+    png_rgba, webp_lossless,
 };
 #[allow(unused_imports)]
 pub use origin::{Origin, OriginRequest, OriginResponse};
