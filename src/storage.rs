@@ -181,6 +181,21 @@ pub struct MediaRecord {
     pub updated_at: i64,
 }
 
+impl MediaRecord {
+    /// A record as first seen: `new`, with an empty context.
+    pub fn new(code: &str, root: &str, original_url: Option<&str>) -> MediaRecord {
+        MediaRecord {
+            code: code.to_string(),
+            root: root.to_string(),
+            original_url: original_url.map(str::to_string),
+            marking: "new".into(),
+            context: serde_json::json!({}),
+            updated_at: now_secs(),
+            ..Default::default()
+        }
+    }
+}
+
 /// One thumbnail of a media record: `new` until rendered, then `done`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", default)]

@@ -389,13 +389,8 @@ impl Worker {
             .media_record(&job.code)
             .await?
             .unwrap_or_else(|| MediaRecord {
-                code: job.code.clone(),
-                root: job.root.clone(),
                 path: Some(job.original.clone()).filter(|p| !p.is_empty()),
-                original_url: job.source_url.clone(),
-                marking: "new".into(),
-                context: serde_json::json!({}),
-                ..Default::default()
+                ..MediaRecord::new(&job.code, &job.root, job.source_url.as_deref())
             }))
     }
 

@@ -210,19 +210,11 @@ impl Context {
             });
         if record.is_none() {
             // Known from now on, so a page asking for the variant gets 202, not 404.
-            let fresh = MediaRecord {
-                code: code.clone(),
-                root: root.clone(),
+            self.create_media(&MediaRecord {
                 path: Some(path.clone()),
-                original_url: Some(url.to_string()),
-                marking: "new".into(),
-                context: serde_json::json!({}),
-                updated_at: crate::storage::now_secs(),
-                ..Default::default()
-            };
-            if self.storage.create_media_record(&fresh).await? {
-                sais::count_new_media(&self.storage, &fresh).await?;
-            }
+                ..MediaRecord::new(&code, &root, Some(url))
+            })
+            .await?;
         }
         let variant = keys::variant_path(filter, &path);
         let exists = self.index.locate(&self.storage, &variant).await?.is_some();

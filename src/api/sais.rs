@@ -14,9 +14,7 @@ use crate::callback::Subscriber;
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::queue::{now_millis, Job, Priority};
-use crate::storage::{
-    normalize_context, now_secs, Account, FailureSummary, MediaRecord, Storage, Thumb,
-};
+use crate::storage::{normalize_context, now_secs, Account, FailureSummary, MediaRecord, Thumb};
 
 /// `POST /account_setup` body.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -119,21 +117,24 @@ pub fn new_account(root: &str, approx: u64, api_key: Option<String>) -> Account 
     }
 }
 
-/// Counts a media record that was just created for its account, and files
-/// its G3 code so newer clients find it.
-pub async fn count_new_media(storage: &Storage, record: &MediaRecord) -> Result<()> {
-    storage
-        .add_account_media(&record.root, &record.code)
-        .await?;
-    if let Some(url) = &record.original_url {
-        storage
-            .put_normalized_alias(&keys::normalized_code(url), &record.root, &record.code)
-            .await?;
-    }
-    Ok(())
-}
-
 impl Context {
+    /// Writes a media record unless one exists; a new one is counted for its
+    /// account and its G3 code filed so newer clients find it.
+    pub async fn create_media(&self, record: &MediaRecord) -> Result<()> {
+        if !self.storage.create_media_record(record).await? {
+            return Ok(());
+        }
+        self.storage
+            .add_account_media(&record.root, &record.code)
+            .await?;
+        if let Some(url) = &record.original_url {
+            self.storage
+                .put_normalized_alias(&keys::normalized_code(url), &record.root, &record.code)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Creates an account, or updates its callback URLs (and key, and approx
     /// while it has no media).
     pub async fn account_setup(
@@ -361,17 +362,10 @@ impl Context {
             Some(record) => record,
             None => {
                 let fresh = MediaRecord {
-                    code: code.to_string(),
-                    root: root.clone(),
-                    original_url: Some(url.to_string()),
-                    marking: "new".into(),
                     context: normalize_context(context.clone().unwrap_or(Value::Null)),
-                    updated_at: now_secs(),
-                    ..Default::default()
+                    ..MediaRecord::new(code, root, Some(url))
                 };
-                if self.storage.create_media_record(&fresh).await? {
-                    count_new_media(&self.storage, &fresh).await?;
-                }
+                self.create_media(&fresh).await?;
                 self.storage.media_record(code).await?.unwrap_or(fresh)
             }
         };
