@@ -277,10 +277,7 @@ impl Context {
         payload: ProcessPayload,
     ) -> Result<Vec<MediaRecord>> {
         let root = self.root_for(caller, payload.root.as_deref())?;
-        let account = match self.storage.account(&root).await? {
-            Some(account) => account,
-            None => self.account_for_root(&root).await?,
-        };
+        let account = self.account_for_root(&root).await?;
         let filters = match payload.filters.as_deref() {
             Some(f) if !f.is_empty() => f.to_vec(),
             _ => self.config.sais.default_filters.clone(),
@@ -404,8 +401,7 @@ impl Context {
             return Ok(record);
         }
 
-        let missing = self.missing_filters(&record, filters).await?;
-        if missing.is_empty() && subscriber.is_empty() {
+        if subscriber.is_empty() && self.all_stored(&record, filters).await? {
             return Ok(record);
         }
         let stem = keys::original_stem(root, account.approx_image_count, code);
@@ -438,27 +434,24 @@ impl Context {
         Ok(record)
     }
 
-    /// The requested filters whose variant is not known to be stored.
-    async fn missing_filters(
-        &self,
-        record: &MediaRecord,
-        filters: &[String],
-    ) -> Result<Vec<String>> {
-        let mut missing = Vec::new();
+    /// Whether every requested variant is recorded as done and is in storage.
+    async fn all_stored(&self, record: &MediaRecord, filters: &[String]) -> Result<bool> {
+        let Some(path) = &record.path else {
+            return Ok(false);
+        };
         for filter in filters {
-            let stored = match (&record.path, record.thumb_data.get(filter)) {
-                (Some(path), Some(thumb)) if thumb.is_done() => self
+            let done = record.thumb_data.get(filter).is_some_and(Thumb::is_done);
+            if !done
+                || self
                     .index
                     .locate(&self.storage, &keys::variant_path(filter, path))
                     .await?
-                    .is_some(),
-                _ => false,
-            };
-            if !stored {
-                missing.push(filter.clone());
+                    .is_none()
+            {
+                return Ok(false);
             }
         }
-        Ok(missing)
+        Ok(true)
     }
 
     /// Re-reads the rows until each is failed or has every filter done, or
