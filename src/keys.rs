@@ -206,7 +206,7 @@ pub fn account_path(root: &str) -> String {
 
 /// A marker per media of an account; listing them counts the account's media.
 pub fn account_media_marker(root: &str, code: &str) -> String {
-    format!("accounts/{root}/media/{code}")
+    format!("{}/{code}", account_media_prefix(root))
 }
 
 pub fn account_media_prefix(root: &str) -> String {
@@ -215,7 +215,7 @@ pub fn account_media_prefix(root: &str) -> String {
 
 /// Where a G3 (normalised-URL) code points at an account's record.
 pub fn normalized_alias_path(normalized_code: &str, root: &str) -> String {
-    format!("meta/g3/{normalized_code}/{root}.json")
+    format!("{}/{root}.json", normalized_alias_prefix(normalized_code))
 }
 
 pub fn normalized_alias_prefix(normalized_code: &str) -> String {

@@ -295,11 +295,8 @@ impl Storage {
 
     /// Files an account's key (by digest) so a presented key finds its account.
     pub async fn put_key_index(&self, digest: &str, root: &str) -> Result<()> {
-        self.put_json(
-            &crate::keys::api_key_path(digest),
-            &serde_json::json!({ "root": root }),
-        )
-        .await
+        self.put_pointer(&crate::keys::api_key_path(digest), "root", root)
+            .await
     }
 
     pub async fn delete_key_index(&self, digest: &str) -> Result<()> {
@@ -314,9 +311,8 @@ impl Storage {
     }
 
     pub async fn root_for_key(&self, digest: &str) -> Result<Option<String>> {
-        let entry: Option<serde_json::Value> =
-            self.get_json(&crate::keys::api_key_path(digest)).await?;
-        Ok(entry.and_then(|e| e["root"].as_str().map(str::to_string)))
+        self.get_pointer(&crate::keys::api_key_path(digest), "root")
+            .await
     }
 
     /// Counts an account's media: one empty marker per code, so counting
@@ -345,9 +341,10 @@ impl Storage {
         root: &str,
         code: &str,
     ) -> Result<()> {
-        self.put_json(
+        self.put_pointer(
             &crate::keys::normalized_alias_path(normalized, root),
-            &serde_json::json!({ "code": code }),
+            "code",
+            code,
         )
         .await
     }
@@ -370,11 +367,21 @@ impl Storage {
                     .map(|meta| meta.location.to_string())
             }
         };
-        let Some(alias_path) = alias_path else {
-            return Ok(None);
-        };
-        let alias: Option<serde_json::Value> = self.get_json(&alias_path).await?;
-        Ok(alias.and_then(|a| a["code"].as_str().map(str::to_string)))
+        match alias_path {
+            Some(alias_path) => self.get_pointer(&alias_path, "code").await,
+            None => Ok(None),
+        }
+    }
+
+    /// A small index file naming one thing: `{"<field>": "<value>"}`.
+    async fn put_pointer(&self, path: &str, field: &str, value: &str) -> Result<()> {
+        self.put_json(path, &serde_json::json!({ field: value }))
+            .await
+    }
+
+    async fn get_pointer(&self, path: &str, field: &str) -> Result<Option<String>> {
+        let pointer: Option<serde_json::Value> = self.get_json(path).await?;
+        Ok(pointer.and_then(|p| p[field].as_str().map(str::to_string)))
     }
 
     async fn create_json<T: Serialize>(&self, path: &str, value: &T) -> Result<bool> {
