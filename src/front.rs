@@ -401,11 +401,6 @@ impl Front {
         });
         let path = header.uri.path().to_string();
         let query = header.uri.query().map(str::to_string);
-        let bearer = bearer.or_else(|| {
-            url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v.into_owned())
-        });
         let limit = self.ctx.config.server.max_body_bytes;
         let too_large = |method: &Method| {
             ReadFailure::Reply(
@@ -434,7 +429,7 @@ impl Front {
                 }
             }
         }
-        Ok(Request {
+        let mut request = Request {
             method,
             path,
             query,
@@ -442,7 +437,14 @@ impl Front {
             bearer,
             content_type,
             body: body.freeze(),
-        })
+        };
+        if request.bearer.is_none() {
+            request.bearer = request
+                .query_pairs()
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned());
+        }
+        Ok(request)
     }
 }
 
