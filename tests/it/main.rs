@@ -8,7 +8,9 @@ mod kiln;
 
 mod cli;
 mod distributed;
+mod faults;
 mod fetch;
 mod flow;
+mod hostile;
 mod queue_contract;
 mod sais;
