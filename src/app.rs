@@ -20,7 +20,6 @@ use crate::index::Index;
 use crate::keys::RedisKeys;
 use crate::queue::{EmbeddedQueue, Queue, RedisQueue};
 use crate::redis_conn::RedisHandle;
-use crate::security::NetworkPolicy;
 use crate::storage::Storage;
 use crate::worker::Worker;
 
@@ -119,7 +118,7 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
         })?;
     }
     let storage = Storage::open(&config.storage.url)?;
-    let policy = NetworkPolicy::new(config.allowed_networks()?);
+    let policy = config.network_policy()?;
 
     let front_backends = backends(&config)?;
     // Embedded parts must be shared in-process; Redis clients stay per runtime.

@@ -85,6 +85,11 @@ pub struct QueueConfig {
     pub visibility_timeout_secs: u64,
     /// Attempts before dead-lettering. Default 5.
     pub max_attempts: u32,
+    /// Milliseconds before retrying a job that failed retryably (timeout,
+    /// 5xx, 429); doubles each attempt. Default 2000.
+    pub retry_backoff_ms: u64,
+    /// Longest wait between two attempts, in milliseconds. Default 300 000.
+    pub max_retry_backoff_ms: u64,
     /// Jobs one worker process runs at once. Default 2.
     pub worker_concurrency: usize,
     /// Milliseconds a claim blocks waiting for work. Default 1000.
@@ -104,6 +109,9 @@ pub struct RedisConfig {
     pub group: String,
     /// Milliseconds to connect or answer. Default 2000.
     pub timeout_ms: u64,
+    /// Milliseconds Redis calls fail at once after a connection failure,
+    /// before one call probes again. Default 1000.
+    pub breaker_cooldown_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +127,9 @@ pub struct IndexConfig {
     pub hot_max_object_bytes: u64,
     /// Seconds a negative answer (not stored / original missing) is remembered. Default 2.
     pub negative_ttl_secs: u64,
+    /// Seconds a variant whose job failed for good answers that failure
+    /// instead of being queued again. Default 300.
+    pub failure_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +137,8 @@ pub struct IndexConfig {
 pub struct FetchConfig {
     /// Milliseconds to connect to an origin. Default 5000.
     pub connect_timeout_ms: u64,
+    /// Milliseconds from sending the request to the response headers. Default 10 000.
+    pub first_byte_timeout_ms: u64,
     /// Milliseconds for a whole download. Default 30 000.
     pub total_timeout_ms: u64,
     /// Largest original, bytes. Default 50 MiB.
@@ -201,6 +214,11 @@ pub struct ImagingConfig {
 pub struct NetworkConfig {
     /// CIDRs fetches and callbacks may reach although non-public. Default none.
     pub allow: Vec<String>,
+    /// Host names fetches and callbacks may reach whatever they resolve to;
+    /// `.example.com` covers subdomains. Default none.
+    pub allow_hosts: Vec<String>,
+    /// DNS servers (`ip:port`) to resolve with; empty = the system resolver.
+    pub nameservers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -323,7 +341,7 @@ impl Config {
         if self.sais.max_images == 0 {
             return bad("sais.max_images", "must be at least 1".into());
         }
-        self.allowed_networks()?;
+        self.network_policy()?;
         Ok(())
     }
 
@@ -350,6 +368,25 @@ impl Config {
                     .map_err(|_| Error::Config(format!("network.allow: {cidr:?} is not a CIDR")))
             })
             .collect()
+    }
+
+    /// What fetches and callbacks may reach, and how names resolve.
+    pub fn network_policy(&self) -> Result<crate::security::NetworkPolicy> {
+        let nameservers = self
+            .network
+            .nameservers
+            .iter()
+            .map(|addr| {
+                addr.parse::<SocketAddr>().map_err(|_| {
+                    Error::Config(format!("network.nameservers: {addr:?} is not ip:port"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(
+            crate::security::NetworkPolicy::new(self.allowed_networks()?)
+                .with_allowed_hosts(self.network.allow_hosts.clone())
+                .with_nameservers(nameservers),
+        )
     }
 }
 

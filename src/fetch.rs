@@ -1,6 +1,6 @@
-//! Downloads an original through the SSRF-guarded client: deadlines, a
-//! redirect cap, a byte cap enforced while streaming, and a check that the
-//! bytes are an image kiln decodes.
+//! Downloads an original through the SSRF-guarded client: connect,
+//! first-byte and total deadlines, a redirect cap, a byte cap enforced while
+//! streaming, and a check that the bytes are an image kiln decodes.
 
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     policy: NetworkPolicy,
     max_bytes: u64,
+    first_byte_timeout: Duration,
 }
 
 impl Fetcher {
@@ -40,17 +41,22 @@ impl Fetcher {
             client,
             policy,
             max_bytes: config.max_bytes,
+            first_byte_timeout: Duration::from_millis(config.first_byte_timeout_ms),
         })
     }
 
     pub async fn fetch(&self, raw_url: &str) -> Result<Fetched> {
         let url = crate::security::parse_outbound_url(raw_url, &self.policy)?;
-        let mut response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| classify_client_error(&e, raw_url))?;
+        let mut response =
+            tokio::time::timeout(self.first_byte_timeout, self.client.get(url).send())
+                .await
+                .map_err(|_| {
+                    Error::Timeout(format!(
+                        "{raw_url}: no response headers within {} ms",
+                        self.first_byte_timeout.as_millis()
+                    ))
+                })?
+                .map_err(|e| classify_client_error(&e, raw_url))?;
         let status = response.status().as_u16();
         if status != 200 {
             return Err(Error::OriginStatus {

@@ -15,7 +15,7 @@ use pingora_http::ResponseHeader;
 
 use crate::api::Context;
 use crate::error::{Error, Result};
-use crate::index::VariantInfo;
+use crate::index::{Failure, VariantInfo};
 use crate::keys;
 use crate::security::normalize_path;
 
@@ -226,6 +226,9 @@ impl Front {
             }
         }
 
+        if let Some(failure) = index.failure(&variant).await {
+            return Ok(self.failed(&failure));
+        }
         let original_absent = format!("original:{path}");
         if index.is_known_absent(&original_absent).await {
             return Err(Error::SourceNotFound(path));
@@ -275,6 +278,24 @@ impl Front {
             .header("etag", info.etag.clone())
             .header("cache-control", cache_control)
             .header("last-modified", last_modified)
+    }
+
+    /// A variant whose job failed for good: its error. A client error (bad
+    /// original) is cacheable while kiln remembers it, so a CDN does not ask
+    /// again meanwhile; a server-side one (origin down) is not.
+    fn failed(&self, failure: &Failure) -> Reply {
+        let body = serde_json::json!({"error": failure.code, "message": failure.message});
+        let cache_control = if failure.status < 500 {
+            format!("public, max-age={}", self.ctx.config.index.failure_ttl_secs)
+        } else {
+            "no-store".to_string()
+        };
+        Reply::new(
+            failure.status,
+            "application/json",
+            Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+        )
+        .header("cache-control", cache_control)
     }
 
     fn busy(&self) -> Reply {

@@ -1,6 +1,7 @@
 //! "Does this variant exist, with what size, ETag and type": moka in front of
 //! Redis hashes (embedded: moka only), plus a size-weighted moka cache of hot
-//! variant bytes and short-lived negative answers. An index is a hint over
+//! variant bytes, short-lived negative answers, and expiring failures of
+//! variants whose jobs failed for good. An index is a hint over
 //! storage: losing it costs a storage read, never a wrong answer.
 
 use std::sync::Arc;
@@ -42,6 +43,15 @@ impl VariantInfo {
     }
 }
 
+/// Why a variant's job failed for good; answered instead of queueing the
+/// same doomed job again, until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+    pub status: u16,
+}
+
 /// Where a lookup found its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -54,6 +64,8 @@ pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
     hot: Cache<String, Bytes>,
     absent: Cache<String, ()>,
+    failed: Cache<String, Arc<Failure>>,
+    failure_ttl: Duration,
     hot_max_object_bytes: u64,
     redis: Option<(Arc<RedisHandle>, RedisKeys)>,
 }
@@ -75,6 +87,11 @@ impl Index {
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
                 .build(),
+            failed: Cache::builder()
+                .max_capacity(config.max_entries)
+                .time_to_live(Duration::from_secs(config.failure_ttl_secs.max(1)))
+                .build(),
+            failure_ttl: Duration::from_secs(config.failure_ttl_secs.max(1)),
             hot_max_object_bytes: config.hot_max_object_bytes,
             redis,
         }
@@ -152,7 +169,7 @@ impl Index {
     pub async fn mark(&self, variant: &str, info: VariantInfo) -> Result<()> {
         if let Some((handle, keys)) = &self.redis {
             let mut conn = handle.conn().await?;
-            let () = conn
+            let () = redis::pipe()
                 .hset_multiple(
                     keys.variant_index(variant),
                     &[
@@ -162,9 +179,14 @@ impl Index {
                         ("mtime", info.last_modified.to_string()),
                     ],
                 )
+                .ignore()
+                .del(keys.variant_failure(variant))
+                .ignore()
+                .query_async(&mut conn)
                 .await?;
         }
         self.absent.invalidate(variant).await;
+        self.failed.invalidate(variant).await;
         self.entries
             .insert(variant.to_string(), Arc::new(info))
             .await;
@@ -177,6 +199,49 @@ impl Index {
         if let Err(e) = self.mark(variant, info).await {
             tracing::warn!(error = %e, variant, "could not record variant in the index");
         }
+    }
+
+    /// Records that this variant's job failed for good.
+    pub async fn mark_failed(&self, variant: &str, failure: Failure) -> Result<()> {
+        if let Some((handle, keys)) = &self.redis {
+            let mut conn = handle.conn().await?;
+            let () = conn
+                .set_ex(
+                    keys.variant_failure(variant),
+                    serde_json::to_string(&failure)?,
+                    self.failure_ttl.as_secs(),
+                )
+                .await?;
+        }
+        self.failed
+            .insert(variant.to_string(), Arc::new(failure))
+            .await;
+        Ok(())
+    }
+
+    /// The failure recorded for this variant, if it has not expired. A Redis
+    /// failure answers "none": the miss is then queued as usual.
+    pub async fn failure(&self, variant: &str) -> Option<Arc<Failure>> {
+        if let Some(failure) = self.failed.get(variant).await {
+            return Some(failure);
+        }
+        let (handle, keys) = self.redis.as_ref()?;
+        let found: Result<Option<String>> = async {
+            let mut conn = handle.conn().await?;
+            Ok(conn.get(keys.variant_failure(variant)).await?)
+        }
+        .await;
+        let failure: Failure = match found {
+            Ok(Some(json)) => serde_json::from_str(&json).ok()?,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "failure look-up in Redis failed");
+                return None;
+            }
+        };
+        // Not copied into memory: the Redis entry carries the expiry, and a
+        // render elsewhere clears it.
+        Some(Arc::new(failure))
     }
 
     pub async fn hot_get(&self, variant: &str) -> Option<Bytes> {

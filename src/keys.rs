@@ -276,6 +276,11 @@ impl RedisKeys {
         format!("{}jobs:{priority}", self.prefix)
     }
 
+    /// Jobs of this priority backing off before a retry (a sorted set by due time).
+    pub fn delayed(&self, priority: &str) -> String {
+        format!("{}jobs:{priority}:delayed", self.prefix)
+    }
+
     pub fn dead_letter(&self) -> String {
         format!("{}jobs:dead", self.prefix)
     }
@@ -302,6 +307,11 @@ impl RedisKeys {
     /// Deliveries that ran out of attempts, newest first.
     pub fn webhooks_dead(&self) -> String {
         format!("{}{{webhooks}}:dead", self.prefix)
+    }
+
+    /// A variant whose job failed for good (JSON, expiring).
+    pub fn variant_failure(&self, variant_path: &str) -> String {
+        format!("{}failed:{variant_path}", self.prefix)
     }
 
     pub fn variant_index(&self, variant_path: &str) -> String {

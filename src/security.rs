@@ -11,15 +11,34 @@ use percent_encoding::percent_decode_str;
 
 use crate::error::{Error, Result};
 
-/// Which addresses outbound connections may reach.
+/// Which addresses outbound connections may reach, and which DNS servers
+/// turn host names into addresses.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkPolicy {
     allow: Vec<IpNet>,
+    /// Host names whose every address may be dialled; `.example.com` also
+    /// covers its subdomains.
+    allow_hosts: Vec<String>,
+    /// DNS servers to ask; empty = the system resolver.
+    nameservers: Vec<SocketAddr>,
 }
 
 impl NetworkPolicy {
     pub fn new(allow: Vec<IpNet>) -> Self {
-        NetworkPolicy { allow }
+        NetworkPolicy {
+            allow,
+            ..Default::default()
+        }
+    }
+
+    pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.allow_hosts = hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+        self
+    }
+
+    pub fn with_nameservers(mut self, nameservers: Vec<SocketAddr>) -> Self {
+        self.nameservers = nameservers;
+        self
     }
 
     /// Public unicast addresses are allowed; everything else only when an
@@ -27,6 +46,17 @@ impl NetworkPolicy {
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.allow.iter().any(|net| net.contains(&ip)) || is_public(ip)
+    }
+
+    /// Whether an operator named this host as reachable whatever it resolves to.
+    pub fn is_allowed_host(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.allow_hosts
+            .iter()
+            .any(|entry| match entry.strip_prefix('.') {
+                Some(suffix) => host == suffix || host.ends_with(entry.as_str()),
+                None => host == *entry,
+            })
     }
 
     pub fn check(&self, ip: IpAddr) -> Result<()> {
@@ -68,29 +98,78 @@ pub fn parse_outbound_url(raw: &str, policy: &NetworkPolicy) -> Result<url::Url>
 }
 
 /// Resolves host names for the HTTP client and keeps only allowed addresses,
-/// so the address dialled is the address judged.
+/// so the address dialled is the address judged: a name that resolves
+/// differently the second time (DNS rebinding) is judged again.
 struct GuardedResolver {
     policy: NetworkPolicy,
+    dns: Option<hickory_resolver::TokioResolver>,
+}
+
+impl GuardedResolver {
+    fn new(policy: &NetworkPolicy) -> GuardedResolver {
+        let dns = (!policy.nameservers.is_empty()).then(|| {
+            use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+            use hickory_resolver::proto::xfer::Protocol;
+            let mut config = ResolverConfig::new();
+            for addr in &policy.nameservers {
+                config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
+            }
+            let mut opts = ResolverOpts::default();
+            // Every connection asks again: a cached answer must not outlive its TTL.
+            opts.cache_size = 0;
+            opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
+            let mut builder = hickory_resolver::TokioResolver::builder_with_config(
+                config,
+                hickory_resolver::name_server::TokioConnectionProvider::default(),
+            );
+            *builder.options_mut() = opts;
+            builder.build()
+        });
+        GuardedResolver {
+            policy: policy.clone(),
+            dns,
+        }
+    }
+
+    async fn lookup(&self, host: &str) -> Result<Vec<IpAddr>> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::OriginUnreachable(format!("cannot resolve {host}: {e}"))
+        };
+        match &self.dns {
+            Some(dns) => Ok(dns
+                .lookup_ip(host)
+                .await
+                .map_err(|e| unreachable(&e))?
+                .iter()
+                .collect()),
+            None => Ok(tokio::net::lookup_host((host, 0))
+                .await
+                .map_err(|e| unreachable(&e))?
+                .map(|addr| addr.ip())
+                .collect()),
+        }
+    }
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
+        let this = GuardedResolver {
+            policy: self.policy.clone(),
+            dns: self.dns.clone(),
+        };
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await
-                .map_err(|e| Error::OriginUnreachable(format!("cannot resolve {host}: {e}")))?
-                .collect();
+            let resolved = this.lookup(&host).await?;
+            let host_allowed = this.policy.is_allowed_host(&host);
             let allowed: Vec<SocketAddr> = resolved
                 .iter()
-                .copied()
-                .filter(|addr| policy.is_allowed(addr.ip()))
+                .filter(|ip| host_allowed || this.policy.is_allowed(**ip))
+                .map(|ip| SocketAddr::new(*ip, 0))
                 .collect();
             if allowed.is_empty() {
                 let shown = resolved
                     .first()
-                    .map_or("no address".into(), |a| a.ip().to_string());
+                    .map_or("no address".into(), |ip| ip.to_string());
                 let denied: Box<dyn std::error::Error + Send + Sync> =
                     Box::new(Error::AddressDenied(format!("{host} resolves to {shown}")));
                 return Err(denied);
@@ -126,9 +205,7 @@ pub fn guarded_client(policy: &NetworkPolicy, limits: &ClientLimits) -> Result<r
     });
     reqwest::Client::builder()
         .no_proxy()
-        .dns_resolver(Arc::new(GuardedResolver {
-            policy: policy.clone(),
-        }))
+        .dns_resolver(Arc::new(GuardedResolver::new(policy)))
         .redirect(redirects)
         .connect_timeout(limits.connect_timeout)
         .timeout(limits.total_timeout)

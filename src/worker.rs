@@ -1,8 +1,8 @@
 //! The job pipeline: claim, load the original (storage, or fetch and
 //! archive), decode once, render every wanted filter on the bounded blocking
 //! pool, store, index, update the media record, schedule the webhooks in the
-//! outbox, complete. Retryable failures are left unacked for a later
-//! attempt; permanent ones and jobs out of attempts are dead-lettered with a
+//! outbox, complete. Retryable failures wait out a doubling backoff in the
+//! queue; permanent ones and jobs out of attempts are dead-lettered with a
 //! failure webhook.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::fetch::Fetcher;
 use crate::filter::{FilterSet, Preset};
 use crate::imaging::{self, Limits};
-use crate::index::{Index, VariantInfo};
+use crate::index::{Failure, Index, VariantInfo};
 use crate::keys;
 use crate::queue::{Claimed, Job, Queue};
 use crate::storage::{now_secs, FailureSummary, MediaRecord, Storage, Thumb};
@@ -35,6 +35,8 @@ pub struct Worker {
     pub concurrency: usize,
     pub claim_wait: Duration,
     pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
     pub shutdown_deadline: Duration,
     pub consumer: String,
 }
@@ -48,7 +50,7 @@ impl Worker {
         filters: Arc<FilterSet>,
         outbox: Arc<dyn Outbox>,
     ) -> Result<Worker> {
-        let policy = crate::security::NetworkPolicy::new(config.allowed_networks()?);
+        let policy = config.network_policy()?;
         Ok(Worker {
             queue,
             storage,
@@ -62,6 +64,8 @@ impl Worker {
             concurrency: config.queue.worker_concurrency,
             claim_wait: Duration::from_millis(config.queue.claim_block_ms),
             max_attempts: config.queue.max_attempts,
+            retry_backoff: Duration::from_millis(config.queue.retry_backoff_ms),
+            max_retry_backoff: Duration::from_millis(config.queue.max_retry_backoff_ms),
             shutdown_deadline: Duration::from_secs(config.queue.shutdown_deadline_secs),
             consumer: format!(
                 "{}-{}-{:08x}",
@@ -134,7 +138,12 @@ impl Worker {
         let record = match self.process(job).await {
             Ok(record) => record,
             Err(e) if e.is_retryable() && claimed.attempt < self.max_attempts => {
-                tracing::warn!(job = %job.id, attempt = claimed.attempt, error = %e, "job failed; left for retry");
+                let delay = backoff(self.retry_backoff, self.max_retry_backoff, claimed.attempt);
+                tracing::warn!(job = %job.id, attempt = claimed.attempt, retry_in_ms = delay.as_millis() as u64, error = %e, "job failed; will retry");
+                if let Err(park) = self.queue.retry_later(&claimed, delay).await {
+                    // Still unacked: reclaimed after the visibility timeout instead.
+                    tracing::warn!(job = %job.id, error = %park, "could not schedule the retry");
+                }
                 return;
             }
             Err(e) => return self.fail(&claimed, &e).await,
@@ -179,6 +188,25 @@ impl Worker {
                 return;
             }
         };
+        // Misses of these variants answer the failure instead of queueing it again.
+        if let Some(original) = record
+            .path
+            .as_deref()
+            .or(Some(job.original.as_str()))
+            .filter(|p| !p.is_empty())
+        {
+            for filter in &job.filters {
+                let failure = Failure {
+                    code: error.code().to_string(),
+                    message: error.to_string(),
+                    status: error.status(),
+                };
+                let variant = keys::variant_path(filter, original);
+                if let Err(e) = self.index.mark_failed(&variant, failure).await {
+                    tracing::warn!(job = %job.id, error = %e, "could not record the failed variant");
+                }
+            }
+        }
         let reason = format!("{}: {error}", error.code());
         if let Err(e) = self
             .settle(claimed, Outcome::Failed(&record, &reason))
@@ -465,6 +493,13 @@ fn deliveries(job: &Job, attached: &[String], outcome: &Outcome<'_>) -> Vec<Deli
         .collect()
 }
 
+/// The wait before attempt `attempt + 1`: `first` doubled per failed attempt, capped.
+fn backoff(first: Duration, longest: Duration, attempt: u32) -> Duration {
+    first
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(longest)
+}
+
 /// Records a finished thumbnail in the SAIS maps.
 fn note_thumb(record: &mut MediaRecord, filter: &str, thumb: Thumb) {
     if let Some(url) = &thumb.url {
@@ -488,4 +523,23 @@ fn dimensions(bytes: &[u8]) -> (u32, u32) {
         .ok()
         .and_then(|r| r.into_dimensions().ok())
         .unwrap_or((0, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_per_attempt_up_to_the_cap() {
+        let first = Duration::from_millis(2000);
+        let cap = Duration::from_secs(300);
+        let waits: Vec<u64> = (1..=10)
+            .map(|attempt| backoff(first, cap, attempt).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            waits,
+            [2000, 4000, 8000, 16000, 32000, 64000, 128000, 256000, 300000, 300000]
+        );
+        assert_eq!(backoff(first, cap, u32::MAX), cap);
+    }
 }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::filter::FilterSet;
 use crate::index::Index;
 use crate::keys;
-use crate::queue::{now_millis, Job, Priority, Queue};
+use crate::queue::{Job, Priority, Queue};
 use crate::security::{keys_match, NetworkPolicy};
 use crate::storage::{Account, MediaRecord, Storage};
 
@@ -223,19 +223,15 @@ impl Context {
         } else {
             // Even when the variant exists a callback was asked for: the
             // worker sends it, since the front makes no outbound calls.
-            let filters = vec![filter.to_string()];
-            let job = Job {
-                id: keys::job_id(),
-                priority: Priority::Preheat,
-                dedupe: keys::dedupe_key(&path, &filters),
-                original: path.clone(),
-                stem: None,
-                source_url: Some(url.to_string()),
-                root: root.clone(),
-                code: code.clone(),
-                filters,
-                enqueued_at_ms: now_millis(),
-            };
+            let job = Job::new(
+                Priority::Preheat,
+                &path,
+                None,
+                Some(url.to_string()),
+                &root,
+                &code,
+                vec![filter.to_string()],
+            );
             let subscriber = callback.map(|url| {
                 Subscriber {
                     root: root.clone(),
@@ -280,23 +276,19 @@ impl Context {
         original: &str,
         source_url: Option<String>,
     ) -> Result<bool> {
-        let filters = vec![filter.to_string()];
         let root = original.split('/').next().unwrap_or_default().to_string();
         let code = keys::code_from_path(original)
             .map(str::to_string)
             .unwrap_or_else(|| keys::media_code(original, ""));
-        let job = Job {
-            id: keys::job_id(),
-            priority: Priority::Urgent,
-            dedupe: keys::dedupe_key(original, &filters),
-            original: original.to_string(),
-            stem: None,
+        let job = Job::new(
+            Priority::Urgent,
+            original,
+            None,
             source_url,
-            root,
-            code,
-            filters,
-            enqueued_at_ms: now_millis(),
-        };
+            &root,
+            &code,
+            vec![filter.to_string()],
+        );
         self.queue.enqueue(&job, None).await
     }
 }

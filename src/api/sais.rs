@@ -13,7 +13,7 @@ use super::{Caller, Context};
 use crate::callback::Subscriber;
 use crate::error::{Error, Result};
 use crate::keys;
-use crate::queue::{now_millis, Job, Priority};
+use crate::queue::{Job, Priority};
 use crate::storage::{normalize_context, now_secs, Account, FailureSummary, MediaRecord, Thumb};
 
 /// `POST /account_setup` body.
@@ -406,29 +406,20 @@ impl Context {
         }
         let stem = keys::original_stem(root, account.approx_image_count, code);
         let original = record.path.clone().unwrap_or_default();
-        let job = Job {
-            id: keys::job_id(),
-            priority: if wait {
-                Priority::Urgent
-            } else {
-                Priority::Preheat
-            },
-            dedupe: keys::dedupe_key(
-                if original.is_empty() {
-                    &stem
-                } else {
-                    &original
-                },
-                filters,
-            ),
-            original,
-            stem: Some(stem),
-            source_url: Some(url.to_string()),
-            root: root.clone(),
-            code: code.to_string(),
-            filters: filters.to_vec(),
-            enqueued_at_ms: now_millis(),
+        let priority = if wait {
+            Priority::Urgent
+        } else {
+            Priority::Preheat
         };
+        let job = Job::new(
+            priority,
+            &original,
+            Some(stem),
+            Some(url.to_string()),
+            root,
+            code,
+            filters.to_vec(),
+        );
         let encoded = (!subscriber.is_empty()).then(|| subscriber.encode());
         self.queue.enqueue(&job, encoded.as_deref()).await?;
         Ok(record)

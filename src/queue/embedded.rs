@@ -1,6 +1,6 @@
 //! In-process queue with the Redis backend's semantics: dedupe with an
 //! in-flight TTL, attached callbacks, urgent before pre-heat, reclaim after
-//! the visibility timeout, dead letters. Nothing survives a restart.
+//! the visibility timeout, delayed retries, dead letters. Nothing survives a restart.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -27,7 +27,23 @@ struct State {
     inflight: HashMap<String, (String, Instant)>,
     callbacks: HashMap<String, Vec<String>>,
     dead: Vec<(Job, String)>,
+    /// Jobs backing off after a retryable failure: due time, job, attempts so far.
+    delayed: Vec<(Instant, Job, u32)>,
     next_receipt: u64,
+}
+
+impl State {
+    fn requeue(&mut self, job: Job, attempts: u32) {
+        let queue = match job.priority {
+            Priority::Urgent => &mut self.urgent,
+            Priority::Preheat => &mut self.preheat,
+        };
+        queue.push_front((job, attempts));
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.delayed.iter().map(|(at, _, _)| *at).min()
+    }
 }
 
 pub struct EmbeddedQueue {
@@ -58,12 +74,15 @@ impl EmbeddedQueue {
             .collect();
         for receipt in stale {
             if let Some(p) = state.pending.remove(&receipt) {
-                let queue = match p.job.priority {
-                    Priority::Urgent => &mut state.urgent,
-                    Priority::Preheat => &mut state.preheat,
-                };
-                queue.push_front((p.job, p.attempt));
+                state.requeue(p.job, p.attempt);
             }
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.delayed)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        state.delayed = waiting;
+        for (_, job, attempts) in due {
+            state.requeue(job, attempts);
         }
         let (job, previous_attempts) = state
             .urgent
@@ -154,8 +173,12 @@ impl Queue for EmbeddedQueue {
             if left.is_zero() {
                 return Ok(None);
             }
-            // Wake for new work, or in time to reclaim stale work.
-            let nap = left.min(self.visibility_timeout);
+            // Wake for new work, in time to reclaim stale work, or when a
+            // backing-off job is due.
+            let mut nap = left.min(self.visibility_timeout);
+            if let Some(due) = self.state.lock().next_due() {
+                nap = nap.min(due.saturating_duration_since(Instant::now()));
+            }
             let _ = tokio::time::timeout(nap, notified).await;
         }
     }
@@ -177,11 +200,29 @@ impl Queue for EmbeddedQueue {
         Ok(self.finish(claimed, Some(reason)))
     }
 
+    async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()> {
+        let mut state = self.state.lock();
+        if state.pending.remove(&claimed.receipt).is_none() {
+            return Ok(()); // Reclaimed meanwhile: the other holder retries it.
+        }
+        let due = Instant::now() + delay;
+        if let Some((id, expires)) = state.inflight.get_mut(&claimed.job.dedupe) {
+            if *id == claimed.job.id {
+                *expires = (*expires).max(due + self.inflight_ttl);
+            }
+        }
+        state
+            .delayed
+            .push((due, claimed.job.clone(), claimed.attempt));
+        Ok(())
+    }
+
     async fn depths(&self) -> Result<Depths> {
         let state = self.state.lock();
         Ok(Depths {
             urgent: state.urgent.len() as u64,
             preheat: state.preheat.len() as u64,
+            delayed: state.delayed.len() as u64,
             dead: state.dead.len() as u64,
         })
     }

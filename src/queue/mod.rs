@@ -53,6 +53,44 @@ pub struct Job {
     /// Jobs with the same key are one job.
     pub dedupe: String,
     pub enqueued_at_ms: u64,
+    /// Failed attempts before this copy was put back to wait (Redis backend:
+    /// a retried job is a new stream entry, whose own delivery count restarts).
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+impl Job {
+    /// A fresh job rendering `filters` of the original stored at `original`,
+    /// or (`original` empty) of the one to be downloaded to `<stem>.<ext>`.
+    /// Jobs for the same original and filters share a dedupe key.
+    pub fn new(
+        priority: Priority,
+        original: &str,
+        stem: Option<String>,
+        source_url: Option<String>,
+        root: &str,
+        code: &str,
+        filters: Vec<String>,
+    ) -> Job {
+        let names = if original.is_empty() {
+            stem.as_deref().unwrap_or_default()
+        } else {
+            original
+        };
+        Job {
+            id: crate::keys::job_id(),
+            priority,
+            dedupe: crate::keys::dedupe_key(names, &filters),
+            original: original.to_string(),
+            stem,
+            source_url,
+            root: root.to_string(),
+            code: code.to_string(),
+            filters,
+            enqueued_at_ms: now_millis(),
+            attempts: 0,
+        }
+    }
 }
 
 /// A job a worker holds until it completes, fails or lets go of it.
@@ -69,6 +107,8 @@ pub struct Claimed {
 pub struct Depths {
     pub urgent: u64,
     pub preheat: u64,
+    /// Jobs backing off before a retry.
+    pub delayed: u64,
     pub dead: u64,
 }
 
@@ -94,7 +134,12 @@ pub trait Queue: Send + Sync {
     /// and returns its callbacks.
     async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>>;
 
-    /// Jobs waiting per stream, and dead letters.
+    /// Failed but worth another try: lets go of the job so it can be claimed
+    /// again after `delay`, counting this attempt. Its in-flight mark and
+    /// callbacks stay, so misses meanwhile attach instead of enqueueing.
+    async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()>;
+
+    /// Jobs waiting per stream, backing off, and dead letters.
     async fn depths(&self) -> Result<Depths>;
 
     async fn ping(&self) -> Result<()>;

@@ -1,8 +1,10 @@
 //! Redis backend: one stream per priority read through a consumer group,
 //! dedupe and completion as Lua scripts from `lua/`, stuck entries taken
-//! over with XAUTOCLAIM after the visibility timeout. Redis 7.0 commands only.
+//! over with XAUTOCLAIM after the visibility timeout, retries parked in a
+//! sorted set until their backoff is over. Redis 7.0 commands only.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +17,17 @@ use super::{Claimed, Depths, Job, Priority, Queue};
 use crate::config::{QueueConfig, RedisConfig};
 use crate::error::{Error, Result};
 use crate::keys::RedisKeys;
-use crate::redis_conn::RedisHandle;
+use crate::redis_conn::{Guarded, RedisHandle};
+use redis::aio::MultiplexedConnection;
 
 const ENQUEUE_LUA: &str = include_str!("../../lua/enqueue.lua");
 const COMPLETE_LUA: &str = include_str!("../../lua/complete.lua");
+const RETRY_LUA: &str = include_str!("../../lua/retry.lua");
+const PROMOTE_LUA: &str = include_str!("../../lua/promote.lua");
+/// Most due retries moved back onto a stream per look.
+const PROMOTE_BATCH: u32 = 100;
+/// Longest one blocking read waits before due retries and stuck entries are looked for.
+const LONGEST_BLOCK: Duration = Duration::from_secs(1);
 
 const PRIORITIES: [Priority; 2] = [Priority::Urgent, Priority::Preheat];
 
@@ -28,13 +37,15 @@ pub struct RedisQueue {
     group: String,
     enqueue_script: redis::Script,
     complete_script: redis::Script,
+    retry_script: redis::Script,
+    promote_script: redis::Script,
     inflight_ttl_secs: u64,
     visibility_timeout: Duration,
     /// Entries a blocking read delivered beyond the one it returned.
     stash: Mutex<VecDeque<Claimed>>,
     last_reclaim: Mutex<Option<Instant>>,
-    groups_ready: tokio::sync::OnceCell<()>,
-    blocking: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    groups_ready: AtomicBool,
+    blocking: tokio::sync::Mutex<Option<Guarded<MultiplexedConnection>>>,
 }
 
 impl RedisQueue {
@@ -45,38 +56,41 @@ impl RedisQueue {
             group: redis.group.clone(),
             enqueue_script: redis::Script::new(ENQUEUE_LUA),
             complete_script: redis::Script::new(COMPLETE_LUA),
+            retry_script: redis::Script::new(RETRY_LUA),
+            promote_script: redis::Script::new(PROMOTE_LUA),
             inflight_ttl_secs: config.inflight_ttl_secs,
             visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
             stash: Mutex::new(VecDeque::new()),
             last_reclaim: Mutex::new(None),
-            groups_ready: tokio::sync::OnceCell::new(),
+            groups_ready: AtomicBool::new(false),
             blocking: tokio::sync::Mutex::new(None),
         }
     }
 
+    /// Creates the consumer groups once, and again after Redis lost them
+    /// (restarted without persistence, or flushed).
     async fn ensure_groups(&self) -> Result<()> {
-        self.groups_ready
-            .get_or_try_init(|| async {
-                let mut conn = self.handle.conn().await?;
-                for priority in PRIORITIES {
-                    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(self.keys.stream(priority.as_str()))
-                        .arg(&self.group)
-                        .arg("0")
-                        .arg("MKSTREAM")
-                        .query_async(&mut conn)
-                        .await;
-                    match created {
-                        Ok(()) => {}
-                        Err(e) if e.code() == Some("BUSYGROUP") => {}
-                        Err(e) => return Err(Error::from(e)),
-                    }
-                }
-                Ok(())
-            })
-            .await
-            .map(|_| ())
+        if self.groups_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut conn = self.handle.conn().await?;
+        for priority in PRIORITIES {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.keys.stream(priority.as_str()))
+                .arg(&self.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(Error::from(e)),
+            }
+        }
+        self.groups_ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn decode(&self, entry: &StreamId, attempt: u32) -> Result<Claimed> {
@@ -86,10 +100,26 @@ impl RedisQueue {
         let job: Job = serde_json::from_str(&raw)
             .map_err(|e| Error::Queue(format!("stream entry {} is not a job: {e}", entry.id)))?;
         Ok(Claimed {
+            attempt: job.attempts + attempt,
             job,
             receipt: entry.id.clone(),
-            attempt,
         })
+    }
+
+    /// Moves retries whose backoff is over back onto their streams.
+    async fn promote_due(&self) -> Result<()> {
+        let mut conn = self.handle.conn().await?;
+        let mut invocation = self.promote_script.prepare_invoke();
+        for priority in PRIORITIES {
+            invocation
+                .key(self.keys.delayed(priority.as_str()))
+                .key(self.keys.stream(priority.as_str()));
+        }
+        let _moved: u64 = invocation
+            .arg(PROMOTE_BATCH)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Takes over one entry another consumer left idle past the visibility timeout.
@@ -136,7 +166,7 @@ impl RedisQueue {
 
     async fn read(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut Guarded<MultiplexedConnection>,
         consumer: &str,
         priorities: &[Priority],
         block: Option<Duration>,
@@ -210,6 +240,26 @@ impl RedisQueue {
         outcome
     }
 
+    async fn claim_from_groups(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>> {
+        let deadline = Instant::now() + wait;
+        // Block in short slices so due retries and stuck entries are looked
+        // for while waiting.
+        let slice = (self.visibility_timeout / 4).clamp(Duration::from_millis(50), LONGEST_BLOCK);
+        loop {
+            self.promote_due().await?;
+            if let Some(claimed) = self.reclaim(consumer).await? {
+                return Ok(Some(claimed));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(claimed) = self.read_next(consumer, left.min(slice)).await? {
+                return Ok(Some(claimed));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+
     async fn finish(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
         let mut conn = self.handle.conn().await?;
         let job = &claimed.job;
@@ -250,21 +300,13 @@ impl Queue for RedisQueue {
 
     async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>> {
         self.ensure_groups().await?;
-        let deadline = Instant::now() + wait;
-        // Block in short slices so stuck entries are looked for while waiting.
-        let slice = (self.visibility_timeout / 4).max(Duration::from_millis(50));
-        loop {
-            if let Some(claimed) = self.reclaim(consumer).await? {
-                return Ok(Some(claimed));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if let Some(claimed) = self.read_next(consumer, left.min(slice)).await? {
-                return Ok(Some(claimed));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
+        let claimed = self.claim_from_groups(consumer, wait).await;
+        if let Err(Error::Queue(message)) = &claimed {
+            if message.contains("NOGROUP") {
+                self.groups_ready.store(false, Ordering::Release);
             }
         }
+        claimed
     }
 
     async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>> {
@@ -283,17 +325,44 @@ impl Queue for RedisQueue {
         self.finish(claimed, reason).await
     }
 
+    async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()> {
+        let mut conn = self.handle.conn().await?;
+        let job = &claimed.job;
+        let parked = Job {
+            attempts: claimed.attempt,
+            ..job.clone()
+        };
+        let _parked: i64 = self
+            .retry_script
+            .key(self.keys.stream(job.priority.as_str()))
+            .key(self.keys.delayed(job.priority.as_str()))
+            .key(self.keys.inflight(&job.dedupe))
+            .arg(&self.group)
+            .arg(&claimed.receipt)
+            .arg(delay.as_millis() as u64)
+            .arg(serde_json::to_string(&parked)?)
+            .arg(&job.id)
+            .arg(self.inflight_ttl_secs)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     async fn depths(&self) -> Result<Depths> {
         let mut conn = self.handle.conn().await?;
-        let (urgent, preheat, dead): (u64, u64, u64) = redis::pipe()
-            .xlen(self.keys.stream("urgent"))
-            .xlen(self.keys.stream("preheat"))
-            .xlen(self.keys.dead_letter())
-            .query_async(&mut conn)
-            .await?;
+        let (urgent, preheat, delayed_urgent, delayed_preheat, dead): (u64, u64, u64, u64, u64) =
+            redis::pipe()
+                .xlen(self.keys.stream("urgent"))
+                .xlen(self.keys.stream("preheat"))
+                .zcard(self.keys.delayed("urgent"))
+                .zcard(self.keys.delayed("preheat"))
+                .xlen(self.keys.dead_letter())
+                .query_async(&mut conn)
+                .await?;
         Ok(Depths {
             urgent,
             preheat,
+            delayed: delayed_urgent + delayed_preheat,
             dead,
         })
     }

@@ -7,7 +7,7 @@ use kiln::config::{Config, Sources};
 use kiln::fetch::Fetcher;
 use kiln::security::NetworkPolicy;
 
-use crate::support::{jpeg, Origin, OriginResponse};
+use crate::support::{jpeg, CountingListener, Origin, OriginResponse, StubDns};
 
 fn fetcher(tweak: impl FnOnce(&mut Config)) -> Fetcher {
     let mut config = Config::load_from(Sources::default()).unwrap();
@@ -98,4 +98,94 @@ async fn byte_cap_deadline_and_content_checks() {
     assert_eq!((err.code(), err.is_retryable()), ("origin-status", true));
     let err = f.fetch(&origin.url("/missing")).await.unwrap_err();
     assert_eq!((err.code(), err.is_retryable()), ("origin-status", false));
+}
+
+/// A fetcher resolving through `dns`, allowed to reach 127.0.0.1 only (plus
+/// `allow_hosts`).
+fn resolving_fetcher(dns: &StubDns, allow_hosts: &[&str]) -> Fetcher {
+    let config = Config::load_from(Sources::default()).unwrap();
+    let policy = NetworkPolicy::new(vec!["127.0.0.1/32".parse().unwrap()])
+        .with_allowed_hosts(allow_hosts.iter().map(|h| h.to_string()).collect())
+        .with_nameservers(vec![dns.addr()]);
+    Fetcher::new(&config.fetch, policy).unwrap()
+}
+
+#[tokio::test]
+async fn names_are_judged_by_what_they_resolve_to_on_every_connection() {
+    let origin = Origin::start().await;
+    origin.serve(
+        "/a.jpg",
+        OriginResponse::image("image/jpeg", jpeg(16, 16, [5, 5, 5])),
+    );
+    let port = origin.addr().port();
+    // A service on another loopback address, same port: what rebinding is after.
+    let secret =
+        CountingListener::start("127.0.0.2", port, "image/jpeg", jpeg(8, 8, [1, 1, 1])).await;
+    let dns = StubDns::start().await;
+    dns.resolve("rebind.test", &["127.0.0.1", "127.0.0.2"]);
+    dns.resolve("inside.test", &["127.0.0.2"]);
+    dns.resolve("mapped.test", &["::ffff:127.0.0.2"]);
+    dns.resolve("metadata.test", &["169.254.169.254"]);
+    dns.resolve("store.internal", &["127.0.0.2"]);
+
+    // First resolution: the allowed origin answers.
+    let url = |host: &str| format!("http://{host}:{port}/a.jpg");
+    let fetched = resolving_fetcher(&dns, &[])
+        .fetch(&url("rebind.test"))
+        .await
+        .unwrap();
+    assert_eq!(fetched.mime, "image/jpeg");
+    assert_eq!(origin.hits("/a.jpg"), 1);
+    // The same name now resolves inside: judged again, refused before dialling.
+    for host in ["rebind.test", "inside.test", "mapped.test", "metadata.test"] {
+        let err = resolving_fetcher(&dns, &[])
+            .fetch(&url(host))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "address-denied", "{host}: {err}");
+        assert!(!err.is_retryable());
+    }
+    // A redirect to a name that resolves inside is judged the same way.
+    origin.redirect("/hop", &url("inside.test"));
+    let err = resolving_fetcher(&dns, &[])
+        .fetch(&origin.url("/hop"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "address-denied", "{err}");
+    assert_eq!(secret.connections(), 0, "a refused address was dialled");
+    assert!(dns.queries() >= 6, "the stub resolver was not asked");
+
+    // Unless an operator names the host: then its inside address is reachable.
+    let fetched = resolving_fetcher(&dns, &["store.internal"])
+        .fetch(&url("store.internal"))
+        .await
+        .unwrap();
+    assert_eq!(fetched.mime, "image/jpeg");
+    assert_eq!(secret.connections(), 1);
+    // A name the resolver does not know is unreachable (retryable), not denied.
+    let err = resolving_fetcher(&dns, &[])
+        .fetch(&url("unknown.test"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "origin-unreachable", "{err}");
+}
+
+#[tokio::test]
+async fn an_origin_that_never_sends_headers_or_never_ends_is_cut_off() {
+    let origin = Origin::start().await;
+    origin.serve(
+        "/stall.jpg",
+        OriginResponse::image("image/jpeg", jpeg(8, 8, [9, 9, 9]))
+            .with_delay(Duration::from_secs(10)),
+    );
+    // First-byte deadline shorter than the total one: the first fires.
+    let err = fetcher(|c| {
+        c.fetch.first_byte_timeout_ms = 300;
+        c.fetch.total_timeout_ms = 20_000;
+    })
+    .fetch(&origin.url("/stall.jpg"))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), "timeout");
+    assert!(err.to_string().contains("no response headers"), "{err}");
 }

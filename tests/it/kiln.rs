@@ -114,6 +114,11 @@ impl Kiln {
         format!("{}{path}", self.base)
     }
 
+    /// The test's own redis-server (Redis backend only).
+    pub fn redis(&self) -> Option<&RedisServer> {
+        self._redis.as_ref()
+    }
+
     pub fn storage_path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }

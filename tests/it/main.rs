@@ -13,4 +13,5 @@ mod fetch;
 mod flow;
 mod hostile;
 mod queue_contract;
+mod resilience;
 mod sais;

@@ -1,5 +1,6 @@
 //! One contract for both queue backends: dedupe with attached callbacks,
-//! urgent before pre-heat, reclaim after the visibility timeout, dead letters.
+//! urgent before pre-heat, reclaim after the visibility timeout, retries
+//! after a backoff, dead letters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,19 +42,15 @@ fn fixture(redis: bool, visibility_secs: u64) -> Fixture {
 }
 
 fn job(original: &str, priority: Priority) -> Job {
-    let filters = vec!["small".to_string()];
-    Job {
-        stem: None,
-        id: kiln::keys::job_id(),
+    Job::new(
         priority,
-        original: original.into(),
-        source_url: None,
-        root: "r".into(),
-        code: "0123456789abcdef".into(),
-        dedupe: kiln::keys::dedupe_key(original, &filters),
-        filters,
-        enqueued_at_ms: 0,
-    }
+        original,
+        None,
+        None,
+        "r",
+        "0123456789abcdef",
+        vec!["small".to_string()],
+    )
 }
 
 macro_rules! both {
@@ -78,6 +75,7 @@ both!(
     urgent_is_drained_before_preheat,
     unacked_jobs_are_reclaimed_after_the_visibility_timeout,
     dead_letters_keep_the_reason_and_hand_back_callbacks,
+    retried_jobs_wait_out_their_backoff_and_count_attempts,
 );
 
 async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
@@ -175,4 +173,39 @@ async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
     let depths = f.queue.depths().await.unwrap();
     assert_eq!((depths.preheat, depths.dead), (0, 1));
     assert!(f.claim("c", Duration::from_millis(200)).await.is_none());
+}
+
+async fn retried_jobs_wait_out_their_backoff_and_count_attempts(redis: bool) {
+    let f = fixture(redis, 30);
+    let original = job("b/1.jpg", Priority::Preheat);
+    f.queue
+        .enqueue(&original, Some("http://cb/b"))
+        .await
+        .unwrap();
+    let first = f.claim("c", Duration::from_millis(500)).await.unwrap();
+    assert_eq!(first.attempt, 1);
+
+    // Due at once: back on the stream, the attempt counted.
+    f.queue.retry_later(&first, Duration::ZERO).await.unwrap();
+    let second = f.claim("c", Duration::from_secs(5)).await.expect("retried");
+    assert_eq!(
+        (second.job.id.as_str(), second.attempt),
+        (original.id.as_str(), 2)
+    );
+
+    // Due in an hour: nobody can claim it meanwhile, it is counted as delayed,
+    // and a new miss for the same variant attaches to it instead of enqueueing.
+    f.queue
+        .retry_later(&second, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(f.claim("c", Duration::from_millis(300)).await.is_none());
+    let depths = f.queue.depths().await.unwrap();
+    assert_eq!((depths.preheat, depths.delayed), (0, 1));
+    let again = job("b/1.jpg", Priority::Urgent);
+    assert!(!f
+        .queue
+        .enqueue(&again, Some("http://cb/late"))
+        .await
+        .unwrap());
 }
