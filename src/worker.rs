@@ -449,17 +449,25 @@ impl Worker {
         &self,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _slot = self
-            .render_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        match tokio::task::spawn_blocking(work).await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => Err(Error::RenderPanicked(panic_message(e.into_panic()))),
-            Err(e) => Err(Error::Internal(e.to_string())),
-        }
+        run_contained(&self.render_slots, work).await
+    }
+}
+
+/// Runs `work` on the blocking pool once a slot is free; a panic inside it
+/// (a codec bug) becomes this job's error instead of taking the worker down.
+async fn run_contained<T: Send + 'static>(
+    slots: &Arc<Semaphore>,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let _slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(Error::RenderPanicked(panic_message(e.into_panic()))),
+        Err(e) => Err(Error::Internal(e.to_string())),
     }
 }
 
@@ -541,5 +549,18 @@ mod tests {
             [2000, 4000, 8000, 16000, 32000, 64000, 128000, 256000, 300000, 300000]
         );
         assert_eq!(backoff(first, cap, u32::MAX), cap);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_codec_fails_its_job_only() {
+        let slots = Arc::new(Semaphore::new(1));
+        let err = run_contained(&slots, || -> Result<()> { panic!("codec bug") })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "render-panicked");
+        assert!(err.to_string().contains("codec bug"), "{err}");
+        assert!(!err.is_retryable());
+        // The slot came back and the pool still works.
+        assert_eq!(run_contained(&slots, || Ok(7)).await.unwrap(), 7);
     }
 }

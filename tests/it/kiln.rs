@@ -119,6 +119,11 @@ impl Kiln {
         self._redis.as_ref()
     }
 
+    /// The test's redis-server, to kill and restart (Redis backend only).
+    pub fn redis_mut(&mut self) -> &mut RedisServer {
+        self._redis.as_mut().expect("a Redis-backed kiln")
+    }
+
     pub fn storage_path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }

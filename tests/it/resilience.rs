@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use crate::kiln::{preheat_url, Backend, Kiln};
-use crate::support::{eventually, jpeg, CallbackSink, Origin, OriginResponse};
+use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
+use crate::support::{
+    dimensions, eventually, jpeg, png_rgba, CallbackSink, Origin, OriginResponse,
+};
 
 on_both_backends!(
     a_variant_that_failed_for_good_answers_its_error_without_queueing_again,
@@ -120,4 +122,60 @@ async fn retryable_failures_back_off_then_dead_letter_with_a_failure_webhook(bac
         assert_eq!(redis.redis_int(&["ZCARD", "kiln:jobs:preheat:delayed"]), 0);
         assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:preheat"]), 0);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_degrades_to_fast_503s_and_kiln_heals_by_itself() {
+    let mut kiln = Kiln::start_with(
+        Backend::Redis,
+        "[redis]\ntimeout_ms = 1000\nbreaker_cooldown_ms = 200\n",
+    )
+    .await;
+    kiln.store("acme/0/a.png", &png_rgba(400, 300, [200, 10, 10, 255]));
+    let hot = kiln.url("/media/cache/small/acme/0/a.png");
+    assert_eq!(reqwest::get(&hot).await.unwrap().status(), 202);
+    let rendered = until_ready(&hot).await.bytes().await.unwrap();
+    // A variant some other kiln rendered: on storage, in no memory of ours.
+    kiln.store(
+        "media/cache/small/acme/0/cold.png",
+        &png_rgba(10, 10, [1, 1, 1, 255]),
+    );
+
+    kiln.redis_mut().kill();
+    // Never hang: every answer below must come well inside this.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let get = |url: String| {
+        let client = client.clone();
+        async move { client.get(url).send().await.expect("an answer, not a hang") }
+    };
+    // Hits keep being served: from memory, and from storage.
+    let hit = get(hot.clone()).await;
+    assert_eq!(hit.status(), 200);
+    assert_eq!(hit.bytes().await.unwrap(), rendered);
+    let cold = get(kiln.url("/media/cache/small/acme/0/cold.png")).await;
+    assert_eq!(cold.status(), 200);
+    // Misses cannot be queued: 503, never cached.
+    let miss = kiln.url("/media/cache/medium/acme/0/a.png");
+    for _ in 0..5 {
+        let answer = get(miss.clone()).await;
+        assert_eq!(answer.status(), 503);
+        assert_eq!(answer.headers()["cache-control"], "no-store");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["error"], "queue-unavailable", "{body}");
+    }
+
+    // Redis comes back empty (no persistence): kiln reconnects, re-creates
+    // its consumer groups, and the same miss is queued and rendered.
+    kiln.redis_mut().restart();
+    eventually(
+        Duration::from_secs(30),
+        "misses are queued again",
+        || async { (get(miss.clone()).await.status() == 202).then_some(()) },
+    )
+    .await;
+    let medium = until_ready(&miss).await.bytes().await.unwrap();
+    assert_eq!(dimensions(&medium), (400, 300));
 }
