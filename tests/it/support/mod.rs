@@ -6,6 +6,7 @@
 //! fixture stays valid whatever the code under test does.
 #![allow(dead_code)]
 
+pub mod gate;
 mod http;
 pub mod images;
 pub mod origin;
@@ -13,6 +14,8 @@ pub mod redis;
 pub mod sink;
 
 // Re-exports are used by some tests and not others.
+#[allow(unused_imports)]
+pub use gate::Gate;
 #[allow(unused_imports)]
 pub use images::{
     decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_header_claiming,
