@@ -20,8 +20,9 @@ use crate::support::{
 /// The pre-heat job stream and the workers' consumer group (default prefix).
 const STREAM: &str = "kiln:jobs:preheat";
 const GROUP: &str = "kiln-workers";
-/// The webhook outbox: deliveries not yet settled.
+/// The webhook outbox: deliveries not yet settled, and given-up ones.
 const WEBHOOKS_PENDING: &str = "kiln:{webhooks}:pending";
+const WEBHOOKS_DEAD: &str = "kiln:{webhooks}:dead";
 
 /// Bound of every wait in this module; generous for a loaded 2-core box.
 const WAIT: Duration = Duration::from_secs(20);
@@ -543,4 +544,90 @@ async fn sigterm_makes_a_front_stop_answering_and_exit_cleanly() {
         std::net::TcpStream::connect(addr).is_err(),
         "nothing listens after exit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_receiver_that_hangs_or_fails_does_not_hold_up_other_jobs() {
+    let redis = RedisServer::start();
+    // One job at a time, and a webhook may take a minute: were delivery part
+    // of a job, one hanging receiver would stall every job after it.
+    let d = deployment(
+        &redis,
+        "[queue]\nworker_concurrency = 1\n[callback]\ntimeout_ms = 60000\n",
+    );
+    let _front = start(&d, "front", "front");
+    let _worker = start(&d, "worker", "worker");
+    wait_healthy(&d.base).await;
+
+    let origin = Origin::start().await;
+    let hanging = CallbackSink::start().await;
+    let never = Gate::closed();
+    hanging.hold_until(&never);
+    let failing = CallbackSink::start().await;
+    failing.set_status(500);
+    let healthy = CallbackSink::start().await;
+
+    let names = ["a", "f", "b", "c", "d", "e"];
+    for (n, name) in names.iter().enumerate() {
+        origin.serve(&format!("/{name}.jpg"), square_jpeg([30 * n as u8, 60, 90]));
+    }
+    let mut paths = Vec::new();
+    let a = preheat(&d.base, "tiny", &origin.url("/a.jpg"), &hanging.url("/cb")).await;
+    paths.push(path_of(&a));
+    hanging.wait_for(1, WAIT).await;
+    let f = preheat(&d.base, "tiny", &origin.url("/f.jpg"), &failing.url("/cb")).await;
+    paths.push(path_of(&f));
+    failing.wait_for(2, WAIT).await;
+    for name in &names[2..] {
+        let image = origin.url(&format!("/{name}.jpg"));
+        let answer = preheat(
+            &d.base,
+            "tiny",
+            &image,
+            &healthy.url(&format!("/cb/{name}")),
+        )
+        .await;
+        paths.push(path_of(&answer));
+    }
+
+    let hooks = healthy.wait_for(4, WAIT).await;
+    assert!(hooks.iter().all(|h| h.body["status"] == "done"));
+    wait_drained(&redis).await;
+    for path in &paths {
+        let variant = until_ready(&format!("{}/media/cache/tiny/{path}", d.base)).await;
+        assert_eq!(dimensions(&variant.bytes().await.unwrap()), (125, 125));
+    }
+    // A's receiver still holds its one webhook: it hung through all of it.
+    assert_eq!(hanging.count(), 1);
+    assert!(!never.is_open());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_callback_is_timed_out_retried_under_one_id_then_given_up() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "[callback]\ntimeout_ms = 300\nmax_attempts = 3\n");
+    let _front = start(&d, "front", "front");
+    let _worker = start(&d, "worker", "worker");
+    wait_healthy(&d.base).await;
+
+    let origin = Origin::start().await;
+    origin.serve("/h.jpg", square_jpeg([120, 120, 120]));
+    let hanging = CallbackSink::start().await;
+    let never = Gate::closed();
+    hanging.hold_until(&never);
+    let path = path_of(&preheat(&d.base, "tiny", &origin.url("/h.jpg"), &hanging.url("/cb")).await);
+
+    // The job is done and acked whatever the receiver does.
+    wait_drained(&redis).await;
+    until_ready(&format!("{}/media/cache/tiny/{path}", d.base)).await;
+    let hooks = hanging.wait_for(3, WAIT).await;
+    let ids = webhook_ids(&hooks);
+    assert!(ids.iter().all(|id| *id == ids[0]), "one delivery: {ids:?}");
+    eventually(WAIT, "the delivery to be given up", || async {
+        (redis.redis_int(&["LLEN", WEBHOOKS_DEAD]) == 1
+            && redis.redis_int(&["HLEN", WEBHOOKS_PENDING]) == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(hanging.count(), 3, "max_attempts = 3");
 }
