@@ -2,7 +2,7 @@
 //! separate processes sharing one Redis and one storage directory.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::kiln::{preheat_url, test_config_toml, until_ready};
@@ -18,15 +18,48 @@ impl Process {
         Process(command.spawn().expect("start kiln"))
     }
 
-    fn start(role: &str, config: &Path, log: &Path) -> Process {
+    /// `kiln --config <config> <role>` with `RUST_LOG=info`, its stdout
+    /// (where tracing writes) and stderr both written to `log`.
+    pub(crate) fn start(role: &str, config: &Path, log: &Path) -> Process {
         let log = std::fs::File::create(log).unwrap();
         Self::spawn(
             Command::new(env!("CARGO_BIN_EXE_kiln"))
                 .args(["--config", config.to_str().unwrap(), role])
                 .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
+                .env("NO_COLOR", "1")
+                .stdout(log.try_clone().unwrap())
                 .stderr(log),
         )
+    }
+}
+
+impl Process {
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `INT`, …) with `kill(1)`.
+    pub(crate) fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} {} failed", self.pid());
+    }
+
+    /// The exit status once the process has ended, without waiting.
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().expect("try_wait")
+    }
+
+    /// Waits (bounded by `timeout`) for the process to end.
+    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let what = format!("kiln process {} to exit", self.pid());
+        eventually(timeout, &what, || {
+            let exited = self.exited();
+            async move { exited }
+        })
+        .await
     }
 }
 
@@ -37,13 +70,15 @@ impl Drop for Process {
     }
 }
 
-struct Deployment {
-    base: String,
-    dir: tempfile::TempDir,
-    config: std::path::PathBuf,
+/// One config for fronts and workers: its base URL, and a temp dir holding
+/// the config, the storage (`<dir>/storage`) and the processes' logs.
+pub(crate) struct Deployment {
+    pub(crate) base: String,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) config: std::path::PathBuf,
 }
 
-fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
+pub(crate) fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let storage = dir.path().join("storage");
@@ -60,7 +95,7 @@ fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
     }
 }
 
-async fn wait_healthy(base: &str) {
+pub(crate) async fn wait_healthy(base: &str) {
     until_ready(&format!("{base}/healthz")).await;
 }
 

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod gate;
 mod http;
 pub mod images;
 pub mod origin;
@@ -16,6 +17,8 @@ pub mod sink;
 // Re-exports are used by some tests and not others.
 #[allow(unused_imports)]
 pub use dns::{CountingListener, StubDns};
+#[allow(unused_imports)]
+pub use gate::Gate;
 #[allow(unused_imports)]
 pub use images::{
     decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_header_claiming,

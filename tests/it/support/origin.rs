@@ -1,5 +1,6 @@
 //! A loopback HTTP/1.1 origin whose routes are registered at runtime: serves
-//! generated images, and can delay, fail, redirect or lie about headers.
+//! generated images, and can delay, stall behind a `Gate`, fail, redirect or
+//! lie about headers.
 //!
 //! Owns only its listener and connection tasks, all aborted on drop. It
 //! records hits per path and every request, for assertions.
@@ -15,6 +16,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::task::JoinHandle;
 
+use super::Gate;
+
 /// What the origin answers on one path.
 #[derive(Clone, Debug)]
 pub struct OriginResponse {
@@ -28,6 +31,9 @@ pub struct OriginResponse {
     pub delay: Option<Duration>,
     /// Extra response headers, sent as given (may duplicate or contradict).
     pub headers: Vec<(String, String)>,
+    /// Answer only once this gate is open (after any `delay`). A request
+    /// held here is already counted in `hits`, so a test can wait for it.
+    pub gate: Option<Gate>,
 }
 
 impl OriginResponse {
@@ -39,6 +45,7 @@ impl OriginResponse {
             body: bytes.into(),
             delay: None,
             headers: Vec::new(),
+            gate: None,
         }
     }
 
@@ -50,12 +57,20 @@ impl OriginResponse {
             body: Bytes::new(),
             delay: None,
             headers: Vec::new(),
+            gate: None,
         }
     }
 
     /// Same response, answered after `delay`.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Same response, held until `gate` opens; a gate never opened stalls
+    /// every request for this path forever.
+    pub fn with_gate(mut self, gate: &Gate) -> Self {
+        self.gate = Some(gate.clone());
         self
     }
 
@@ -171,6 +186,9 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     };
     if let Some(delay) = route.delay {
         tokio::time::sleep(delay).await;
+    }
+    if let Some(gate) = &route.gate {
+        gate.passed().await;
     }
     let mut builder = Response::builder().status(route.status);
     if !route.content_type.is_empty() {

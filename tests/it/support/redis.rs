@@ -1,14 +1,15 @@
 //! A throwaway `redis-server` child process on a free loopback port, with a
 //! tiny raw-RESP client for assertions (`XLEN`, `GET`, ...).
 //!
-//! Owns the child's lifetime (killed and reaped on drop) and its temp dir.
+//! Owns the child's lifetime (killed and reaped on drop, or killed and
+//! started again on the same port and dir) and its temp dir.
 //! It must not depend on the `redis` crate, so fixtures cannot share bugs
 //! with the code under test.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,14 +23,17 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// on a reused port cannot stall start-up.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// A `redis-server` child bound to 127.0.0.1, persistence off, data in a
-/// temp dir. The binary is `$REDIS_SERVER` if set, else `redis-server` on
-/// `PATH`. Killed and reaped on drop.
+/// A `redis-server` child bound to 127.0.0.1, persistence off (or the
+/// append-only file on: `start_with_aof`), data in a temp dir. The binary
+/// is `$REDIS_SERVER` if set, else `redis-server` on `PATH`. Killed and
+/// reaped on drop; `kill` and `restart` keep the port and the data dir.
 pub struct RedisServer {
     /// The port the server listens on.
     pub port: u16,
     child: Child,
     dir: tempfile::TempDir,
+    /// Started with the append-only file on (kept across restarts).
+    aof: bool,
 }
 
 impl RedisServer {
@@ -37,28 +41,30 @@ impl RedisServer {
     /// (at most 10 s per attempt). Retries on a new port when the chosen one
     /// was taken; panics with the server log on any other failure.
     pub fn start() -> RedisServer {
-        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        Self::start_with(false)
+    }
+
+    /// Like [`RedisServer::start`], with the append-only file on and fsynced
+    /// on every write (`--appendonly yes --appendfsync always`): whatever
+    /// Redis acknowledged survives a SIGKILL and a [`RedisServer::restart`].
+    pub fn start_with_aof() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> RedisServer {
         for attempt in 1..=PORT_ATTEMPTS {
             let dir = tempfile::Builder::new()
                 .prefix("kiln-redis-")
                 .tempdir()
                 .expect("create redis temp dir");
             let port = super::free_port();
-            let log = File::create(dir.path().join("redis.log")).expect("create redis.log");
-            let child = Command::new(&bin)
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1"])
-                .args(["--save", ""])
-                .args(["--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .args(["--daemonize", "no"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone redis.log handle"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {bin:?} (is redis-server installed?): {e}"));
-            let mut server = RedisServer { port, child, dir };
+            let child = spawn(port, dir.path(), aof);
+            let mut server = RedisServer {
+                port,
+                child,
+                dir,
+                aof,
+            };
             match server.wait_ready() {
                 Ok(()) => return server,
                 Err(reason) => {
@@ -73,6 +79,29 @@ impl RedisServer {
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// Kills the server with SIGKILL (no chance to save anything beyond what
+    /// it already wrote) and reaps it. Clients see the connection drop.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the server (SIGKILL) if it still runs, and starts a new one on
+    /// the same port with the same data dir and options, so whatever it
+    /// persisted is loaded again. Blocks until it answers `PING`; panics
+    /// with the log if it does not.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(self.port, self.dir.path(), self.aof);
+        if let Err(reason) = self.wait_ready() {
+            panic!(
+                "redis-server did not restart on port {}: {reason}\n--- redis.log ---\n{}",
+                self.port,
+                self.log()
+            );
+        }
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -161,6 +190,35 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `redis-server` on 127.0.0.1:`port` with its data and log in
+/// `dir`; the log is appended to, so it spans restarts.
+fn spawn(port: u16, dir: &Path, aof: bool) -> Child {
+    let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .expect("open redis.log");
+    let persistence: &[&str] = if aof {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
+    Command::new(&bin)
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(persistence)
+        .arg("--dir")
+        .arg(dir)
+        .args(["--daemonize", "no"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone redis.log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin:?} (is redis-server installed?): {e}"))
 }
 
 /// One request/reply exchange over a fresh connection.

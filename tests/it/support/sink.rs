@@ -1,5 +1,6 @@
 //! A loopback HTTP server that records every callback request (path, headers,
-//! body) and answers a configurable status (200 by default).
+//! body) and answers a configurable status (200 by default), or holds its
+//! answer behind a `Gate` (a receiver that hangs).
 //!
 //! Owns only its listener and connection tasks, all aborted on drop.
 
@@ -12,6 +13,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Response;
 use tokio::task::JoinHandle;
+
+use super::Gate;
 
 /// One request the sink received.
 #[derive(Clone, Debug)]
@@ -72,6 +75,8 @@ struct State {
     /// Requests still to answer with `failure_status` before `status` applies.
     failures_left: AtomicUsize,
     failure_status: AtomicU16,
+    /// While set, each request is recorded, then answered only once it opens.
+    hold: Mutex<Option<Gate>>,
 }
 
 /// The callback sink. Accepts any method on any path.
@@ -89,6 +94,7 @@ impl CallbackSink {
             status: AtomicU16::new(200),
             failures_left: AtomicUsize::new(0),
             failure_status: AtomicU16::new(500),
+            hold: Mutex::default(),
         });
         let handler_state = state.clone();
         let (addr, task) = super::http::serve_http(move |req| {
@@ -109,6 +115,10 @@ impl CallbackSink {
                     body,
                     raw,
                 });
+                let hold = state.hold.lock().unwrap().clone();
+                if let Some(gate) = hold {
+                    gate.passed().await;
+                }
                 let failing = state
                     .failures_left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -141,6 +151,13 @@ impl CallbackSink {
     pub fn fail_next(&self, n: usize, status: u16) {
         self.state.failure_status.store(status, Ordering::SeqCst);
         self.state.failures_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Holds the answer to every later request until `gate` opens: the
+    /// request is recorded at once, the client hears nothing. A gate never
+    /// opened is a receiver that hangs forever.
+    pub fn hold_until(&self, gate: &Gate) {
+        *self.state.hold.lock().unwrap() = Some(gate.clone());
     }
 
     /// `http://127.0.0.1:<port><path_and_query>`.
