@@ -1,12 +1,13 @@
-//! Builds everything from a `Config` and runs the front and/or the workers
-//! on one pingora `Server`, stopping on SIGTERM/SIGINT or on a signal passed in.
+//! Builds everything from a `Config` and runs the front (a pingora `Server`)
+//! and/or the workers (a runtime of their own), stopping on SIGTERM
+//! (graceful: drain), SIGINT or a signal passed in (fast).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
-use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::listening::Service;
 use tokio::sync::watch;
 
@@ -66,19 +67,85 @@ fn backends(config: &Config) -> Result<Backends> {
     })
 }
 
-struct WorkerService(Arc<Worker>, Arc<Deliverer>);
+/// The workers and their webhook deliverer, on a runtime of their own so
+/// that a graceful stop can outlast the front's grace period: on SIGTERM
+/// they stop claiming, get `queue.shutdown_deadline_secs` to finish their
+/// jobs, then send the webhooks those jobs scheduled.
+struct Workers {
+    drain: watch::Sender<bool>,
+    abandon: watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
 
-#[async_trait]
-impl BackgroundService for WorkerService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let deliverer = tokio::spawn(self.1.clone().run(shutdown.clone()));
-        self.0.clone().run(shutdown).await;
-        let _ = deliverer.await;
+impl Workers {
+    fn start(worker: Worker, deliverer: Deliverer, config: &Config) -> Result<Workers> {
+        let (drain, drain_rx) = watch::channel(false);
+        let (abandon, mut abandon_rx) = watch::channel(false);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.server.threads.max(1))
+            .max_blocking_threads(config.imaging.render_threads.max(1) + 8)
+            .thread_name("kiln-worker")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("worker runtime: {e}")))?;
+        let flush_deadline = Duration::from_millis(config.callback.timeout_ms);
+        let worker = Arc::new(worker);
+        let deliverer = Arc::new(deliverer);
+        let thread = std::thread::Builder::new()
+            .name("kiln-workers".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let work = async {
+                        let (stop_delivering, delivering_rx) = watch::channel(false);
+                        let delivering = tokio::spawn(deliverer.clone().run(delivering_rx));
+                        worker.run(drain_rx).await;
+                        let _ = stop_delivering.send(true);
+                        let _ = delivering.await;
+                        deliverer.flush(flush_deadline).await;
+                    };
+                    tokio::select! {
+                        () = work => {}
+                        // A fast stop: unfinished jobs stay unacked for others.
+                        _ = abandon_rx.wait_for(|now| *now) => {}
+                    }
+                });
+                runtime.shutdown_timeout(Duration::ZERO);
+            })
+            .map_err(|e| Error::Internal(format!("spawn workers: {e}")))?;
+        Ok(Workers {
+            drain,
+            abandon,
+            thread,
+        })
+    }
+
+    fn handle(&self) -> WorkersHandle {
+        WorkersHandle {
+            drain: self.drain.clone(),
+            abandon: self.abandon.clone(),
+        }
+    }
+
+    fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("worker thread panicked");
+        }
     }
 }
 
-/// Stops on SIGTERM (graceful), SIGINT (fast) or the caller's signal (fast).
-struct StopSignal(Option<watch::Receiver<bool>>);
+/// What the stop signal tells the workers.
+#[derive(Clone)]
+struct WorkersHandle {
+    drain: watch::Sender<bool>,
+    abandon: watch::Sender<bool>,
+}
+
+/// Stops on SIGTERM (graceful), SIGINT (fast) or the caller's signal (fast),
+/// telling the workers first.
+struct StopSignal {
+    external: Option<watch::Receiver<bool>>,
+    workers: Option<WorkersHandle>,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for StopSignal {
@@ -87,18 +154,25 @@ impl ShutdownSignalWatch for StopSignal {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let external = async {
-            match self.0.clone() {
+            match self.external.clone() {
                 Some(mut rx) => {
                     let _ = rx.wait_for(|stop| *stop).await;
                 }
                 None => std::future::pending::<()>().await,
             }
         };
-        tokio::select! {
+        let signal = tokio::select! {
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::FastShutdown,
             () = external => ShutdownSignal::FastShutdown,
+        };
+        if let Some(workers) = &self.workers {
+            let _ = workers.drain.send(true);
+            if matches!(signal, ShutdownSignal::FastShutdown) {
+                let _ = workers.abandon.send(true);
+            }
         }
+        signal
     }
 }
 
@@ -133,11 +207,17 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
 
     let mut conf = ServerConf {
         threads: config.server.threads,
-        grace_period_seconds: Some(config.server.grace_period_secs),
+        // The grace period keeps the front answering what it already
+        // accepted; a worker-only process has nothing to serve.
+        grace_period_seconds: Some(if role == Role::Worker {
+            0
+        } else {
+            config.server.grace_period_secs
+        }),
         graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout_secs),
         ..ServerConf::default()
     };
-    conf.max_blocking_threads = Some(config.imaging.render_threads.max(1) + 8);
+    conf.max_blocking_threads = Some(8);
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -162,7 +242,7 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
         service.add_tcp(&config.server.listen);
         server.add_service(service);
     }
-    if role != Role::Front {
+    let workers = if role != Role::Front {
         let worker = Worker::new(
             &config,
             worker_backends.queue,
@@ -173,15 +253,22 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
         )?;
         let notifier = Notifier::new(&config.callback, policy, &config.fetch.user_agent)?;
         let deliverer = Deliverer::new(&config.callback, worker_backends.outbox, notifier, storage);
-        server.add_service(background_service(
-            "kiln worker",
-            WorkerService(Arc::new(worker), Arc::new(deliverer)),
-        ));
-    }
+        Some(Workers::start(worker, deliverer, &config)?)
+    } else {
+        None
+    };
     tracing::info!(listen = %config.server.listen, ?role, backend = ?config.queue.backend, "kiln starting");
     server.run(RunArgs {
-        shutdown_signal: Box::new(StopSignal(stop)),
+        shutdown_signal: Box::new(StopSignal {
+            external: stop,
+            workers: workers.as_ref().map(Workers::handle),
+        }),
     });
+    // The front is down; workers finish within their own deadline.
+    if let Some(workers) = workers {
+        workers.join();
+    }
+    tracing::info!("kiln stopped");
     Ok(())
 }
 

@@ -138,7 +138,11 @@ impl Worker {
         let record = match self.process(job).await {
             Ok(record) => record,
             Err(e) if e.is_retryable() && claimed.attempt < self.max_attempts => {
-                let delay = backoff(self.retry_backoff, self.max_retry_backoff, claimed.attempt);
+                let delay = callback::doubling_backoff(
+                    self.retry_backoff,
+                    self.max_retry_backoff,
+                    claimed.attempt,
+                );
                 tracing::warn!(job = %job.id, attempt = claimed.attempt, retry_in_ms = delay.as_millis() as u64, error = %e, "job failed; will retry");
                 if let Err(park) = self.queue.retry_later(&claimed, delay).await {
                     // Still unacked: reclaimed after the visibility timeout instead.
@@ -501,13 +505,6 @@ fn deliveries(job: &Job, attached: &[String], outcome: &Outcome<'_>) -> Vec<Deli
         .collect()
 }
 
-/// The wait before attempt `attempt + 1`: `first` doubled per failed attempt, capped.
-fn backoff(first: Duration, longest: Duration, attempt: u32) -> Duration {
-    first
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-        .min(longest)
-}
-
 /// Records a finished thumbnail in the SAIS maps.
 fn note_thumb(record: &mut MediaRecord, filter: &str, thumb: Thumb) {
     if let Some(url) = &thumb.url {
@@ -542,13 +539,13 @@ mod tests {
         let first = Duration::from_millis(2000);
         let cap = Duration::from_secs(300);
         let waits: Vec<u64> = (1..=10)
-            .map(|attempt| backoff(first, cap, attempt).as_millis() as u64)
+            .map(|attempt| callback::doubling_backoff(first, cap, attempt).as_millis() as u64)
             .collect();
         assert_eq!(
             waits,
             [2000, 4000, 8000, 16000, 32000, 64000, 128000, 256000, 300000, 300000]
         );
-        assert_eq!(backoff(first, cap, u32::MAX), cap);
+        assert_eq!(callback::doubling_backoff(first, cap, u32::MAX), cap);
     }
 
     #[tokio::test]

@@ -223,6 +223,13 @@ impl Notifier {
     }
 }
 
+/// `first` × 2^(attempts − 1), capped at `longest`: the wait after the
+/// `attempts`-th failure (webhooks and jobs alike).
+pub fn doubling_backoff(first: Duration, longest: Duration, attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(20);
+    first.saturating_mul(factor).min(longest)
+}
+
 /// Drains the outbox: sends what is due, reschedules failures with
 /// exponential backoff, gives up after `max_attempts`.
 pub struct Deliverer {
@@ -235,6 +242,7 @@ pub struct Deliverer {
     max_backoff: Duration,
     poll: Duration,
     lease: Duration,
+    concurrency: usize,
     slots: Arc<Semaphore>,
 }
 
@@ -259,39 +267,21 @@ impl Deliverer {
             poll: Duration::from_millis(config.poll_ms),
             // An attempt that outlives its timeout twice over is presumed dead.
             lease: Duration::from_millis(config.timeout_ms.saturating_mul(2) + 1000),
-            slots: Arc::new(Semaphore::new(config.concurrency)),
+            concurrency: config.concurrency.max(1),
+            slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
         }
     }
 
     /// The wait before attempt `attempts + 1`: backoff × 2^(attempts − 1), capped.
     pub fn delay_after(&self, attempts: u32) -> Duration {
-        let factor = 1u32 << attempts.saturating_sub(1).min(20);
-        self.backoff.saturating_mul(factor).min(self.max_backoff)
+        doubling_backoff(self.backoff, self.max_backoff, attempts)
     }
 
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         while !*shutdown.borrow() {
-            let free = self.slots.available_permits();
-            let due = if free == 0 {
-                Ok(Vec::new())
-            } else {
-                self.outbox.take_due(free, self.lease).await
-            };
-            match due {
-                Ok(due) if !due.is_empty() => {
-                    for delivery in due {
-                        let Ok(slot) = self.slots.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let this = self.clone();
-                        tokio::spawn(async move {
-                            this.send(delivery).await;
-                            drop(slot);
-                        });
-                    }
-                    continue;
-                }
-                Ok(_) => {}
+            match self.clone().send_due().await {
+                Ok(0) => {}
+                Ok(_) => continue,
                 Err(e) => tracing::warn!(error = %e, "webhook outbox unavailable"),
             }
             tokio::select! {
@@ -299,6 +289,47 @@ impl Deliverer {
                 _ = shutdown.changed() => {}
             }
         }
+    }
+
+    /// For a stopping worker: sends what is due now (the webhooks of the
+    /// jobs it just finished) and waits for sends in flight, within
+    /// `deadline`. Failures are rescheduled in the outbox as usual.
+    pub async fn flush(self: Arc<Self>, deadline: Duration) {
+        let flushed = async {
+            while let Ok(sent) = self.clone().send_due().await {
+                if sent == 0 {
+                    break;
+                }
+            }
+            let _all_back = self.slots.acquire_many(self.concurrency as u32).await;
+        };
+        if tokio::time::timeout(deadline, flushed).await.is_err() {
+            tracing::warn!("webhooks still in flight at exit; the outbox keeps them");
+        }
+    }
+
+    /// Takes as many due deliveries as there are free send slots and starts
+    /// sending them; returns how many were started.
+    async fn send_due(self: Arc<Self>) -> Result<usize> {
+        let free = self.slots.available_permits();
+        if free == 0 {
+            // Wait for a slot rather than spin.
+            drop(self.slots.acquire().await);
+            return Ok(1);
+        }
+        let due = self.outbox.take_due(free, self.lease).await?;
+        let started = due.len();
+        for delivery in due {
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                break;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.send(delivery).await;
+                drop(slot);
+            });
+        }
+        Ok(started)
     }
 
     async fn secret(&self, root: &str) -> Option<String> {
