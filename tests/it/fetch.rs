@@ -171,7 +171,7 @@ async fn names_are_judged_by_what_they_resolve_to_on_every_connection() {
 }
 
 #[tokio::test]
-async fn an_origin_that_never_sends_headers_or_never_ends_is_cut_off() {
+async fn an_origin_that_never_sends_headers_is_cut_off_by_the_first_byte_deadline() {
     let origin = Origin::start().await;
     origin.serve(
         "/stall.jpg",
@@ -188,4 +188,55 @@ async fn an_origin_that_never_sends_headers_or_never_ends_is_cut_off() {
     .unwrap_err();
     assert_eq!(err.code(), "timeout");
     assert!(err.to_string().contains("no response headers"), "{err}");
+}
+
+/// An origin that answers 200 with a chunked JPEG-looking body that never
+/// ends: `chunk` bytes every `every`. Returns its URL.
+async fn endless_origin(chunk: usize, every: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let _ = stream.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut body = vec![0u8; chunk];
+                body[..3].copy_from_slice(&[0xff, 0xd8, 0xff]);
+                loop {
+                    let framed = [format!("{chunk:x}\r\n").as_bytes(), &body, b"\r\n"].concat();
+                    if stream.write_all(&framed).await.is_err() {
+                        return; // the client hung up: what the test wants
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}/forever.jpg")
+}
+
+#[tokio::test]
+async fn a_body_that_never_ends_is_cut_by_the_byte_cap_or_the_deadline() {
+    // No Content-Length to trust: the cap is counted while streaming.
+    let fast = endless_origin(64 * 1024, Duration::from_millis(1)).await;
+    let err = fetcher(|c| {
+        c.fetch.max_bytes = 1024 * 1024;
+        c.fetch.total_timeout_ms = 20_000;
+    })
+    .fetch(&fast)
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), "too-large", "{err}");
+    // A trickle under the cap is ended by the total deadline.
+    let slow = endless_origin(16, Duration::from_millis(50)).await;
+    let err = fetcher(|c| c.fetch.total_timeout_ms = 800)
+        .fetch(&slow)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "timeout", "{err}");
 }
