@@ -640,6 +640,16 @@ async fn hostile_dispatch_bodies_are_refused_or_recorded_as_failed() {
             Dispatched::Refused("unknown-account"),
         ),
         (
+            r#"{"root": "a/b", "images": []}"#.into(),
+            Dispatched::Refused("unknown-account"),
+        ),
+        // The root is not checked by `keys::validate_root` here (pre-heat
+        // does): the storage path parser refuses it instead.
+        (
+            r#"{"root": "../accounts/x", "images": []}"#.into(),
+            Dispatched::Refused("invalid-path"),
+        ),
+        (
             json!({"root": "default", "images": many}).to_string(),
             Dispatched::Refused("invalid-payload"),
         ),
