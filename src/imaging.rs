@@ -71,6 +71,12 @@ impl Decoded {
 pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
     let format = sniff(bytes)
         .ok_or_else(|| Error::UnsupportedImage("not a JPEG, PNG, GIF or WebP image".into()))?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a cut-off scan with grey instead of failing.
+        return Err(Error::DecodeFailed(
+            "truncated JPEG: no end of image after the scan".into(),
+        ));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_width);
@@ -109,6 +115,43 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
         }
     };
     Ok(Decoded { image, format })
+}
+
+/// Whether a JPEG's first scan is followed by an end-of-image marker.
+/// Walks the header segments by their lengths, so a thumbnail embedded in
+/// EXIF (which has its own scan and EOI) cannot stand in for the image's.
+/// Inside entropy-coded data 0xFF is always stuffed, so FF D9 there is EOI.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut at = 2; // after SOI
+    loop {
+        // Markers may be padded with extra 0xFF bytes.
+        while bytes.get(at) == Some(&0xff) && bytes.get(at + 1) == Some(&0xff) {
+            at += 1;
+        }
+        let (Some(&0xff), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else {
+            return false;
+        };
+        if (0xd0..=0xd7).contains(&marker) || marker == 0x01 {
+            at += 2; // no length
+            continue;
+        }
+        let Some(len) = bytes
+            .get(at + 2..at + 4)
+            .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
+        else {
+            return false;
+        };
+        let next = at + 2 + len;
+        if marker == 0xda {
+            return bytes
+                .get(next..)
+                .is_some_and(|scan| scan.windows(2).any(|w| w == [0xff, 0xd9]));
+        }
+        if marker == 0xd9 || len < 2 {
+            return false; // EOI before any scan, or a malformed length
+        }
+        at = next;
+    }
 }
 
 fn decode_error(e: image::ImageError) -> Error {
@@ -240,6 +283,23 @@ pub fn previews(source: &Decoded) -> Result<Previews> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_jpeg_is_complete_only_with_an_end_after_its_own_scan() {
+        // An EXIF thumbnail (its own scan and EOI) inside APP1 must not count.
+        let thumbnail = [0xff, 0xd8, 0xff, 0xda, 0x00, 0x02, 0x11, 0xff, 0xd9];
+        let mut app1 = vec![0xff, 0xe1];
+        app1.extend_from_slice(&((thumbnail.len() + 2) as u16).to_be_bytes());
+        app1.extend_from_slice(&thumbnail);
+        let scan = [0xff, 0xda, 0x00, 0x02, 0x12, 0xff, 0x00, 0x34];
+        let cut = [[0xff, 0xd8].as_slice(), &app1, &scan].concat();
+        assert!(!jpeg_is_complete(&cut));
+        let whole = [cut.as_slice(), &[0xff, 0xd9]].concat();
+        assert!(jpeg_is_complete(&whole));
+        assert!(!jpeg_is_complete(&[0xff, 0xd8]));
+        assert!(!jpeg_is_complete(&[0xff, 0xd8, 0xff, 0xe0, 0x00]));
+    }
+
     use super::*;
     use crate::filter::Mode;
 

@@ -95,15 +95,9 @@ enum Expect {
     Refused(&'static str),
     /// Decodes, to this many pixels.
     Decodes(u32, u32),
-    /// A known gap: should be refused with `should`, but today decodes to
-    /// this many pixels. When kiln is fixed this row fails: make it `Refused`.
-    Lenient {
-        should: &'static str,
-        today: (u32, u32),
-    },
 }
 
-use Expect::{Decodes, Lenient, Refused};
+use Expect::{Decodes, Refused};
 
 /// Every input in `tests/fixtures/hostile/` and what kiln must answer with
 /// the default limits. A file without a row here fails the test.
@@ -119,20 +113,8 @@ const EXPECTED: &[(&str, Expect)] = &[
     ("truncated-header.jpg", Refused("decode-failed")),
     // zune-jpeg (behind `image`, which turns its strict mode off) fills a
     // scan that ends early with grey instead of failing.
-    (
-        "truncated-scan.jpg",
-        Lenient {
-            should: "decode-failed",
-            today: (16, 16),
-        },
-    ),
-    (
-        "truncated-after-sos.jpg",
-        Lenient {
-            should: "decode-failed",
-            today: (16, 16),
-        },
-    ),
+    ("truncated-scan.jpg", Refused("decode-failed")),
+    ("truncated-after-sos.jpg", Refused("decode-failed")),
     ("truncated.png", Refused("decode-failed")),
     ("truncated.webp", Refused("decode-failed")),
     // Bombs: refused from the header.
@@ -171,8 +153,7 @@ fn read(name: &str) -> Vec<u8> {
     std::fs::read(corpus_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-/// What kiln does with `bytes`, in the terms of `EXPECTED` (a `Lenient`
-/// row is compared as what it does today).
+/// What kiln does with `bytes`, in the terms of `EXPECTED`.
 fn outcome(bytes: &[u8], limits: Limits) -> Expect {
     match decode(bytes, limits) {
         Ok(decoded) => Decodes(decoded.width(), decoded.height()),
@@ -201,17 +182,8 @@ fn every_corpus_file_has_an_expectation_and_meets_it() {
         let bytes = read(name);
         assert!(bytes.len() < 64 * 1024, "{name} is too big for the corpus");
         let got = outcome(&bytes, limits);
-        let today = match *expected {
-            Lenient { today: (w, h), .. } => Decodes(w, h),
-            other => other,
-        };
-        if got != today {
-            match *expected {
-                Lenient { should, .. } if got == Refused(should) => problems.push(format!(
-                    "{name}: now refused with {should:?} as it should be: make its row Refused"
-                )),
-                _ => problems.push(format!("{name}: expected {expected:?}, got {got:?}")),
-            }
+        if got != *expected {
+            problems.push(format!("{name}: expected {expected:?}, got {got:?}"));
         }
         // Refused as unsupported means refused by the sniff, before any decoder.
         if *expected == Refused("unsupported-image") && sniff(&bytes).is_some() {
