@@ -137,7 +137,11 @@ impl Context {
             (Caller::Anonymous, _) if self.config.auth.require_api_key => Err(Error::Unauthorized(
                 "an API key is required (Authorization: Bearer, apiKey or ?token=)".into(),
             )),
-            (Caller::Admin | Caller::Anonymous, Some(root)) => Ok(root.to_string()),
+            (Caller::Admin | Caller::Anonymous, Some(root)) => {
+                keys::validate_root(root)
+                    .map_err(|e| Error::InvalidPayload(format!("root - {e}")))?;
+                Ok(root.to_string())
+            }
             (Caller::Admin | Caller::Anonymous, None) => Err(Error::InvalidPayload(
                 "root - this value should not be blank".into(),
             )),

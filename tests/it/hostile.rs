@@ -611,15 +611,14 @@ async fn hostile_dispatch_bodies_are_refused_or_recorded_as_failed() {
             r#"{"root": "nobody", "images": []}"#.into(),
             Dispatched::Refused("unknown-account"),
         ),
+        // A root is one safe path segment, checked before any storage look-up.
         (
             r#"{"root": "a/b", "images": []}"#.into(),
-            Dispatched::Refused("unknown-account"),
+            Dispatched::Refused("invalid-payload"),
         ),
-        // The root is not checked by `keys::validate_root` here (pre-heat
-        // does): the storage path parser refuses it instead.
         (
             r#"{"root": "../accounts/x", "images": []}"#.into(),
-            Dispatched::Refused("invalid-path"),
+            Dispatched::Refused("invalid-payload"),
         ),
         (
             json!({"root": "default", "images": many}).to_string(),
