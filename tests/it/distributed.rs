@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::kiln::{preheat_url, test_config_toml, until_ready};
 use crate::support::{
-    dimensions, eventually, free_port, jpeg, CallbackSink, Origin, OriginResponse, RedisServer,
+    dimensions, eventually, free_port, jpeg, CallbackSink, CountingListener, Origin,
+    OriginResponse, RedisServer,
 };
 
 /// A kiln child process, killed when dropped.
@@ -213,4 +214,49 @@ async fn a_job_held_by_a_dead_worker_is_reclaimed_and_called_back_once() {
     assert!(pending.starts_with("*4\r\n:0"), "{pending}");
     assert_eq!(sink.count(), 1);
     assert_eq!(origin.hits("/q.jpg"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_proxy_variables_are_ignored() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "");
+    // A proxy would dial on kiln's behalf, past the address guard.
+    let proxy = CountingListener::start("127.0.0.1", 0, "text/plain", b"proxied".to_vec()).await;
+    let proxy_url = format!("http://{}", proxy.addr);
+    let log = std::fs::File::create(d.dir.path().join("serve.log")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args(["--config", d.config.to_str().unwrap(), "serve"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for var in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        command.env(var, &proxy_url);
+    }
+    let _kiln = Process::spawn(&mut command);
+    wait_healthy(&d.base).await;
+
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve(
+        "/direct.jpg",
+        OriginResponse::image("image/jpeg", jpeg(300, 200, [40, 80, 120])),
+    );
+    let request = preheat_url(
+        &d.base,
+        "tiny",
+        &origin.url("/direct.jpg"),
+        Some(&sink.url("/cb")),
+    );
+    assert_eq!(reqwest::get(&request).await.unwrap().status(), 202);
+    let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(hooks[0].body["status"], "done", "{:?}", hooks[0].body);
+    assert_eq!(origin.hits("/direct.jpg"), 1);
+    assert_eq!(proxy.connections(), 0, "the proxy variables were followed");
 }

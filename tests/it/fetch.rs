@@ -240,3 +240,41 @@ async fn a_body_that_never_ends_is_cut_by_the_byte_cap_or_the_deadline() {
         .unwrap_err();
     assert_eq!(err.code(), "timeout", "{err}");
 }
+
+#[tokio::test]
+async fn webhooks_are_judged_by_the_same_resolver_and_rules() {
+    use kiln::callback::{Delivery, Notifier};
+    let sink = crate::support::CallbackSink::start().await;
+    let port = sink.addr().port();
+    let secret = CountingListener::start("127.0.0.2", port, "text/plain", b"ok".to_vec()).await;
+    let dns = StubDns::start().await;
+    dns.resolve("hooks.test", &["127.0.0.1"]);
+    dns.resolve("inside.test", &["127.0.0.2"]);
+    let config = Config::load_from(Sources::default()).unwrap();
+    let policy = NetworkPolicy::new(vec!["127.0.0.1/32".parse().unwrap()])
+        .with_nameservers(vec![dns.addr()]);
+    let notifier = Notifier::new(&config.callback, policy, "kiln-test").unwrap();
+    let delivery = |url: String| Delivery {
+        id: "msg_test".into(),
+        url,
+        root: "acme".into(),
+        body: "{}".into(),
+        attempts: 0,
+        last_error: None,
+    };
+    notifier
+        .attempt(&delivery(format!("http://hooks.test:{port}/cb")), None)
+        .await
+        .unwrap();
+    assert_eq!(sink.count(), 1);
+    let err = notifier
+        .attempt(&delivery(format!("http://inside.test:{port}/cb")), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "address-denied", "{err}");
+    assert_eq!(
+        secret.connections(),
+        0,
+        "a refused webhook address was dialled"
+    );
+}

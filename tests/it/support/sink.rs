@@ -161,6 +161,11 @@ impl CallbackSink {
     }
 
     /// `http://127.0.0.1:<port><path_and_query>`.
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.addr)
     }
