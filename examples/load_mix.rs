@@ -61,6 +61,11 @@ const MISSING_FILES: usize = 5;
 const MAX_PATH_BYTES: usize = 1024;
 /// RSS growth (last third over middle third) that fails the run, in percent.
 const MAX_RSS_GROWTH_PERCENT: f64 = 10.0;
+/// Shorter runs report the RSS growth without failing on it: kiln's caches
+/// (hot variants, index) and the allocator's working set for decoding fill
+/// during the first minute or two, so the middle third of a short run is
+/// still on that ramp.
+const MIN_JUDGED_SECS: u64 = 180;
 /// Seconds between two RSS samples.
 const RSS_EVERY: Duration = Duration::from_secs(5);
 /// Valid-request failures and bad-request mismatches printed in full.
@@ -1217,13 +1222,32 @@ async fn main() -> ExitCode {
         let middle = mean(&values[third..values.len() - third]);
         let last = mean(&values[values.len() - third..]);
         let growth = (last - middle) / middle * 100.0;
-        rss_ok = growth <= MAX_RSS_GROWTH_PERCENT;
+        let judged = args.duration.as_secs() >= MIN_JUDGED_SECS;
+        rss_ok = !judged || growth <= MAX_RSS_GROWTH_PERCENT;
         println!(
             "RSS middle third {} -> last third {}: growth {growth:+.1}% (limit {MAX_RSS_GROWTH_PERCENT}%) {}",
             mib(middle),
             mib(last),
-            if rss_ok { "ok" } else { "TOO MUCH" }
+            if !judged {
+                format!("not judged: runs under {MIN_JUDGED_SECS}s are still on the cache-fill ramp")
+            } else if rss_ok {
+                "ok".to_string()
+            } else {
+                "TOO MUCH".to_string()
+            }
         );
+    }
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", args.pid)) {
+        let fields: Vec<String> = status
+            .lines()
+            .filter(|l| {
+                ["VmHWM:", "VmRSS:", "RssAnon:", "RssFile:", "Threads:"]
+                    .iter()
+                    .any(|f| l.starts_with(f))
+            })
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        println!("kiln at the end: {}", fields.join(", "));
     }
     println!("{line}");
     let mut failures = Vec::new();
@@ -1239,7 +1263,10 @@ async fn main() -> ExitCode {
     if !alive {
         failures.push(format!("kiln (pid {}) is gone", args.pid));
     }
-    if failures.is_empty() {
+    if failures.is_empty() && args.duration.as_secs() < MIN_JUDGED_SECS {
+        println!("VERDICT: PASS (zero 5xx on valid requests; memory not judged, run under {MIN_JUDGED_SECS}s)");
+        ExitCode::SUCCESS
+    } else if failures.is_empty() {
         println!("VERDICT: PASS (zero 5xx on valid requests, memory flat)");
         ExitCode::SUCCESS
     } else {
