@@ -2,11 +2,12 @@
 -- (only if it is still this job's) and hand back the callbacks attached to it.
 -- With ARGV[4] set, the job is dead-lettered: a copy goes to KEYS[4] with the reason.
 -- KEYS[1] job stream, KEYS[2] in-flight marker, KEYS[3] callback list, KEYS[4] dead-letter stream
--- ARGV[1] group, ARGV[2] entry id, ARGV[3] job id, ARGV[4] failure reason or "", ARGV[5] job JSON
+-- ARGV[1] group, ARGV[2] entry id, ARGV[3] job id, ARGV[4] failure reason or "", ARGV[5] job JSON,
+-- ARGV[6] most dead letters kept (older ones are trimmed)
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if ARGV[4] ~= '' then
-  redis.call('XADD', KEYS[4], '*', 'job', ARGV[5], 'reason', ARGV[4])
+  redis.call('XADD', KEYS[4], 'MAXLEN', tonumber(ARGV[6]), '*', 'job', ARGV[5], 'reason', ARGV[4])
 end
 local callbacks = redis.call('LRANGE', KEYS[3], 0, -1)
 redis.call('DEL', KEYS[3])

@@ -90,6 +90,8 @@ pub struct QueueConfig {
     pub retry_backoff_ms: u64,
     /// Longest wait between two attempts, in milliseconds. Default 300 000.
     pub max_retry_backoff_ms: u64,
+    /// Dead letters kept (older ones are dropped). Default 10 000.
+    pub dead_letter_max: u64,
     /// Jobs one worker process runs at once. Default 2.
     pub worker_concurrency: usize,
     /// Milliseconds a claim blocks waiting for work. Default 1000.

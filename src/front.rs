@@ -195,7 +195,11 @@ impl Front {
                 root.as_deref(),
             )
             .await?;
-        let status = if answer.status == "done" { 200 } else { 202 };
+        let status = match (answer.status, answer.failure_status) {
+            ("done", _) => 200,
+            (_, Some(failed)) => failed,
+            _ => 202,
+        };
         Ok(Reply::json(status, &answer))
     }
 

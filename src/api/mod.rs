@@ -55,12 +55,15 @@ pub struct PreheatAnswer {
     pub path: String,
     pub url: String,
     pub filter: String,
-    /// `pending` or `done`.
+    /// `pending`, `done` or `failed`.
     pub status: &'static str,
     pub original_url: String,
     /// Whether this request added a job (false: one was already in flight or nothing to do).
     pub queued: bool,
     pub record: Option<MediaRecord>,
+    /// For `failed`: the HTTP status of the remembered failure.
+    #[serde(skip)]
+    pub failure_status: Option<u16>,
 }
 
 impl Context {
@@ -222,7 +225,14 @@ impl Context {
         }
         let variant = keys::variant_path(filter, &path);
         let exists = self.index.locate(&self.storage, &variant).await?.is_some();
-        let queued = if exists && callback.is_none() {
+        // Failed for good lately: answered now, not downloaded again (nor
+        // called back again) until the failure expires.
+        let failure = if exists {
+            None
+        } else {
+            self.index.failure(&variant).await
+        };
+        let queued = if failure.is_some() || (exists && callback.is_none()) {
             false
         } else {
             // Even when the variant exists a callback was asked for: the
@@ -251,10 +261,15 @@ impl Context {
             code,
             path,
             filter: filter.to_string(),
-            status: if exists { "done" } else { "pending" },
+            status: match (exists, &failure) {
+                (true, _) => "done",
+                (false, Some(_)) => "failed",
+                (false, None) => "pending",
+            },
             original_url: url.to_string(),
             queued,
             record,
+            failure_status: failure.map(|f| f.status),
         })
     }
 

@@ -26,7 +26,7 @@ struct State {
     pending: HashMap<String, Pending>,
     inflight: HashMap<String, (String, Instant)>,
     callbacks: HashMap<String, Vec<String>>,
-    dead: Vec<(Job, String)>,
+    dead: VecDeque<(Job, String)>,
     /// Jobs backing off after a retryable failure: due time, job, attempts so far.
     delayed: Vec<(Instant, Job, u32)>,
     next_receipt: u64,
@@ -51,6 +51,7 @@ pub struct EmbeddedQueue {
     ready: Notify,
     inflight_ttl: Duration,
     visibility_timeout: Duration,
+    dead_letter_max: u64,
 }
 
 impl EmbeddedQueue {
@@ -60,6 +61,7 @@ impl EmbeddedQueue {
             ready: Notify::new(),
             inflight_ttl: Duration::from_secs(config.inflight_ttl_secs),
             visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
+            dead_letter_max: config.dead_letter_max.max(1),
         }
     }
 
@@ -110,7 +112,12 @@ impl EmbeddedQueue {
         let mut state = self.state.lock();
         state.pending.remove(&claimed.receipt);
         if let Some(reason) = reason {
-            state.dead.push((claimed.job.clone(), reason.to_string()));
+            if state.dead.len() as u64 >= self.dead_letter_max {
+                state.dead.pop_front();
+            }
+            state
+                .dead
+                .push_back((claimed.job.clone(), reason.to_string()));
         }
         let dedupe = &claimed.job.dedupe;
         if state

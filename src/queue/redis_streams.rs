@@ -40,6 +40,7 @@ pub struct RedisQueue {
     retry_script: redis::Script,
     promote_script: redis::Script,
     inflight_ttl_secs: u64,
+    dead_letter_max: u64,
     visibility_timeout: Duration,
     /// Entries a blocking read delivered beyond the one it returned.
     stash: Mutex<VecDeque<Claimed>>,
@@ -59,6 +60,7 @@ impl RedisQueue {
             retry_script: redis::Script::new(RETRY_LUA),
             promote_script: redis::Script::new(PROMOTE_LUA),
             inflight_ttl_secs: config.inflight_ttl_secs,
+            dead_letter_max: config.dead_letter_max,
             visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
             stash: Mutex::new(VecDeque::new()),
             last_reclaim: Mutex::new(None),
@@ -274,6 +276,7 @@ impl RedisQueue {
             .arg(&job.id)
             .arg(reason)
             .arg(serde_json::to_string(job)?)
+            .arg(self.dead_letter_max)
             .invoke_async(&mut conn)
             .await?;
         Ok(callbacks)

@@ -297,10 +297,15 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
         assert_eq!(hook.body["status"], "failed");
         assert_eq!(hook.body["error"]["code"], error);
         assert_eq!(hook.body["marking"], "failed");
-        // Asking again shows the failure (and tries the download once more).
-        let record = json(&get(&request).await.text().await.unwrap());
+        // Asking again answers the failure at once, without another download.
+        let again = get(&request).await;
+        assert!(again.status().is_client_error() || again.status().is_server_error());
+        let record = json(&again.text().await.unwrap());
+        assert_eq!(record["status"], "failed");
+        assert_eq!(record["queued"], false);
         assert_eq!(record["record"]["marking"], "failed");
         assert_eq!(record["record"]["error"]["code"], error);
+        assert_eq!(origin.hits(path), 1, "{path} was downloaded again");
     }
 }
 

@@ -24,8 +24,12 @@ impl Fixture {
 }
 
 fn fixture(redis: bool, visibility_secs: u64) -> Fixture {
+    fixture_with(redis, |c| c.queue.visibility_timeout_secs = visibility_secs)
+}
+
+fn fixture_with(redis: bool, tweak: impl FnOnce(&mut Config)) -> Fixture {
     let mut config = Config::load_from(Sources::default()).unwrap();
-    config.queue.visibility_timeout_secs = visibility_secs;
+    tweak(&mut config);
     if !redis {
         return Fixture {
             queue: Arc::new(EmbeddedQueue::new(&config.queue)),
@@ -76,6 +80,7 @@ both!(
     unacked_jobs_are_reclaimed_after_the_visibility_timeout,
     dead_letters_keep_the_reason_and_hand_back_callbacks,
     retried_jobs_wait_out_their_backoff_and_count_attempts,
+    dead_letters_are_capped,
 );
 
 async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
@@ -208,4 +213,20 @@ async fn retried_jobs_wait_out_their_backoff_and_count_attempts(redis: bool) {
         .enqueue(&again, Some("http://cb/late"))
         .await
         .unwrap());
+}
+
+async fn dead_letters_are_capped(redis: bool) {
+    let f = fixture_with(redis, |c| c.queue.dead_letter_max = 2);
+    for n in 0..3 {
+        f.queue
+            .enqueue(&job(&format!("x/{n}.jpg"), Priority::Preheat), None)
+            .await
+            .unwrap();
+        let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
+        f.queue
+            .dead_letter(&claimed, "decode-failed")
+            .await
+            .unwrap();
+    }
+    assert_eq!(f.queue.depths().await.unwrap().dead, 2);
 }
