@@ -446,19 +446,9 @@ async fn sigterm_lets_a_worker_finish_its_job_within_the_shutdown_deadline() {
     .await;
 }
 
-/// A front grace period shorter than the deadline does not cut the drain short.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_a_worker_finish_its_job_within_the_grace_period() {
-    sigterm_drains_the_job_in_hand(
-        "[queue]\nvisibility_timeout_secs = 2\nshutdown_deadline_secs = 10\n\
-         [server]\ngrace_period_secs = 3\n",
-        false,
-    )
-    .await;
-}
-
 /// Finishing a job includes telling its subscribers; a worker that drains
-/// and exits should not leave that to whichever worker runs next.
+/// and exits should not leave that to whichever worker runs next (and a
+/// grace period set for fronts changes nothing for a worker).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_worker_call_back_the_job_it_finished_while_draining() {
     sigterm_drains_the_job_in_hand(
