@@ -390,6 +390,9 @@ enum Kind {
     MissNew,
     MissReask,
     Preheat,
+    /// A pre-heat of a corrupt or missing origin file: a fair request whose
+    /// honest answer is the failure (once known) — never a 5xx.
+    PreheatBroken,
     BadTraversal,
     BadDoubleEncoded,
     BadFilter,
@@ -423,6 +426,7 @@ impl Kind {
             Kind::MissNew => "miss-new",
             Kind::MissReask => "miss-reask",
             Kind::Preheat => "preheat",
+            Kind::PreheatBroken => "preheat-broken-origin",
             Kind::BadTraversal => "bad-traversal ..%2f",
             Kind::BadDoubleEncoded => "bad-double-enc %252e",
             Kind::BadFilter => "bad-unknown-filter",
@@ -439,7 +443,12 @@ impl Kind {
     fn valid(self) -> bool {
         matches!(
             self,
-            Kind::Hit | Kind::HitConditional | Kind::MissNew | Kind::MissReask | Kind::Preheat
+            Kind::Hit
+                | Kind::HitConditional
+                | Kind::MissNew
+                | Kind::MissReask
+                | Kind::Preheat
+                | Kind::PreheatBroken
         )
     }
 
@@ -449,6 +458,9 @@ impl Kind {
             Kind::HitConditional => &[304],
             Kind::MissNew | Kind::MissReask => &[202, 200],
             Kind::Preheat => &[200, 202],
+            // 202 until the job fails; then the remembered failure: origin
+            // 404 → 404, not an image → 422.
+            Kind::PreheatBroken => &[202, 404, 422],
             Kind::BadTraversal | Kind::BadDoubleEncoded | Kind::BadNul | Kind::BadLongPath => {
                 &[400]
             }
@@ -702,7 +714,13 @@ impl Shared {
             &self.preheat_urls[rng.below(self.preheat_urls.len() as u64) as usize];
         let url = self.preheat_url(filter, source);
         let answer = self.send(self.client.get(&url)).await;
-        self.record(Kind::Preheat, &url, &answer);
+        let broken = source.contains("/bad-") || source.contains("/gone-");
+        let kind = if broken {
+            Kind::PreheatBroken
+        } else {
+            Kind::Preheat
+        };
+        self.record(kind, &url, &answer);
     }
 
     async fn bad(&self, rng: &mut Rng) {

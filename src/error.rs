@@ -125,6 +125,10 @@ impl Error {
             Error::MethodNotAllowed(_) => 405,
             Error::TooLarge(_) | Error::ImageTooLarge(_) => 413,
             Error::UnsupportedImage(_) | Error::DecodeFailed(_) => 422,
+            // The original is not there: say so, as for a missing stored one.
+            Error::OriginStatus {
+                status: 404 | 410, ..
+            } => 404,
             Error::OriginStatus { .. }
             | Error::OriginUnreachable(_)
             | Error::TooManyRedirects(_)
@@ -194,6 +198,7 @@ mod tests {
             url: "u".into(),
         };
         assert!(!e.is_retryable());
+        assert_eq!(e.status(), 404);
         assert!(!Error::ImageTooLarge("x".into()).is_retryable());
         assert_eq!(Error::InvalidPath("..".into()).status(), 400);
         assert_eq!(

@@ -280,11 +280,11 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
             b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>".to_vec(),
         ),
     );
-    for (path, error) in [
-        ("/gone.jpg", "origin-status"),
-        ("/page.html", "unsupported-image"),
-        ("/bomb.png", "image-too-large"),
-        ("/vector.svg", "unsupported-image"),
+    for (path, error, status) in [
+        ("/gone.jpg", "origin-status", 404),
+        ("/page.html", "unsupported-image", 422),
+        ("/bomb.png", "image-too-large", 413),
+        ("/vector.svg", "unsupported-image", 422),
     ] {
         let request = preheat_url(&kiln.base, "tiny", &origin.url(path), Some(&sink.url(path)));
         assert_eq!(get(&request).await.status(), 202);
@@ -299,7 +299,7 @@ async fn failed_download_calls_back_with_the_reason(backend: Backend) {
         assert_eq!(hook.body["marking"], "failed");
         // Asking again answers the failure at once, without another download.
         let again = get(&request).await;
-        assert!(again.status().is_client_error() || again.status().is_server_error());
+        assert_eq!(again.status(), status, "{path}");
         let record = json(&again.text().await.unwrap());
         assert_eq!(record["status"], "failed");
         assert_eq!(record["queued"], false);
