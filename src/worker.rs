@@ -193,20 +193,16 @@ impl Worker {
             }
         };
         // Misses of these variants answer the failure instead of queueing it again.
-        if let Some(original) = record
-            .path
-            .as_deref()
-            .or(Some(job.original.as_str()))
-            .filter(|p| !p.is_empty())
-        {
+        let original = record.path.as_deref().unwrap_or(&job.original);
+        if !original.is_empty() {
+            let failure = Failure {
+                code: error.code().to_string(),
+                message: error.to_string(),
+                status: error.status(),
+            };
             for filter in &job.filters {
-                let failure = Failure {
-                    code: error.code().to_string(),
-                    message: error.to_string(),
-                    status: error.status(),
-                };
                 let variant = keys::variant_path(filter, original);
-                if let Err(e) = self.index.mark_failed(&variant, failure).await {
+                if let Err(e) = self.index.mark_failed(&variant, failure.clone()).await {
                     tracing::warn!(job = %job.id, error = %e, "could not record the failed variant");
                 }
             }
