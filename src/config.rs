@@ -207,6 +207,9 @@ pub struct ImagingConfig {
     pub max_pixels: u64,
     /// Bytes a decoder may allocate. Default 512 MiB.
     pub max_alloc_bytes: u64,
+    /// Most scans a progressive JPEG may have (each one re-walks the whole
+    /// coefficient buffer). Default 100.
+    pub max_jpeg_scans: u32,
     /// Threads of the blocking render pool per worker process. Default 2.
     pub render_threads: usize,
 }
@@ -328,6 +331,7 @@ impl Config {
         if self.imaging.max_width == 0
             || self.imaging.max_height == 0
             || self.imaging.max_pixels == 0
+            || self.imaging.max_jpeg_scans == 0
         {
             return bad("imaging.max_*", "limits must be positive".into());
         }

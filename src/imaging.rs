@@ -1,11 +1,13 @@
 //! Pixels: sniff, decode with limits checked from the header before the
-//! full decode allocates, EXIF orientation, resize (`fast_image_resize`),
-//! encode, BlurHash. Synchronous and I/O-free: callers run it on the
-//! blocking pool.
+//! full decode allocates, shrink-on-load for JPEG (libjpeg-turbo's DCT
+//! scaling), EXIF orientation, resize (`fast_image_resize`), encode
+//! (libjpeg-turbo, libwebp, `image`'s PNG), BlurHash. Synchronous and
+//! I/O-free: callers run it on the blocking pool.
 
 use std::io::Cursor;
 
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::config::ImagingConfig;
@@ -19,6 +21,7 @@ pub struct Limits {
     pub max_height: u32,
     pub max_pixels: u64,
     pub max_alloc_bytes: u64,
+    pub max_jpeg_scans: u32,
 }
 
 impl From<&ImagingConfig> for Limits {
@@ -28,9 +31,37 @@ impl From<&ImagingConfig> for Limits {
             max_height: c.max_height,
             max_pixels: c.max_pixels,
             max_alloc_bytes: c.max_alloc_bytes,
+            max_jpeg_scans: c.max_jpeg_scans,
         }
     }
 }
+
+impl Limits {
+    fn check_size(&self, width: u32, height: u32) -> Result<()> {
+        if width == 0 || height == 0 {
+            return Err(Error::DecodeFailed("image has no pixels".into()));
+        }
+        if width > self.max_width
+            || height > self.max_height
+            || u64::from(width) * u64::from(height) > self.max_pixels
+        {
+            return Err(Error::ImageTooLarge(format!(
+                "{width}x{height} exceeds {}x{} or {} pixels",
+                self.max_width, self.max_height, self.max_pixels
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Shrink-on-load stops while the decoded image is still this many times
+/// the largest output: the DCT's block average is sharp and slightly
+/// aliased, so the final Lanczos pass gets room to smooth it (libvips keeps
+/// the same factor of two).
+const SHRINK_ON_LOAD_HEADROOM: f64 = 2.0;
+
+/// The side the previews are computed at (ThumbHash takes at most 100x100).
+const PREVIEW_SIDE: u32 = 64;
 
 /// The formats kiln decodes, by magic bytes. Anything else is refused.
 pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
@@ -51,32 +82,169 @@ pub fn sniff_mime(bytes: &[u8]) -> &'static str {
     sniff(bytes).map_or("application/octet-stream", mime_of)
 }
 
-/// A decoded, upright source.
+/// A decoded, upright source. Its pixels may be smaller than the original
+/// (shrink-on-load); `width()` and `height()` are always the original's
+/// upright size, which plans and records use.
 #[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
     pub format: ImageFormat,
+    width: u32,
+    height: u32,
 }
 
 impl Decoded {
     pub fn width(&self) -> u32 {
-        self.image.width()
+        self.width
     }
 
     pub fn height(&self) -> u32 {
-        self.image.height()
+        self.height
+    }
+
+    fn full(image: DynamicImage, format: ImageFormat) -> Decoded {
+        Decoded {
+            width: image.width(),
+            height: image.height(),
+            image,
+            format,
+        }
     }
 }
 
+/// Decodes at full size.
 pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
+    decode_scaled(bytes, limits, |_, _| 1.0)
+}
+
+/// Decodes once for every preset of a job and its previews: a JPEG is
+/// shrunk on load by the largest DCT factor (1/2, 1/4, 1/8) that still
+/// leaves every preset's crop [`SHRINK_ON_LOAD_HEADROOM`] times its output.
+/// Other formats decode at full size.
+pub fn decode_for(bytes: &[u8], limits: Limits, presets: &[Preset]) -> Result<Decoded> {
+    decode_scaled(bytes, limits, |width, height| {
+        // Previews are box-filtered: they need no headroom.
+        let previews = f64::from(PREVIEW_SIDE) / f64::from(width.max(height));
+        presets
+            .iter()
+            .map(|preset| {
+                let plan = preset.plan(width, height);
+                let x = f64::from(plan.width) / f64::from(plan.crop.width);
+                let y = f64::from(plan.height) / f64::from(plan.crop.height);
+                x.max(y) * SHRINK_ON_LOAD_HEADROOM
+            })
+            .fold(previews, f64::max)
+    })
+}
+
+/// `needed_scale(upright width, upright height)` is the smallest fraction of
+/// the original the caller can work from.
+fn decode_scaled(
+    bytes: &[u8],
+    limits: Limits,
+    needed_scale: impl Fn(u32, u32) -> f64,
+) -> Result<Decoded> {
     let format = sniff(bytes)
         .ok_or_else(|| Error::UnsupportedImage("not a JPEG, PNG, GIF or WebP image".into()))?;
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        // The JPEG decoder fills a cut-off scan with grey instead of failing.
-        return Err(Error::DecodeFailed(
-            "truncated JPEG: no end of image after the scan".into(),
-        ));
+    if format == ImageFormat::Jpeg {
+        if !jpeg_is_complete(bytes) {
+            // Decoders fill a cut-off scan with grey instead of failing.
+            return Err(Error::DecodeFailed(
+                "truncated JPEG: no end of image after the scan".into(),
+            ));
+        }
+        if let Some(decoded) = decode_jpeg(bytes, limits, needed_scale)? {
+            return Ok(decoded);
+        }
     }
+    decode_generic(bytes, format, limits)
+}
+
+/// libjpeg-turbo with DCT scaling. `None` for colour spaces it cannot turn
+/// into RGB (CMYK, YCCK), which the generic decoder handles.
+fn decode_jpeg(
+    bytes: &[u8],
+    limits: Limits,
+    needed_scale: impl Fn(u32, u32) -> f64,
+) -> Result<Option<Decoded>> {
+    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
+    let turbo_error = |e: turbojpeg::Error| Error::DecodeFailed(format!("JPEG: {e}"));
+    let mut decompressor = Decompressor::new().map_err(|e| Error::Internal(e.to_string()))?;
+    let header = decompressor.read_header(bytes).map_err(turbo_error)?;
+    if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
+        return Ok(None);
+    }
+    let to_u32 = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    let (width, height) = (to_u32(header.width), to_u32(header.height));
+    limits.check_size(width, height)?;
+    if header.is_progressive || header.is_arithmetic {
+        // Multi-scan JPEGs keep every DCT coefficient (2 bytes, up to three
+        // full-size components) until the last scan.
+        let coefficients = u64::from(width) * u64::from(height) * 6;
+        if coefficients > limits.max_alloc_bytes {
+            return Err(Error::ImageTooLarge(format!(
+                "a progressive {width}x{height} JPEG needs {coefficients} bytes, over {}",
+                limits.max_alloc_bytes
+            )));
+        }
+        decompressor
+            .set_scan_limit(limits.max_jpeg_scans)
+            .map_err(turbo_error)?;
+    }
+
+    let orientation = jpeg_orientation(bytes);
+    let (upright_w, upright_h) = if swaps_axes(orientation) {
+        (height, width)
+    } else {
+        (width, height)
+    };
+    let needed = needed_scale(upright_w, upright_h);
+    let denominator = [8, 4, 2]
+        .into_iter()
+        .find(|&d| 1.0 / f64::from(d) >= needed)
+        .unwrap_or(1);
+    let scale = ScalingFactor::new(1, denominator as usize);
+    decompressor
+        .set_scaling_factor(scale)
+        .map_err(turbo_error)?;
+    let scaled = header.scaled(scale);
+    let mut pixels = vec![0; 3 * scaled.width * scaled.height];
+    decompressor
+        .decompress(
+            bytes,
+            Image {
+                pixels: pixels.as_mut_slice(),
+                width: scaled.width,
+                pitch: 3 * scaled.width,
+                height: scaled.height,
+                format: PixelFormat::RGB,
+            },
+        )
+        .map_err(turbo_error)?;
+    let rgb = image::RgbImage::from_raw(to_u32(scaled.width), to_u32(scaled.height), pixels)
+        .ok_or_else(|| Error::Internal("decoded buffer size".into()))?;
+    let mut image = DynamicImage::ImageRgb8(rgb);
+    image.apply_orientation(orientation);
+    Ok(Some(Decoded {
+        image,
+        format: ImageFormat::Jpeg,
+        width: upright_w,
+        height: upright_h,
+    }))
+}
+
+fn swaps_axes(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// The `image` crate's decoders, at full size.
+fn decode_generic(bytes: &[u8], format: ImageFormat, limits: Limits) -> Result<Decoded> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_width);
@@ -85,21 +253,8 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
     reader.limits(decoder_limits);
     let mut decoder = reader.into_decoder().map_err(decode_error)?;
     let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(Error::DecodeFailed("image has no pixels".into()));
-    }
-    if width > limits.max_width
-        || height > limits.max_height
-        || u64::from(width) * u64::from(height) > limits.max_pixels
-    {
-        return Err(Error::ImageTooLarge(format!(
-            "{width}x{height} exceeds {}x{} or {} pixels",
-            limits.max_width, limits.max_height, limits.max_pixels
-        )));
-    }
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    limits.check_size(width, height)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
     image.apply_orientation(orientation);
     // Resizing and encoding work on 8-bit RGB(A); other layouts convert once here.
@@ -114,44 +269,83 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
             other => DynamicImage::ImageRgb8(other.to_rgb8()),
         }
     };
-    Ok(Decoded { image, format })
+    Ok(Decoded::full(image, format))
+}
+
+/// The header segments of a JPEG, up to and including its first scan
+/// (SOS), each as `(marker, payload, offset after it)`. Walks by segment
+/// lengths, so data inside a segment (an EXIF thumbnail) is never mistaken
+/// for the image's own markers.
+struct JpegSegments<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    done: bool,
+}
+
+fn jpeg_segments(bytes: &[u8]) -> JpegSegments<'_> {
+    JpegSegments {
+        bytes,
+        at: 2, // after SOI
+        done: false,
+    }
+}
+
+impl<'a> Iterator for JpegSegments<'a> {
+    type Item = (u8, &'a [u8], usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bytes = self.bytes;
+        loop {
+            if self.done {
+                return None;
+            }
+            // Markers may be padded with extra 0xFF bytes.
+            while bytes.get(self.at) == Some(&0xff) && bytes.get(self.at + 1) == Some(&0xff) {
+                self.at += 1;
+            }
+            let (Some(&0xff), Some(&marker)) = (bytes.get(self.at), bytes.get(self.at + 1)) else {
+                self.done = true;
+                return None;
+            };
+            if (0xd0..=0xd7).contains(&marker) || marker == 0x01 {
+                self.at += 2; // no length
+                continue;
+            }
+            let length = bytes
+                .get(self.at + 2..self.at + 4)
+                .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+            // EOI before any scan, or a malformed length, ends the walk.
+            let Some(length) = length.filter(|&l| marker != 0xd9 && l >= 2) else {
+                self.done = true;
+                return None;
+            };
+            let payload = bytes.get(self.at + 4..self.at + 2 + length).unwrap_or(&[]);
+            self.at += 2 + length;
+            self.done = marker == 0xda;
+            return Some((marker, payload, self.at));
+        }
+    }
 }
 
 /// Whether a JPEG's first scan is followed by an end-of-image marker.
-/// Walks the header segments by their lengths, so a thumbnail embedded in
-/// EXIF (which has its own scan and EOI) cannot stand in for the image's.
 /// Inside entropy-coded data 0xFF is always stuffed, so FF D9 there is EOI.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let mut at = 2; // after SOI
-    loop {
-        // Markers may be padded with extra 0xFF bytes.
-        while bytes.get(at) == Some(&0xff) && bytes.get(at + 1) == Some(&0xff) {
-            at += 1;
-        }
-        let (Some(&0xff), Some(&marker)) = (bytes.get(at), bytes.get(at + 1)) else {
-            return false;
-        };
-        if (0xd0..=0xd7).contains(&marker) || marker == 0x01 {
-            at += 2; // no length
-            continue;
-        }
-        let Some(len) = bytes
-            .get(at + 2..at + 4)
-            .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
-        else {
-            return false;
-        };
-        let next = at + 2 + len;
-        if marker == 0xda {
-            return bytes
-                .get(next..)
-                .is_some_and(|scan| scan.windows(2).any(|w| w == [0xff, 0xd9]));
-        }
-        if marker == 0xd9 || len < 2 {
-            return false; // EOI before any scan, or a malformed length
-        }
-        at = next;
-    }
+    jpeg_segments(bytes)
+        .find(|&(marker, _, _)| marker == 0xda)
+        .and_then(|(_, _, scan)| bytes.get(scan..))
+        .is_some_and(|scan| scan.windows(2).any(|w| w == [0xff, 0xd9]))
+}
+
+/// The orientation in a JPEG's EXIF (APP1) segment; upright without one.
+fn jpeg_orientation(bytes: &[u8]) -> Orientation {
+    jpeg_segments(bytes)
+        .find_map(|(marker, payload, _)| {
+            (marker == 0xe1)
+                .then(|| payload.strip_prefix(b"Exif\0\0"))
+                .flatten()
+        })
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms)
 }
 
 fn decode_error(e: image::ImageError) -> Error {
@@ -173,14 +367,17 @@ pub struct Rendered {
 /// Resizes and encodes one preset from a decoded source.
 pub fn render(source: &Decoded, preset: &Preset) -> Result<Rendered> {
     let plan = preset.plan(source.width(), source.height());
+    // The plan is in original pixels; the decoded image may be shrunk.
+    let scale_x = f64::from(source.image.width()) / f64::from(source.width());
+    let scale_y = f64::from(source.image.height()) / f64::from(source.height());
     let mut resized = DynamicImage::new(plan.width, plan.height, source.image.color());
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
         .crop(
-            f64::from(plan.crop.x),
-            f64::from(plan.crop.y),
-            f64::from(plan.crop.width),
-            f64::from(plan.crop.height),
+            f64::from(plan.crop.x) * scale_x,
+            f64::from(plan.crop.y) * scale_y,
+            f64::from(plan.crop.width) * scale_x,
+            f64::from(plan.crop.height) * scale_y,
         );
     Resizer::new()
         .resize(&source.image, &mut resized, &options)
@@ -208,28 +405,67 @@ fn output_format(source: ImageFormat, wanted: OutputFormat) -> ImageFormat {
     }
 }
 
-fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(64 * 1024);
-    let result = match format {
-        ImageFormat::Jpeg => {
-            let rgb = flatten_on_white(image);
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(&rgb)
+/// Encodes with the fastest encoder measured per format (`benches/stages.rs`):
+/// libjpeg-turbo for JPEG, libwebp (lossy, at the preset's quality) for
+/// WebP, `image`'s PNG encoder at its fast setting.
+pub fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<Vec<u8>> {
+    match format {
+        ImageFormat::Jpeg => encode_jpeg(&flatten_on_white(image), quality),
+        ImageFormat::WebP => encode_webp(image, quality),
+        _ => encode_png(image),
+    }
+}
+
+fn encode_jpeg(rgb: &image::RgbImage, quality: u8) -> Result<Vec<u8>> {
+    use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
+    let failed = |e: turbojpeg::Error| Error::EncodeFailed(format!("JPEG: {e}"));
+    let mut compressor = Compressor::new().map_err(failed)?;
+    compressor
+        .set_quality(i32::from(quality.clamp(1, 100)))
+        .map_err(failed)?;
+    compressor.set_subsamp(Subsamp::Sub2x2).map_err(failed)?;
+    compressor
+        .compress_to_vec(Image {
+            pixels: rgb.as_raw().as_slice(),
+            width: rgb.width() as usize,
+            pitch: 3 * rgb.width() as usize,
+            height: rgb.height() as usize,
+            format: PixelFormat::RGB,
+        })
+        .map_err(failed)
+}
+
+fn encode_webp(image: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
+    let encoder = match image {
+        DynamicImage::ImageRgba8(rgba) => {
+            webp::Encoder::from_rgba(rgba.as_raw(), rgba.width(), rgba.height())
         }
-        ImageFormat::WebP => image::codecs::webp::WebPEncoder::new_lossless(&mut out).encode(
-            image.as_bytes(),
-            image.width(),
-            image.height(),
-            image.color().into(),
-        ),
-        _ => image.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
+        DynamicImage::ImageRgb8(rgb) => {
+            webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height())
+        }
+        other => return encode_webp(&DynamicImage::ImageRgba8(other.to_rgba8()), quality),
     };
-    result.map_err(|e| Error::EncodeFailed(e.to_string()))?;
+    encoder
+        .encode_simple(false, f32::from(quality.min(100)))
+        .map(|memory| memory.to_vec())
+        .map_err(|e| Error::EncodeFailed(format!("WebP: {e:?}")))
+}
+
+fn encode_png(image: &DynamicImage) -> Result<Vec<u8>> {
+    use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+    let mut out = Vec::with_capacity(64 * 1024);
+    let encoder =
+        PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive);
+    image
+        .write_with_encoder(encoder)
+        .map_err(|e| Error::EncodeFailed(e.to_string()))?;
     Ok(out)
 }
 
 /// JPEG has no alpha: composite transparent pixels over white, not black.
-fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
+fn flatten_on_white(image: &DynamicImage) -> std::borrow::Cow<'_, image::RgbImage> {
     match image {
+        DynamicImage::ImageRgb8(rgb) => std::borrow::Cow::Borrowed(rgb),
         DynamicImage::ImageRgba8(rgba) => {
             let mut rgb = image::RgbImage::new(rgba.width(), rgba.height());
             for (out, px) in rgb.pixels_mut().zip(rgba.pixels()) {
@@ -239,9 +475,9 @@ fn flatten_on_white(image: &DynamicImage) -> DynamicImage {
                 };
                 out.0 = [blend(r), blend(g), blend(b)];
             }
-            DynamicImage::ImageRgb8(rgb)
+            std::borrow::Cow::Owned(rgb)
         }
-        other => DynamicImage::ImageRgb8(other.to_rgb8()),
+        other => std::borrow::Cow::Owned(other.to_rgb8()),
     }
 }
 
@@ -253,11 +489,10 @@ pub struct Previews {
     pub thumbhash: String,
 }
 
-/// Both previews from one small box-filtered copy (ThumbHash takes at most 100x100).
+/// Both previews from one small box-filtered copy.
 pub fn previews(source: &Decoded) -> Result<Previews> {
-    const SIDE: u32 = 64;
-    let (w, h) = (source.width(), source.height());
-    let scale = (f64::from(SIDE) / f64::from(w.max(h))).min(1.0);
+    let (w, h) = (source.image.width(), source.image.height());
+    let scale = (f64::from(PREVIEW_SIDE) / f64::from(w.max(h))).min(1.0);
     let tw = ((f64::from(w) * scale).round() as u32).max(1);
     let th = ((f64::from(h) * scale).round() as u32).max(1);
     let mut small = DynamicImage::new(tw, th, source.image.color());
@@ -309,6 +544,7 @@ mod tests {
             max_height: 10_000,
             max_pixels: 10_000_000,
             max_alloc_bytes: 512 << 20,
+            max_jpeg_scans: 100,
         }
     }
 
@@ -396,6 +632,131 @@ mod tests {
             let px = back.to_rgb8().get_pixel(25, 25).0;
             assert!(px[0] > 150 && px[1] < 80, "{input:?} colour {px:?}");
         }
+    }
+
+    /// A JPEG whose left half is red and right half blue.
+    fn halves_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, _| {
+            if x < w / 2 {
+                image::Rgb([220, 20, 20])
+            } else {
+                image::Rgb([20, 20, 220])
+            }
+        });
+        let mut out = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    fn preset(mode: Mode, width: u32, height: u32) -> Preset {
+        Preset {
+            name: "p".into(),
+            mode,
+            width,
+            height,
+            upscale: false,
+            quality: 80,
+            format: OutputFormat::Jpeg,
+        }
+    }
+
+    #[test]
+    fn a_jpeg_is_shrunk_on_load_to_what_its_presets_need() {
+        let jpeg = halves_jpeg(1600, 1200);
+        // 100 px needs 200 (twice, for the final resize): 1/8 gives 200x150.
+        let small = decode_for(&jpeg, limits(), &[preset(Mode::Inset, 100, 100)]).unwrap();
+        assert_eq!((small.width(), small.height()), (1600, 1200));
+        assert_eq!((small.image.width(), small.image.height()), (200, 150));
+        // 500 px needs 1000 of 1600, more than 1/2 gives: full size.
+        let big = decode_for(
+            &jpeg,
+            limits(),
+            &[preset(Mode::Inset, 100, 100), preset(Mode::Inset, 500, 500)],
+        )
+        .unwrap();
+        assert_eq!((big.image.width(), big.image.height()), (1600, 1200));
+        let mid = decode_for(&jpeg, limits(), &[preset(Mode::Inset, 300, 300)]).unwrap();
+        assert_eq!((mid.image.width(), mid.image.height()), (800, 600));
+        // An outbound crop is served in original coordinates either way.
+        for source in [&small, &mid, &big] {
+            let out = render(source, &preset(Mode::Outbound, 80, 80)).unwrap();
+            let back = image::load_from_memory(&out.bytes).unwrap().to_rgb8();
+            assert_eq!(back.dimensions(), (80, 80));
+            let (left, right) = (back.get_pixel(10, 40).0, back.get_pixel(70, 40).0);
+            assert!(left[0] > 180 && left[2] < 60, "{left:?}");
+            assert!(right[2] > 180 && right[0] < 60, "{right:?}");
+        }
+        // Previews alone need only 64 px: the smallest scale.
+        let previews_only = decode_for(&jpeg, limits(), &[]).unwrap();
+        assert_eq!(previews_only.image.width(), 200);
+    }
+
+    /// Inserts an EXIF APP1 segment with `orientation` after SOI.
+    fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
+        tiff.extend_from_slice(&1u16.to_be_bytes()); // one IFD entry
+        tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_be_bytes());
+        tiff.extend_from_slice(&orientation.to_be_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let payload = [b"Exif\0\0".as_slice(), &tiff].concat();
+        let mut out = vec![0xff, 0xd8, 0xff, 0xe1];
+        out.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn a_shrunk_jpeg_is_turned_upright_by_its_exif_orientation() {
+        // Orientation 6: the stored image is shown rotated 90 degrees clockwise,
+        // so its left (red) half ends up on top.
+        let jpeg = with_exif_orientation(&halves_jpeg(800, 400), 6);
+        let source = decode_for(&jpeg, limits(), &[preset(Mode::Inset, 50, 50)]).unwrap();
+        assert_eq!((source.width(), source.height()), (400, 800));
+        assert_eq!((source.image.width(), source.image.height()), (50, 100));
+        let out = render(&source, &preset(Mode::Inset, 50, 50)).unwrap();
+        assert_eq!((out.width, out.height), (25, 50));
+        let back = image::load_from_memory(&out.bytes).unwrap().to_rgb8();
+        let (top, bottom) = (back.get_pixel(12, 8).0, back.get_pixel(12, 42).0);
+        assert!(top[0] > 180 && top[2] < 60, "top {top:?}");
+        assert!(bottom[2] > 180 && bottom[0] < 60, "bottom {bottom:?}");
+    }
+
+    #[test]
+    fn lossy_webp_is_smaller_than_lossless_and_keeps_the_colours() {
+        // Texture, as in a photo: flat colour would favour lossless.
+        let textured = image::RgbImage::from_fn(400, 300, |x, y| {
+            let n = ((x * 7919) ^ (y * 104_729)) % 61;
+            if x < 200 {
+                image::Rgb([190 + n as u8, 20 + n as u8 / 2, 20])
+            } else {
+                image::Rgb([20, 20 + n as u8 / 2, 190 + n as u8])
+            }
+        });
+        let photo = Decoded::full(DynamicImage::ImageRgb8(textured), ImageFormat::Png);
+        let lossy = encode(&photo.image, ImageFormat::WebP, 75).unwrap();
+        let mut lossless_bytes = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut lossless_bytes)
+            .encode(
+                photo.image.as_bytes(),
+                400,
+                300,
+                image::ExtendedColorType::Rgb8,
+            )
+            .unwrap();
+        assert!(
+            lossy.len() < lossless_bytes.len(),
+            "{} vs {}",
+            lossy.len(),
+            lossless_bytes.len()
+        );
+        let back = image::load_from_memory(&lossy).unwrap().to_rgb8();
+        let left = back.get_pixel(50, 150).0;
+        assert!(left[0] > 180 && left[2] < 60, "{left:?}");
     }
 
     #[test]

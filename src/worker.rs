@@ -308,7 +308,7 @@ impl Worker {
         let limits = self.limits;
         let (width, height, previews, variants) = self
             .blocking(move || {
-                let source = imaging::decode(&bytes, limits)?;
+                let source = imaging::decode_for(&bytes, limits, &presets)?;
                 let previews = imaging::previews(&source)?;
                 let variants = presets
                     .iter()
