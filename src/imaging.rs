@@ -760,6 +760,40 @@ mod tests {
     }
 
     #[test]
+    fn a_progressive_jpeg_is_held_to_its_scan_and_memory_limits() {
+        let rgb =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+        let mut compressor = turbojpeg::Compressor::new().unwrap();
+        compressor.set_progressive(true).unwrap();
+        let progressive = compressor
+            .compress_to_vec(turbojpeg::Image {
+                pixels: rgb.as_raw().as_slice(),
+                width: 64,
+                pitch: 64 * 3,
+                height: 48,
+                format: turbojpeg::PixelFormat::RGB,
+            })
+            .unwrap();
+        assert_eq!(decode(&progressive, limits()).unwrap().image.width(), 64);
+        let few_scans = Limits {
+            max_jpeg_scans: 2,
+            ..limits()
+        };
+        assert_eq!(
+            decode(&progressive, few_scans).unwrap_err().code(),
+            "decode-failed"
+        );
+        let little_memory = Limits {
+            max_alloc_bytes: 64 * 48 * 6 - 1,
+            ..limits()
+        };
+        assert_eq!(
+            decode(&progressive, little_memory).unwrap_err().code(),
+            "image-too-large"
+        );
+    }
+
+    #[test]
     fn refuses_what_it_must() {
         assert_eq!(
             decode(b"<svg></svg>", limits()).unwrap_err().code(),
