@@ -196,6 +196,7 @@ fn encode_stage(c: &mut Criterion, thumb: &DynamicImage) {
     }
 
     let mut group = c.benchmark_group("encode");
+    group.sample_size(20);
     group.bench_function("jpeg-q80-libjpeg-turbo", |b| {
         b.iter(|| imaging::encode(black_box(thumb), ImageFormat::Jpeg, 80).unwrap())
     });
@@ -208,6 +209,9 @@ fn encode_stage(c: &mut Criterion, thumb: &DynamicImage) {
     });
     group.bench_function("webp-image-crate-lossless", |b| {
         b.iter(|| by_image_crate(ImageFormat::WebP))
+    });
+    group.bench_function("avif-q80-rav1e-speed8", |b| {
+        b.iter(|| imaging::encode(black_box(thumb), ImageFormat::Avif, 80).unwrap())
     });
     group.bench_function("png-fast", |b| b.iter(|| png_at(CompressionType::Fast)));
     group.bench_function("png-default", |b| {

@@ -210,6 +210,9 @@ pub struct ImagingConfig {
     /// Most scans a progressive JPEG may have (each one re-walks the whole
     /// coefficient buffer). Default 100.
     pub max_jpeg_scans: u32,
+    /// Largest box (width x height) a filter with `format = "avif"` may
+    /// have: AVIF encodes take 0.2-3 s. Default 640 000 (800x800).
+    pub avif_max_pixels: u64,
     /// Threads of the blocking render pool per worker process. Default 2.
     pub render_threads: usize,
 }

@@ -28,6 +28,9 @@ pub enum OutputFormat {
     Jpeg,
     Png,
     Webp,
+    /// Opt-in: 0.2-3 s per image, so the box is capped by
+    /// `imaging.avif_max_pixels`.
+    Avif,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +169,24 @@ impl FilterSet {
         }
         let text = std::fs::read_to_string(&config.filters.file)
             .map_err(|e| Error::Config(format!("filters.file {:?}: {e}", config.filters.file)))?;
-        Self::from_toml(&text)
+        let set = Self::from_toml(&text)?;
+        set.check_avif_boxes(config.imaging.avif_max_pixels)?;
+        Ok(set)
+    }
+
+    /// AVIF encodes cost seconds for large outputs: a filter may opt in only
+    /// with a box of at most `max_pixels`.
+    pub fn check_avif_boxes(&self, max_pixels: u64) -> Result<()> {
+        for preset in self.iter() {
+            let area = u64::from(preset.width) * u64::from(preset.height);
+            if preset.format == OutputFormat::Avif && area > max_pixels {
+                return Err(Error::Config(format!(
+                    "filters.{}: an AVIF box of {}x{} is over imaging.avif_max_pixels ({max_pixels})",
+                    preset.name, preset.width, preset.height
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn get(&self, name: &str) -> Result<&Preset> {
@@ -241,6 +261,20 @@ mod tests {
                 height: 300
             }
         );
+    }
+
+    #[test]
+    fn an_avif_filter_must_keep_to_its_box_cap() {
+        let set = FilterSet::from_toml(
+            r#"
+            small = { mode = "inset", width = 400, height = 300, format = "avif" }
+            big = { mode = "inset", width = 1600, height = 1600, format = "jpeg" }
+            "#,
+        )
+        .unwrap();
+        set.check_avif_boxes(120_000).unwrap();
+        let err = set.check_avif_boxes(119_999).unwrap_err();
+        assert!(err.to_string().contains("filters.small"), "{err}");
     }
 
     #[test]
