@@ -1,0 +1,784 @@
+//! Whole-worker throughput: a pre-heat of distinct originals through Redis,
+//! end to end (dispatch -> download -> archive -> render -> store -> signed
+//! webhooks received), against the pure render time of the same originals
+//! with the same filters, measured in the same run.
+//!
+//! `cargo bench --bench worker_e2e`:
+//! 1. makes (once, under `<target>/bench-photos/v1/originals/`) ORIGINALS
+//!    distinct upload-sized JPEGs (about 2-3 MP, crops of a tile of real
+//!    photographs from Debian's `mate-backgrounds`);
+//! 2. pure render: the originals' bytes in memory, `decode_for` + `render`
+//!    of every filter + `previews` for each, on RENDER_THREADS threads;
+//! 3. end to end: a private `redis-server` on a free port, a loopback origin
+//!    serving the originals, a loopback webhook receiver, and the release
+//!    `kiln serve` (redis backend, `imaging.render_threads = RENDER_THREADS`,
+//!    `queue.worker_concurrency = WORKER_CONCURRENCY`, 127.0.0.1 allowed);
+//!    all originals are pre-heated with `POST /dispatch_process` in batches
+//!    of BATCH, timed from the first dispatch sent to the last webhook
+//!    received (a media webhook per original and a thumb webhook per filter);
+//! 4. steps 3 and 2 again for ROUNDS rounds (a fresh kiln, Redis and
+//!    storage each time); each round's end to end is set against the mean
+//!    of the pure runs just before and after it, so a change in the
+//!    machine's other load hits both alike.
+//!
+//! It prints images/s for both, the overhead `1 - e2e/pure` (median over
+//! rounds) against the <= 10 % target, and the CPU time kiln, Redis and
+//! the harness spent per image against pure render's, which other work
+//! on the machine moves much less than wall-clock rates.
+//!
+//! Run by `cargo test --all-targets` (no `--bench`), it does the same with a
+//! handful of small synthesized originals and fails loudly if any webhook
+//! is missing or reports a failure.
+//!
+//! Environment: ORIGINALS (default 500), FILTERS (comma list of kiln's
+//! embedded presets, default small,medium,large), RENDER_THREADS (default
+//! 2), WORKER_CONCURRENCY (jobs in flight, default 4), BATCH (images per
+//! dispatch, default 100), ROUNDS (default 3), KEEP=1 keeps the temp dir (kiln's log, storage),
+//! STRICT=1 (exit 1 when the target fails).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use kiln::filter::{FilterSet, Preset};
+use kiln::imaging::{self, Limits};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use common::Mode;
+
+const ADMIN_KEY: &str = "bench-admin-key-0123456789";
+/// The overhead target: e2e images/s at least 90 % of pure render images/s.
+const MAX_OVERHEAD: f64 = 0.10;
+
+struct Settings {
+    smoke: bool,
+    originals: usize,
+    filters: Vec<String>,
+    render_threads: usize,
+    worker_concurrency: usize,
+    batch: usize,
+    rounds: usize,
+    timeout: Duration,
+    keep: bool,
+    strict: bool,
+}
+
+impl Settings {
+    fn new(smoke: bool) -> Settings {
+        let filters = std::env::var("FILTERS").unwrap_or_else(|_| {
+            if smoke {
+                "small,medium".into()
+            } else {
+                "small,medium,large".into()
+            }
+        });
+        Settings {
+            smoke,
+            originals: if smoke {
+                4
+            } else {
+                common::env_number("ORIGINALS", 500)
+            },
+            filters: filters.split(',').map(str::to_string).collect(),
+            render_threads: common::env_number("RENDER_THREADS", 2),
+            worker_concurrency: common::env_number("WORKER_CONCURRENCY", 4),
+            batch: common::env_number("BATCH", 100).max(1),
+            rounds: if smoke {
+                1
+            } else {
+                common::env_number("ROUNDS", 3).max(1)
+            },
+            timeout: Duration::from_secs(if smoke { 90 } else { 1800 }),
+            keep: std::env::var("KEEP").is_ok_and(|v| v == "1"),
+            strict: std::env::var("STRICT").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let settings = match common::mode() {
+        Mode::Child(args) => {
+            eprintln!("worker_e2e: no child mode ({args:?})");
+            return ExitCode::from(2);
+        }
+        Mode::Smoke => Settings::new(true),
+        Mode::Full => Settings::new(false),
+    };
+    match run(&settings) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) if settings.strict => ExitCode::FAILURE,
+        Ok(false) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker_e2e: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---- pure render ------------------------------------------------------------------------
+
+struct Pure {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// Every original through `decode_for` + `render` (each filter) + `previews`,
+/// on `threads` threads taking the next original as they finish one.
+fn pure_render(
+    originals: &[Bytes],
+    presets: &[Preset],
+    limits: Limits,
+    threads: usize,
+) -> Result<Pure, String> {
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let cpu0 = common::cpu_time("self").unwrap_or_default();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(bytes) = originals.get(n) else {
+                    return;
+                };
+                let job = || -> kiln::Result<()> {
+                    let source = common::decode_for(bytes, limits, presets)?;
+                    for preset in presets {
+                        std::hint::black_box(imaging::render(&source, preset)?);
+                    }
+                    std::hint::black_box(imaging::previews(&source)?);
+                    Ok(())
+                };
+                if let Err(e) = job() {
+                    *failure.lock().unwrap() = Some(format!("original {n}: {e}"));
+                    return;
+                }
+            });
+        }
+    });
+    let wall = started.elapsed();
+    let cpu = common::cpu_time("self").unwrap_or_default() - cpu0;
+    match failure.into_inner().unwrap() {
+        Some(e) => Err(format!("pure render failed: {e}")),
+        None => Ok(Pure { wall, cpu }),
+    }
+}
+
+// ---- child processes ------------------------------------------------------------------------
+
+/// A child process killed (and reaped) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid()).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            eprintln!("worker_e2e: killed {}", self.name);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if port != 6379 {
+            return port;
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut answer = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut answer).is_ok()
+        && &answer == b"+PONG\r\n"
+}
+
+fn start_redis(dir: &Path) -> Result<(Proc, u16), String> {
+    let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let port = free_port();
+    let child = Command::new(&binary)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{binary}: {e} (install Debian's redis-server)"))?;
+    let proc = Proc {
+        name: "redis-server",
+        child,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis_ping(port) {
+        if Instant::now() > deadline {
+            return Err(format!("redis-server on {port} did not answer PING"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((proc, port))
+}
+
+// ---- loopback HTTP: the origin and the webhook receiver ---------------------------------
+
+async fn serve<H, Fut>(handler: H) -> SocketAddr
+where
+    H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handler(req));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn respond(status: u16, body: Bytes, content_type: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .expect("response")
+}
+
+/// Webhooks received, by kind.
+#[derive(Default)]
+struct Webhooks {
+    media: Vec<Instant>,
+    thumbs: usize,
+    failures: Vec<String>,
+    last: Option<Instant>,
+}
+
+// ---- the run -------------------------------------------------------------------------------
+
+fn load_originals(settings: &Settings) -> Result<Vec<Bytes>, String> {
+    if settings.smoke {
+        return Ok((0..settings.originals as u32)
+            .map(|n| {
+                Bytes::from(common::encode_jpeg(
+                    &common::synthetic(640 + 16 * n, 480),
+                    85,
+                ))
+            })
+            .collect());
+    }
+    let paths = common::originals(settings.originals, true)?;
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::read(p)
+                .map(Bytes::from)
+                .map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .collect()
+}
+
+fn kiln_config(dir: &Path, port: u16, redis_port: u16, settings: &Settings) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+grace_period_secs = 0
+graceful_shutdown_timeout_secs = 1
+
+[storage]
+url = "{storage}"
+
+[queue]
+backend = "redis"
+worker_concurrency = {concurrency}
+
+[redis]
+url = "redis://127.0.0.1:{redis_port}"
+
+[imaging]
+render_threads = {render_threads}
+
+[network]
+allow = ["127.0.0.1/32"]
+
+[auth]
+admin_key = "{ADMIN_KEY}"
+"#,
+        storage = dir.join("storage").display(),
+        concurrency = settings.worker_concurrency,
+        render_threads = settings.render_threads,
+    )
+}
+
+fn run(settings: &Settings) -> Result<bool, String> {
+    let config = kiln::config::Config::load_from(kiln::config::Sources::default())
+        .map_err(|e| e.to_string())?;
+    let limits = Limits::from(&config.imaging);
+    let filter_set = FilterSet::from_config(&config).map_err(|e| e.to_string())?;
+    let presets: Vec<Preset> = settings
+        .filters
+        .iter()
+        .map(|f| filter_set.get(f).cloned().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let originals = load_originals(settings)?;
+    let n = originals.len();
+    let total_bytes: usize = originals.iter().map(Bytes::len).sum();
+    let line = "=".repeat(100);
+    let load_start = common::loadavg();
+    if !settings.smoke {
+        println!("{line}");
+        println!("worker_e2e: whole-worker pre-heat through Redis vs pure render, same run");
+        println!("kiln code:  {}", common::code_version());
+        println!(
+            "originals:  {n} distinct JPEGs, {:.1} MiB in all; filters {}; render_threads {}, worker_concurrency {}, dispatch batches of {}",
+            total_bytes as f64 / 1048576.0,
+            settings.filters.join(","),
+            settings.render_threads,
+            settings.worker_concurrency,
+            settings.batch
+        );
+        println!(
+            "machine:    {} cores, load average {load_start} at start",
+            common::cores(),
+        );
+        println!(
+            "method:     {} rounds of [end to end on a fresh kiln + Redis + storage, then pure render]; pure render once more \
+             before the first; each round's overhead against the mean of the pure runs beside it; medians over rounds",
+            settings.rounds
+        );
+        println!("{line}");
+    }
+    let rate = |wall: Duration| n as f64 / wall.as_secs_f64();
+
+    let mut pure_before = pure_render(&originals, &presets, limits, settings.render_threads)?;
+    let mut rounds: Vec<Round> = Vec::new();
+    for round in 1..=settings.rounds {
+        let e2e = end_to_end(settings, &originals)?;
+        let pure_after = pure_render(&originals, &presets, limits, settings.render_threads)?;
+        let pure_rate = (rate(pure_before.wall) + rate(pure_after.wall)) / 2.0;
+        let pure_cpu = (pure_before.cpu + pure_after.cpu) / 2;
+        let r = Round {
+            pure_rate,
+            e2e_rate: rate(e2e.wall),
+            overhead: 1.0 - rate(e2e.wall) / pure_rate,
+            cpu_overhead: (e2e.kiln_cpu + e2e.redis_cpu).as_secs_f64() / pure_cpu.as_secs_f64()
+                - 1.0,
+            e2e,
+        };
+        if !settings.smoke {
+            println!(
+                "round {round}: pure {:.2} -> {:.2} images/s | e2e {:.2} images/s in {:.2}s (steady {:.2}) | overhead {:+.1} % \
+                 | CPU/image kiln+redis vs pure {:+.1} % | kiln busy {:.0} % of {} cores, redis CPU {:.2}s, harness CPU {:.2}s, kiln peak RSS {:.0} MiB",
+                rate(pure_before.wall),
+                rate(pure_after.wall),
+                r.e2e_rate,
+                r.e2e.wall.as_secs_f64(),
+                r.e2e.steady_rate,
+                r.overhead * 100.0,
+                r.cpu_overhead * 100.0,
+                r.e2e.kiln_cpu.as_secs_f64() / r.e2e.wall.as_secs_f64() / common::cores() as f64
+                    * 100.0,
+                common::cores(),
+                r.e2e.redis_cpu.as_secs_f64(),
+                r.e2e.harness_cpu.as_secs_f64(),
+                r.e2e.kiln_hwm_kib as f64 / 1024.0,
+            );
+        }
+        rounds.push(r);
+        pure_before = pure_after;
+    }
+    let med = |f: fn(&Round) -> f64| common::median(&rounds.iter().map(f).collect::<Vec<_>>());
+    let (pure_rate, e2e_rate) = (med(|r| r.pure_rate), med(|r| r.e2e_rate));
+    let (overhead, cpu_overhead) = (med(|r| r.overhead), med(|r| r.cpu_overhead));
+
+    if settings.smoke {
+        let e2e = &rounds[0].e2e;
+        println!(
+            "worker_e2e smoke: {n} originals x {} filters: {} webhooks received in {:.2}s; pure render {pure_rate:.1} images/s",
+            presets.len(),
+            e2e.webhooks,
+            e2e.wall.as_secs_f64(),
+        );
+        return Ok(true);
+    }
+    println!("{line}");
+    println!(
+        "medians over {} rounds ({n} originals, {} filters each, {} render threads):",
+        rounds.len(),
+        presets.len(),
+        settings.render_threads
+    );
+    println!("  pure render (bytes in memory; decode_for + render + previews)   {pure_rate:>8.2} images/s");
+    println!(
+        "  end to end (first dispatch sent -> last webhook received)      {e2e_rate:>8.2} images/s"
+    );
+    println!(
+        "  CPU per image, kiln + redis over pure render                    {:>+8.1} %",
+        cpu_overhead * 100.0
+    );
+    let load_end = common::loadavg();
+    println!(
+        "load average at the end: {load_end} ({} cores)",
+        common::cores()
+    );
+    let busiest = [&load_start, &load_end]
+        .iter()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    if busiest > common::cores() as f64 + 0.5 {
+        println!(
+            "NOTE: the machine was busy (load {busiest:.1} on {} cores): wall-clock rates move with other work; \
+             the CPU-per-image comparison is the steadier one",
+            common::cores()
+        );
+    }
+    println!("{line}");
+    let ok = overhead <= MAX_OVERHEAD;
+    println!(
+        "TARGET queue + storage + webhook overhead = 1 - e2e/pure = {:.1} % (target <= {:.0} %): {}",
+        overhead * 100.0,
+        MAX_OVERHEAD * 100.0,
+        if ok { "PASS" } else { "FAIL" }
+    );
+    println!(
+        "VERDICT: {}",
+        if ok { "target PASS" } else { "target FAIL" }
+    );
+    Ok(ok)
+}
+
+struct Round {
+    pure_rate: f64,
+    e2e_rate: f64,
+    overhead: f64,
+    cpu_overhead: f64,
+    e2e: EndToEnd,
+}
+
+struct EndToEnd {
+    wall: Duration,
+    steady_rate: f64,
+    webhooks: usize,
+    kiln_cpu: Duration,
+    redis_cpu: Duration,
+    harness_cpu: Duration,
+    kiln_hwm_kib: u64,
+}
+
+fn end_to_end(settings: &Settings, originals: &[Bytes]) -> Result<EndToEnd, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-worker-e2e-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let result = end_to_end_in(settings, originals, dir.path());
+    if settings.keep || result.is_err() {
+        let kept = dir.keep();
+        eprintln!(
+            "worker_e2e: kept {} (kiln.log, redis.log, storage)",
+            kept.display()
+        );
+    }
+    result
+}
+
+fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result<EndToEnd, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (mut redis, redis_port) = start_redis(dir)?;
+    let n = originals.len();
+    let expected = n * (settings.filters.len() + 1);
+
+    // Origin and webhook receiver, on this thread's runtime.
+    let originals: Arc<Vec<Bytes>> = Arc::new(originals.to_vec());
+    let webhooks: Arc<Mutex<Webhooks>> = Arc::default();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (origin, sink) = runtime.block_on(async {
+        let served = originals.clone();
+        let origin = serve(move |req: Request<Incoming>| {
+            let served = served.clone();
+            async move {
+                let n = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/o/")
+                    .and_then(|p| p.strip_suffix(".jpg"))
+                    .and_then(|p| p.parse::<usize>().ok());
+                Ok(match n.and_then(|n| served.get(n)) {
+                    Some(bytes) => respond(200, bytes.clone(), "image/jpeg"),
+                    None => respond(404, Bytes::new(), "text/plain"),
+                })
+            }
+        })
+        .await;
+        let (hooks, arrived) = (webhooks.clone(), arrived.clone());
+        let sink = serve(move |req: Request<Incoming>| {
+            let (hooks, arrived) = (hooks.clone(), arrived.clone());
+            async move {
+                let thumb = req.uri().path().ends_with("/thumb");
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let now = Instant::now();
+                let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                {
+                    let mut hooks = hooks.lock().unwrap();
+                    hooks.last = Some(now);
+                    let failed = value["marking"] == "failed" || value["status"] == "failed";
+                    if failed || value.is_null() {
+                        hooks
+                            .failures
+                            .push(String::from_utf8_lossy(&body).chars().take(400).collect());
+                    } else if thumb {
+                        hooks.thumbs += 1;
+                    } else {
+                        hooks.media.push(now);
+                    }
+                }
+                arrived.notify_one();
+                Ok(respond(200, Bytes::new(), "text/plain"))
+            }
+        })
+        .await;
+        (origin, sink)
+    });
+
+    // kiln.
+    let port = free_port();
+    let config_path = dir.join("kiln.toml");
+    std::fs::write(&config_path, kiln_config(dir, port, redis_port, settings))
+        .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("kiln.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--config")
+        .arg(&config_path)
+        .arg("serve")
+        .env("RUST_LOG", "info,pingora_core=warn")
+        .env("NO_COLOR", "1")
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("kiln: {e}"))?;
+    let mut kiln = Proc {
+        name: "kiln",
+        child,
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| e.to_string())?;
+
+    let outcome = runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline || matches!(kiln.child.try_wait(), Ok(Some(_))) {
+                return Err(format!(
+                    "kiln did not become ready; see {}",
+                    dir.join("kiln.log").display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let urls: Vec<String> = (0..n)
+            .map(|i| format!("http://{origin}/o/{i}.jpg"))
+            .collect();
+        let cpu = |pid: &str| common::cpu_time(pid).unwrap_or_default();
+        let (kiln_pid, redis_pid) = (kiln.pid(), redis.pid());
+        let (kiln_cpu0, redis_cpu0, self_cpu0) = (cpu(&kiln_pid), cpu(&redis_pid), cpu("self"));
+        let started = Instant::now();
+        for chunk in urls.chunks(settings.batch) {
+            let body = json!({
+                "root": "default",
+                "images": chunk,
+                "filters": settings.filters,
+                "mediaCallbackUrl": format!("http://{sink}/hook/media"),
+                "thumbCallbackUrl": format!("http://{sink}/hook/thumb"),
+            });
+            let answer = client
+                .post(format!("{base}/dispatch_process"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| format!("dispatch: {e}"))?;
+            let status = answer.status();
+            let rows: Value = answer
+                .json()
+                .await
+                .map_err(|e| format!("dispatch answer: {e}"))?;
+            if !status.is_success() || rows.as_array().map(Vec::len) != Some(chunk.len()) {
+                return Err(format!("dispatch answered {status}: {rows}"));
+            }
+        }
+        let dispatched = started.elapsed();
+        let deadline = started + settings.timeout;
+        let mut last_report = Instant::now();
+        loop {
+            let (received, failures) = {
+                let hooks = webhooks.lock().unwrap();
+                (hooks.media.len() + hooks.thumbs, hooks.failures.clone())
+            };
+            if !failures.is_empty() {
+                return Err(format!(
+                    "{} failure webhooks, the first: {}",
+                    failures.len(),
+                    failures[0]
+                ));
+            }
+            if received >= expected {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "timed out: {received} of {expected} webhooks after {:.0}s; see {}",
+                    started.elapsed().as_secs_f64(),
+                    dir.join("kiln.log").display()
+                ));
+            }
+            if !settings.smoke && last_report.elapsed() > Duration::from_secs(5) {
+                last_report = Instant::now();
+                println!(
+                    "  e2e t={:>5.1}s: {received}/{expected} webhooks, kiln CPU {:.1}s",
+                    started.elapsed().as_secs_f64(),
+                    (cpu(&kiln_pid) - kiln_cpu0).as_secs_f64()
+                );
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), arrived.notified()).await;
+        }
+        let (last, mut media, received) = {
+            let hooks = webhooks.lock().unwrap();
+            (
+                hooks.last,
+                hooks.media.clone(),
+                hooks.media.len() + hooks.thumbs,
+            )
+        };
+        let wall = last.expect("webhooks arrived") - started;
+        media.sort();
+        let (lo, hi) = (media[n / 10], media[(n * 9 / 10).min(n - 1)]);
+        let steady_rate = if hi > lo {
+            (n * 9 / 10 - n / 10) as f64 / (hi - lo).as_secs_f64()
+        } else {
+            f64::NAN
+        };
+        if !settings.smoke {
+            println!(
+                "end to end: dispatched {n} originals in {:.2}s; last webhook at {:.2}s",
+                dispatched.as_secs_f64(),
+                wall.as_secs_f64()
+            );
+        }
+        // A variant really is served.
+        let url = format!("{base}/media/cache/{}/", settings.filters[0]);
+        let record: Value = client
+            .get(format!(
+                "{base}/media/{}",
+                kiln::keys::media_code(&urls[0], "default")
+            ))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let path = record["path"].as_str().unwrap_or_default();
+        let variant = client
+            .get(format!("{url}{path}"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if variant.status() != 200 {
+            return Err(format!(
+                "{url}{path} answered {}: record {record}",
+                variant.status()
+            ));
+        }
+        Ok(EndToEnd {
+            wall,
+            steady_rate,
+            webhooks: received,
+            kiln_cpu: cpu(&kiln_pid) - kiln_cpu0,
+            redis_cpu: cpu(&redis_pid) - redis_cpu0,
+            harness_cpu: cpu("self") - self_cpu0,
+            kiln_hwm_kib: common::status_kib(&kiln_pid, "VmHWM").unwrap_or(0),
+        })
+    });
+    kiln.stop(Duration::from_secs(15));
+    redis.stop(Duration::from_secs(5));
+    drop(runtime);
+    outcome
+}
