@@ -163,8 +163,9 @@ fn kiln_job(
     limits: Limits,
     presets: &[Preset],
     previews: bool,
-) -> kiln::Result<Vec<imaging::Rendered>> {
-    let source = common::decode_for(bytes, limits, presets)?;
+) -> kiln::Result<(Vec<imaging::Rendered>, (u32, u32))> {
+    let source = imaging::decode_for(bytes, limits, presets)?;
+    let decoded = (source.image.width(), source.image.height());
     let out = presets
         .iter()
         .map(|p| imaging::render(&source, p))
@@ -172,7 +173,7 @@ fn kiln_job(
     if previews {
         imaging::previews(&source)?;
     }
-    Ok(out)
+    Ok((out, decoded))
 }
 
 /// `--child kiln FILE SIZES ITERS WARMUP BUDGET_SECS PREVIEWS(0|1)`: prints one JSON line.
@@ -192,7 +193,7 @@ fn child(args: &[String]) -> ExitCode {
 
     let peak_reset = common::reset_peak_rss();
     let baseline = common::status_kib("self", "VmRSS").unwrap_or(0);
-    let mut outs = Vec::new();
+    let mut outs = (Vec::new(), (0, 0));
     for _ in 0..warmup {
         outs = kiln_job(&bytes, limits, &presets, previews).expect("kiln job");
     }
@@ -227,8 +228,9 @@ fn child(args: &[String]) -> ExitCode {
             "baseline_kib": baseline,
             "peak_kib": peak.saturating_sub(baseline),
             "peak_reset": peak_reset,
-            "out_bytes": outs.iter().map(|o| o.bytes.len()).collect::<Vec<_>>(),
-            "out_dims": outs.iter().map(|o| [o.width, o.height]).collect::<Vec<_>>(),
+            "out_bytes": outs.0.iter().map(|o| o.bytes.len()).collect::<Vec<_>>(),
+            "out_dims": outs.0.iter().map(|o| [o.width, o.height]).collect::<Vec<_>>(),
+            "decoded": [outs.1 .0, outs.1 .1],
         })
     );
     ExitCode::SUCCESS
@@ -244,6 +246,8 @@ struct Report {
     peak_kib: f64,
     out_bytes: Vec<u64>,
     out_dims: Vec<(u32, u32)>,
+    /// The size kiln decoded the source at (shrink-on-load); None for the references.
+    decoded: Option<(u32, u32)>,
 }
 
 fn parse_report(stdout: &[u8]) -> Result<Report, String> {
@@ -279,6 +283,12 @@ fn parse_report(stdout: &[u8]) -> Result<Report, String> {
                     .collect()
             })
             .unwrap_or_default(),
+        decoded: v["decoded"].as_array().map(|d| {
+            (
+                d[0].as_u64().unwrap_or(0) as u32,
+                d[1].as_u64().unwrap_or(0) as u32,
+            )
+        }),
     })
 }
 
@@ -566,6 +576,7 @@ fn full() -> ExitCode {
                         peak_kib: peak,
                         out_bytes: reports[0].out_bytes.clone(),
                         out_dims: reports[0].out_dims.clone(),
+                        decoded: reports[0].decoded,
                     },
                 )
             })
@@ -584,7 +595,7 @@ fn full() -> ExitCode {
                 .map(|((w, h), b)| format!("{w}x{h} {:.1}k", *b as f64 / 1024.0))
                 .collect();
             println!(
-                "  {:<14} {:>9.1} {:>9.2} {:>10.1} {:>7.1} MiB {:>11.2}x {:>11.2}x  {}",
+                "  {:<14} {:>9.1} {:>9.2} {:>10.1} {:>7.1} MiB {:>11.2}x {:>11.2}x  {}{}",
                 engine.name(),
                 r.ms_median,
                 1000.0 / r.ms_median,
@@ -592,7 +603,10 @@ fn full() -> ExitCode {
                 mib(r.peak_kib),
                 r.ms_median / kiln.ms_median,
                 r.cpu_ms / kiln.cpu_ms,
-                outputs.join(", ")
+                outputs.join(", "),
+                r.decoded
+                    .map(|(w, h)| format!(" (decoded at {w}x{h})"))
+                    .unwrap_or_default()
             );
         }
         outcomes.push(Outcome { scenario, results });

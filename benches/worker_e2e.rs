@@ -33,8 +33,9 @@
 //! Environment: ORIGINALS (default 500), FILTERS (comma list of kiln's
 //! embedded presets, default small,medium,large), RENDER_THREADS (default
 //! 2), WORKER_CONCURRENCY (jobs in flight, default 4), BATCH (images per
-//! dispatch, default 100), ROUNDS (default 3), KEEP=1 keeps the temp dir (kiln's log, storage),
-//! STRICT=1 (exit 1 when the target fails).
+//! dispatch, default 100), ROUNDS (default 3), KEEP=1 (keep the temp dir:
+//! kiln's log, storage), BENCH_KILN_BIN (the kiln binary to run, default the one
+//! cargo built beside this bench), STRICT=1 (exit 1 when the target fails).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -42,7 +43,7 @@ mod common;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,7 +159,7 @@ fn pure_render(
                     return;
                 };
                 let job = || -> kiln::Result<()> {
-                    let source = common::decode_for(bytes, limits, presets)?;
+                    let source = imaging::decode_for(bytes, limits, presets)?;
                     for preset in presets {
                         std::hint::black_box(imaging::render(&source, preset)?);
                     }
@@ -615,7 +616,17 @@ fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result
     std::fs::write(&config_path, kiln_config(dir, port, redis_port, settings))
         .map_err(|e| e.to_string())?;
     let log = std::fs::File::create(dir.join("kiln.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let binary = std::env::var_os("BENCH_KILN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")));
+    let mut command = Command::new(&binary);
+    // Only the generated config: no KILN_* settings from this environment.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KILN_") {
+            command.env_remove(name);
+        }
+    }
+    let child = command
         .arg("--config")
         .arg(&config_path)
         .arg("serve")
@@ -624,7 +635,7 @@ fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
         .spawn()
-        .map_err(|e| format!("kiln: {e}"))?;
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
     let mut kiln = Proc {
         name: "kiln",
         child,
