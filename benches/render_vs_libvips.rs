@@ -248,6 +248,8 @@ struct Report {
     out_dims: Vec<(u32, u32)>,
     /// The size kiln decoded the source at (shrink-on-load); None for the references.
     decoded: Option<(u32, u32)>,
+    /// (max - min) / median of the rounds' medians; 0 for one child's report.
+    spread: f64,
 }
 
 fn parse_report(stdout: &[u8]) -> Result<Report, String> {
@@ -283,6 +285,7 @@ fn parse_report(stdout: &[u8]) -> Result<Report, String> {
                     .collect()
             })
             .unwrap_or_default(),
+        spread: 0.0,
         decoded: v["decoded"].as_array().map(|d| {
             (
                 d[0].as_u64().unwrap_or(0) as u32,
@@ -508,8 +511,8 @@ fn full() -> ExitCode {
     );
     println!(
         "method:      {rounds} rounds per scenario, engines alternating (order rotated each round), one process per engine \
-         per round: {warmup} warm-up jobs, then timed jobs (median); medians over rounds; peak RSS = VmHWM above the \
-         process's RSS after reading the input, max over rounds"
+         per round: {warmup} warm-up jobs, then timed jobs (median); medians over rounds (spread: (max - min) / median \
+         of the rounds' medians); peak RSS = VmHWM above the process's RSS after reading the input, max over rounds"
     );
     println!("{line}");
 
@@ -568,6 +571,10 @@ fn full() -> ExitCode {
             .map(|(&engine, reports)| {
                 let pick = |f: fn(&Report) -> f64| reports.iter().map(f).collect::<Vec<_>>();
                 let peak = pick(|r| r.peak_kib).into_iter().fold(0.0, f64::max);
+                let times = pick(|r| r.ms_median);
+                let spread = (times.iter().copied().fold(f64::MIN, f64::max)
+                    - times.iter().copied().fold(f64::MAX, f64::min))
+                    / common::median(&times);
                 (
                     engine,
                     Report {
@@ -577,14 +584,22 @@ fn full() -> ExitCode {
                         out_bytes: reports[0].out_bytes.clone(),
                         out_dims: reports[0].out_dims.clone(),
                         decoded: reports[0].decoded,
+                        spread,
                     },
                 )
             })
             .collect();
         let of = |e: Engine| &results.iter().find(|(x, _)| *x == e).unwrap().1;
         println!(
-            "  {:<14} {:>9} {:>9} {:>10} {:>11} {:>12} {:>12}  outputs",
-            "engine", "ms/job", "jobs/s", "CPU ms/job", "peak RSS +", "kiln/this", "(by CPU)"
+            "  {:<14} {:>9} {:>7} {:>9} {:>10} {:>11} {:>12} {:>12}  outputs",
+            "engine",
+            "ms/job",
+            "spread",
+            "jobs/s",
+            "CPU ms/job",
+            "peak RSS +",
+            "kiln/this",
+            "(by CPU)"
         );
         for (engine, r) in &results {
             let kiln = of(Engine::Kiln);
@@ -595,9 +610,10 @@ fn full() -> ExitCode {
                 .map(|((w, h), b)| format!("{w}x{h} {:.1}k", *b as f64 / 1024.0))
                 .collect();
             println!(
-                "  {:<14} {:>9.1} {:>9.2} {:>10.1} {:>7.1} MiB {:>11.2}x {:>11.2}x  {}{}",
+                "  {:<14} {:>9.1} {:>6.0}% {:>9.2} {:>10.1} {:>7.1} MiB {:>11.2}x {:>11.2}x  {}{}",
                 engine.name(),
                 r.ms_median,
+                r.spread * 100.0,
                 1000.0 / r.ms_median,
                 r.cpu_ms,
                 mib(r.peak_kib),
