@@ -55,10 +55,11 @@ impl Limits {
 }
 
 /// Shrink-on-load stops while the decoded image is still this many times
-/// the largest output: the DCT's block average is sharp and slightly
-/// aliased, so the final Lanczos pass gets room to smooth it (libvips keeps
-/// the same factor of two).
-const SHRINK_ON_LOAD_HEADROOM: f64 = 2.0;
+/// the largest output. libvips and Pillow shrink right down to the output
+/// (measured in `benches/render_vs_libvips`); so does kiln: a larger
+/// factor doubles decode time and memory for a sharper-looking DCT average
+/// the final Lanczos pass barely changes.
+const SHRINK_ON_LOAD_HEADROOM: f64 = 1.0;
 
 /// The side the previews are computed at (ThumbHash takes at most 100x100).
 const PREVIEW_SIDE: u32 = 64;
@@ -120,7 +121,8 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
 /// Decodes once for every preset of a job and its previews: a JPEG is
 /// shrunk on load by the largest DCT factor (1/2, 1/4, 1/8) that still
 /// leaves every preset's crop [`SHRINK_ON_LOAD_HEADROOM`] times its output.
-/// Other formats decode at full size.
+/// A still WebP is scaled by libwebp while it decodes, to the same need;
+/// other formats decode at full size.
 pub fn decode_for(bytes: &[u8], limits: Limits, presets: &[Preset]) -> Result<Decoded> {
     decode_scaled(bytes, limits, |width, height| {
         // Previews are box-filtered: they need no headroom.
@@ -153,7 +155,12 @@ fn decode_scaled(
                 "truncated JPEG: no end of image after the scan".into(),
             ));
         }
-        if let Some(decoded) = decode_jpeg(bytes, limits, needed_scale)? {
+        if let Some(decoded) = decode_jpeg(bytes, limits, &needed_scale)? {
+            return Ok(decoded);
+        }
+    }
+    if format == ImageFormat::WebP {
+        if let Some(decoded) = decode_webp(bytes, limits, &needed_scale)? {
             return Ok(decoded);
         }
     }
@@ -230,6 +237,79 @@ fn decode_jpeg(
         format: ImageFormat::Jpeg,
         width: upright_w,
         height: upright_h,
+    }))
+}
+
+/// libwebp, scaled while decoding. `None` for animations, for files with
+/// EXIF (whose orientation the generic decoder applies) and for headers
+/// libwebp refuses.
+#[allow(unsafe_code)]
+fn decode_webp(
+    bytes: &[u8],
+    limits: Limits,
+    needed_scale: impl Fn(u32, u32) -> f64,
+) -> Result<Option<Decoded>> {
+    use libwebp_sys::{
+        VP8StatusCode, WebPDecode, WebPDecoderConfig, WebPFreeDecBuffer, WebPGetFeatures,
+        WEBP_CSP_MODE,
+    };
+    // VP8X header: flags at byte 20, EXIF is bit 3.
+    if bytes.get(12..16) == Some(b"VP8X") && bytes.get(20).is_some_and(|f| f & 0x08 != 0) {
+        return Ok(None);
+    }
+    let mut config = WebPDecoderConfig::new()
+        .map_err(|()| Error::Internal("libwebp: decoder config version".into()))?;
+    // SAFETY: libwebp reads `bytes` within the given length and fills the
+    // features struct, which `config` owns.
+    let status = unsafe { WebPGetFeatures(bytes.as_ptr(), bytes.len(), &mut config.input) };
+    // A header libwebp refuses goes to the generic decoder, which names the
+    // fault (e.g. a canvas over the limits, not just "bitstream error").
+    if status != VP8StatusCode::VP8_STATUS_OK || config.input.has_animation != 0 {
+        return Ok(None);
+    }
+    let to_u32 = |v: i32| u32::try_from(v).unwrap_or(0);
+    let (width, height) = (to_u32(config.input.width), to_u32(config.input.height));
+    limits.check_size(width, height)?;
+    let needed = needed_scale(width, height).min(1.0);
+    let scaled = |side: u32| ((f64::from(side) * needed).ceil() as u32).clamp(1, side);
+    let (out_w, out_h) = (scaled(width), scaled(height));
+    let alpha = config.input.has_alpha != 0;
+    let channels: u32 = if alpha { 4 } else { 3 };
+    let mut pixels = vec![0u8; (channels * out_w * out_h) as usize];
+    if (out_w, out_h) != (width, height) {
+        config.options.use_scaling = 1;
+        config.options.scaled_width = out_w as i32;
+        config.options.scaled_height = out_h as i32;
+    }
+    config.output.colorspace = if alpha {
+        WEBP_CSP_MODE::MODE_RGBA
+    } else {
+        WEBP_CSP_MODE::MODE_RGB
+    };
+    config.output.is_external_memory = 1;
+    config.output.u.RGBA.rgba = pixels.as_mut_ptr();
+    config.output.u.RGBA.stride = (channels * out_w) as i32;
+    config.output.u.RGBA.size = pixels.len();
+    // SAFETY: the output buffer is `pixels`, exactly stride x height bytes,
+    // alive and unmoved until WebPDecode returns; libwebp writes only there.
+    let status = unsafe { WebPDecode(bytes.as_ptr(), bytes.len(), &mut config) };
+    // SAFETY: frees only what libwebp allocated itself (nothing, for
+    // external memory); `pixels` stays ours.
+    unsafe { WebPFreeDecBuffer(&mut config.output) };
+    if status != VP8StatusCode::VP8_STATUS_OK {
+        return Err(Error::DecodeFailed(format!("WebP: {status:?}")));
+    }
+    let image = if alpha {
+        image::RgbaImage::from_raw(out_w, out_h, pixels).map(DynamicImage::ImageRgba8)
+    } else {
+        image::RgbImage::from_raw(out_w, out_h, pixels).map(DynamicImage::ImageRgb8)
+    }
+    .ok_or_else(|| Error::Internal("decoded buffer size".into()))?;
+    Ok(Some(Decoded {
+        image,
+        format: ImageFormat::WebP,
+        width,
+        height,
     }))
 }
 
@@ -685,22 +765,24 @@ mod tests {
     #[test]
     fn a_jpeg_is_shrunk_on_load_to_what_its_presets_need() {
         let jpeg = halves_jpeg(1600, 1200);
-        // 100 px needs 200 (twice, for the final resize): 1/8 gives 200x150.
+        // 100 px of 1600: 1/8 (200x150) is the smallest scale there is.
         let small = decode_for(&jpeg, limits(), &[preset(Mode::Inset, 100, 100)]).unwrap();
         assert_eq!((small.width(), small.height()), (1600, 1200));
         assert_eq!((small.image.width(), small.image.height()), (200, 150));
-        // 500 px needs 1000 of 1600, more than 1/2 gives: full size.
+        // The largest preset decides: 500 px needs more than 1/4 (400).
         let big = decode_for(
             &jpeg,
             limits(),
             &[preset(Mode::Inset, 100, 100), preset(Mode::Inset, 500, 500)],
         )
         .unwrap();
-        assert_eq!((big.image.width(), big.image.height()), (1600, 1200));
+        assert_eq!((big.image.width(), big.image.height()), (800, 600));
         let mid = decode_for(&jpeg, limits(), &[preset(Mode::Inset, 300, 300)]).unwrap();
-        assert_eq!((mid.image.width(), mid.image.height()), (800, 600));
+        assert_eq!((mid.image.width(), mid.image.height()), (400, 300));
+        let full = decode_for(&jpeg, limits(), &[preset(Mode::Inset, 900, 900)]).unwrap();
+        assert_eq!((full.image.width(), full.image.height()), (1600, 1200));
         // An outbound crop is served in original coordinates either way.
-        for source in [&small, &mid, &big] {
+        for source in [&small, &mid, &big, &full] {
             let out = render(source, &preset(Mode::Outbound, 80, 80)).unwrap();
             let back = image::load_from_memory(&out.bytes).unwrap().to_rgb8();
             assert_eq!(back.dimensions(), (80, 80));
@@ -828,6 +910,38 @@ mod tests {
         let ispe = out.bytes.windows(4).position(|w| w == b"ispe").unwrap();
         let field = |at: usize| u32::from_be_bytes(out.bytes[at..at + 4].try_into().unwrap());
         assert_eq!((field(ispe + 8), field(ispe + 12)), (50, 40));
+    }
+
+    #[test]
+    fn a_webp_is_scaled_by_libwebp_while_it_decodes_and_keeps_its_alpha() {
+        let rgba = image::RgbaImage::from_fn(800, 600, |x, _| {
+            if x < 400 {
+                image::Rgba([220, 20, 20, 255])
+            } else {
+                image::Rgba([20, 20, 220, 0])
+            }
+        });
+        let webp = webp::Encoder::from_rgba(rgba.as_raw(), 800, 600)
+            .encode_simple(false, 90.0)
+            .unwrap()
+            .to_vec();
+        let source = decode_for(&webp, limits(), &[preset(Mode::Inset, 100, 100)]).unwrap();
+        assert_eq!((source.width(), source.height()), (800, 600));
+        assert_eq!((source.image.width(), source.image.height()), (100, 75));
+        let DynamicImage::ImageRgba8(pixels) = &source.image else {
+            panic!("alpha lost: {:?}", source.image.color());
+        };
+        let (left, right) = (pixels.get_pixel(20, 37).0, pixels.get_pixel(80, 37).0);
+        assert!(left[0] > 180 && left[3] > 250, "{left:?}");
+        assert!(right[3] < 5, "{right:?}");
+        let full = decode(&webp, limits()).unwrap();
+        assert_eq!((full.image.width(), full.image.height()), (800, 600));
+        assert_eq!(
+            decode(&webp[..webp.len() / 2], limits())
+                .unwrap_err()
+                .code(),
+            "decode-failed"
+        );
     }
 
     #[test]
