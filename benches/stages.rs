@@ -41,9 +41,12 @@ fn preset(side: u32, format: OutputFormat) -> Preset {
 }
 
 fn photo() -> Vec<u8> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
     let candidates = [
         std::env::var_os("KILN_BENCH_PHOTO").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-photos/photo-12mp.jpg")),
+        Some(target.join("bench-photos/photo-12mp.jpg")),
     ];
     for path in candidates.into_iter().flatten() {
         if let Ok(bytes) = std::fs::read(&path) {
