@@ -243,6 +243,47 @@ fn free_port() -> u16 {
     }
 }
 
+/// Redis's `INFO commandstats`: (command, calls), most called first.
+fn redis_command_calls(port: u16) -> Vec<(String, u64)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return Vec::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut reader = BufReader::new(stream);
+    let mut header = String::new();
+    let _ = reader.read_line(&mut header);
+    let len: usize = header
+        .trim()
+        .strip_prefix('$')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if reader.read_exact(&mut body).is_err() {
+        return Vec::new();
+    }
+    let mut calls: Vec<(String, u64)> = String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| {
+            let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let n = stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), n))
+        })
+        .collect();
+    calls.sort_by_key(|c| std::cmp::Reverse(c.1));
+    calls
+}
+
 fn redis_ping(port: u16) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -480,6 +521,21 @@ fn run(settings: &Settings) -> Result<bool, String> {
                 },
             );
         }
+        if !settings.smoke {
+            let total: u64 = r.e2e.redis_calls.iter().map(|(_, c)| c).sum();
+            let top: Vec<String> = r
+                .e2e
+                .redis_calls
+                .iter()
+                .take(12)
+                .map(|(name, c)| format!("{name} {:.1}", *c as f64 / n as f64))
+                .collect();
+            println!(
+                "  Redis commands per image: {:.1} in all; {}",
+                total as f64 / n as f64,
+                top.join(", ")
+            );
+        }
         rounds.push(r);
         pure_before = pure_after;
     }
@@ -579,6 +635,8 @@ struct EndToEnd {
     redis_cpu: Duration,
     harness_cpu: Duration,
     kiln_hwm_kib: u64,
+    /// Redis commands run during the round (from kiln's start), most called first.
+    redis_calls: Vec<(String, u64)>,
 }
 
 /// One end-to-end run in a fresh temp dir, which goes into `dirs`: removed
@@ -848,6 +906,7 @@ fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result
             redis_cpu: cpu(&redis_pid) - redis_cpu0,
             harness_cpu: cpu("self") - self_cpu0,
             kiln_hwm_kib: common::status_kib(&kiln_pid, "VmHWM").unwrap_or(0),
+            redis_calls: redis_command_calls(redis_port),
         })
     });
     kiln.stop(Duration::from_secs(15));

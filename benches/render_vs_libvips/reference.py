@@ -23,7 +23,6 @@ cache off, so every job really decodes.
 
 import io
 import json
-import os
 import resource
 import sys
 import time
