@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::listening::Service;
@@ -207,6 +208,7 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
 
     let mut conf = ServerConf {
         threads: config.server.threads,
+        work_stealing: config.server.work_stealing,
         // The grace period keeps the front answering what it already
         // accepted; a worker-only process has nothing to serve.
         grace_period_seconds: Some(if role == Role::Worker {
@@ -239,7 +241,10 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
             admin_key,
         ));
         let mut service = Service::new("kiln front".to_string(), Front::new(ctx));
-        service.add_tcp(&config.server.listen);
+        service.add_listener(
+            ListenerConfig::tcp(config.server.listen.clone())
+                .l4_buffer(L4BufferSettings::default().write(config.server.write_buffer_bytes)),
+        );
         server.add_service(service);
     }
     let workers = if role != Role::Front {
@@ -279,8 +284,15 @@ pub struct Running {
 }
 
 /// Starts kiln on a background thread; `Running::stop` ends it.
-pub fn spawn(config: Config, role: Role) -> Result<Running> {
+///
+/// The front runs with work stealing whatever `server.work_stealing` says:
+/// pingora's no-steal runtime files its thread handles process-wide by
+/// thread id, and ids are reused, so after one such front stopped, a later
+/// one in the same process could hand its connections to the dead threads.
+/// `kiln serve|front` run one front per process and honour the setting.
+pub fn spawn(mut config: Config, role: Role) -> Result<Running> {
     config.validate()?;
+    config.server.work_stealing = true;
     let (stop, stop_rx) = watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("kiln".into())

@@ -42,6 +42,15 @@ pub struct ServerConfig {
     pub public_url: String,
     /// Threads of the front runtime. Default 2.
     pub threads: usize,
+    /// Whether the front's threads take each other's connections (tokio
+    /// work stealing). Off, each connection stays on the thread that
+    /// accepted it, like an nginx worker. Default false. kiln started
+    /// in-process (`app::spawn`) always steals: pingora's no-steal runtime
+    /// supports one front per process.
+    pub work_stealing: bool,
+    /// Per-connection write buffer, bytes: an answer whose head and body fit
+    /// goes out in one write. Default 64 KiB.
+    pub write_buffer_bytes: usize,
     /// Seconds of graceful shutdown before runtimes stop. Default 5.
     pub grace_period_secs: u64,
     /// Seconds runtimes get to finish after the grace period. Default 5.

@@ -3,11 +3,15 @@
 //! and the one place that turns an `Error` into a response. It never
 //! decodes, resizes, downloads or calls back.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::Method;
+use http::header::{
+    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LAST_MODIFIED, LOCATION, RETRY_AFTER,
+};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
@@ -15,60 +19,101 @@ use pingora_http::ResponseHeader;
 
 use crate::api::Context;
 use crate::error::{Error, Result};
-use crate::index::{Failure, VariantInfo};
+use crate::index::{Failure, HotVariant, VariantInfo};
 use crate::keys;
 use crate::security::normalize_path;
 
-/// An answer before it is written.
+/// An answer before it is written: its head is built as it goes, so
+/// writing it converts nothing.
 pub struct Reply {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
+    head: http::response::Parts,
     body: Bytes,
-    /// Content-Length to announce when the body is left out (HEAD).
-    length: usize,
+    /// A header value that could not be encoded: the connection is dropped
+    /// rather than answered without it.
+    broken: bool,
 }
 
 impl Reply {
+    /// An answer with this body; `Content-Length` is its length (also for HEAD).
     fn new(status: u16, content_type: &str, body: Bytes) -> Reply {
+        let length = HeaderValue::from(body.len());
+        Reply::with_length(status, body, length).header(CONTENT_TYPE, content_type)
+    }
+
+    fn with_length(status: u16, body: Bytes, length: HeaderValue) -> Reply {
+        let (mut head, ()) = http::Response::new(()).into_parts();
+        head.status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        // Room for ours plus the Date and Connection pingora adds.
+        head.headers.reserve(8);
+        head.headers.insert(CONTENT_LENGTH, length);
         Reply {
-            status,
-            length: body.len(),
-            headers: vec![("content-type", content_type.to_string())],
+            head,
             body,
+            broken: false,
         }
     }
 
     fn json(status: u16, value: &impl serde::Serialize) -> Reply {
         let body = serde_json::to_vec(value).unwrap_or_default();
-        Reply::new(status, "application/json", Bytes::from(body))
-            .header("cache-control", "no-store")
+        Reply::new(status, "application/json", Bytes::from(body)).header(CACHE_CONTROL, NO_STORE)
     }
 
     fn error(e: &Error) -> Reply {
         Reply::json(e.status(), &e.to_json())
     }
 
-    fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
-        self.headers.push((name, value.into()));
+    fn header<V>(mut self, name: HeaderName, value: V) -> Reply
+    where
+        V: TryInto<HeaderValue>,
+    {
+        match value.try_into() {
+            Ok(value) => {
+                self.head.headers.insert(name, value);
+            }
+            Err(_) => {
+                tracing::warn!(header = %name, "header value cannot be encoded");
+                self.broken = true;
+            }
+        }
         self
     }
+
+    #[cfg(test)]
+    fn header_text(&self, name: HeaderName) -> Option<&str> {
+        self.head.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
+
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
 pub struct Front {
     ctx: Arc<Context>,
     placeholder: Bytes,
+    /// `Cache-Control` of a stored variant, formatted once.
+    hit_cache_control: HeaderValue,
+    /// `Retry-After` of a 202, formatted once.
+    retry_after: HeaderValue,
 }
 
 impl Front {
     pub fn new(ctx: Arc<Context>) -> Front {
+        let server = &ctx.config.server;
+        let hit_cache_control = HeaderValue::from_str(&format!(
+            "public, max-age={}, immutable",
+            server.cache_max_age_secs
+        ))
+        .expect("digits and ASCII are a valid header value");
+        let retry_after = HeaderValue::from(server.retry_after_secs);
         Front {
             ctx,
             placeholder: transparent_pixel_png(),
+            hit_cache_control,
+            retry_after,
         }
     }
 
     /// Routes one request to its answer.
-    pub async fn answer(&self, request: &Request) -> Reply {
+    pub async fn answer(&self, request: &Request<'_>) -> Reply {
         let result = self.route(request).await;
         result.unwrap_or_else(|e| {
             if e.status() >= 500 {
@@ -78,9 +123,9 @@ impl Front {
         })
     }
 
-    async fn route(&self, request: &Request) -> Result<Reply> {
+    async fn route(&self, request: &Request<'_>) -> Result<Reply> {
         let method = &request.method;
-        let path = request.path.as_str();
+        let path = request.path;
         let allow = |allowed: &[Method]| {
             if allowed.contains(method) {
                 Ok(())
@@ -91,7 +136,7 @@ impl Front {
         const READ: &[Method] = &[Method::GET, Method::HEAD];
         const POST: &[Method] = &[Method::POST];
         const READ_OR_POST: &[Method] = &[Method::GET, Method::POST];
-        let if_none_match = request.if_none_match.as_deref();
+        let if_none_match = request.if_none_match;
         match path {
             "/healthz" => {
                 allow(READ)?;
@@ -140,7 +185,7 @@ impl Front {
                     match crate::api::tools::handle(&self.ctx, request.key(), &request.body).await {
                         Some(answer) => Reply::json(200, &answer),
                         None => Reply::new(202, "application/json", Bytes::new())
-                            .header("cache-control", "no-store"),
+                            .header(CACHE_CONTROL, NO_STORE),
                     },
                 );
             }
@@ -148,10 +193,13 @@ impl Front {
         }
         if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
             allow(READ)?;
-            self.cache(rest, if_none_match, true).await
+            self.cache(rest, None, if_none_match, true).await
         } else if let Some(rest) = path.strip_prefix("/media/cache/") {
             allow(READ)?;
-            self.cache(rest, if_none_match, false).await
+            // The URL path is the variant's storage path when nothing in it
+            // needs decoding: `media/cache/<filter>/<path>`.
+            self.cache(rest, Some(&path[1..]), if_none_match, false)
+                .await
         } else if let Some(code) = path.strip_prefix("/media/") {
             allow(READ)?;
             let caller = self.ctx.caller(request.key()).await?;
@@ -171,7 +219,7 @@ impl Front {
         Ok(Reply::json(200, &serde_json::json!({"status": "ready"})))
     }
 
-    async fn request(&self, filter: &str, request: &Request) -> Result<Reply> {
+    async fn request(&self, filter: &str, request: &Request<'_>) -> Result<Reply> {
         let mut url = None;
         let mut callback = None;
         let mut root = None;
@@ -203,26 +251,49 @@ impl Front {
         Ok(Reply::json(status, &answer))
     }
 
-    /// `<filter>/<path>`: a hit, or a 202 with one job enqueued.
-    async fn cache(&self, rest: &str, if_none_match: Option<&str>, resolve: bool) -> Result<Reply> {
+    /// `<filter>/<path>`: a hit, or a 202 with one job enqueued. `as_stored`
+    /// is the request path without its leading slash, when the variant's
+    /// storage path may be spelled like it.
+    async fn cache(
+        &self,
+        rest: &str,
+        as_stored: Option<&str>,
+        if_none_match: Option<&str>,
+        resolve: bool,
+    ) -> Result<Reply> {
         let (filter, raw_path) = rest
             .split_once('/')
             .ok_or_else(|| Error::InvalidPath("expected <filter>/<path>".into()))?;
         self.ctx.filters.get(filter)?;
         let path = normalize_path(raw_path, self.ctx.config.server.max_path_bytes)?;
-        let variant = keys::variant_path(filter, &path);
+        let variant = match (&path, as_stored) {
+            // Nothing was decoded: the URL path spells the storage path.
+            (Cow::Borrowed(_), Some(stored)) => Cow::Borrowed(stored),
+            _ => Cow::Owned(keys::variant_path(filter, &path)),
+        };
+        debug_assert_eq!(variant, keys::variant_path(filter, &path));
+        let variant = variant.as_ref();
         let index = &self.ctx.index;
 
-        if let Some((info, _source, bytes)) = index.locate(&self.ctx.storage, &variant).await? {
+        // Hot bytes carry their index entry: one look-up answers.
+        let found = match index.hot_get(variant).await {
+            Some(hot) => Some((hot.info.clone(), Found::Hot(hot))),
+            None => index
+                .locate(&self.ctx.storage, variant)
+                .await?
+                .map(|(info, _source, bytes)| (info, bytes.map_or(Found::Entry, Found::Bytes))),
+        };
+        if let Some((info, found)) = found {
             if resolve {
                 let location = keys::variant_url(&self.ctx.public_base, filter, &path);
                 return Ok(Reply::new(302, "text/plain", Bytes::new())
-                    .header("location", location)
-                    .header("cache-control", "no-store"));
+                    .header(LOCATION, location)
+                    .header(CACHE_CONTROL, NO_STORE));
             }
-            let bytes = match bytes {
-                Some(bytes) => Some(bytes),
-                None => self.variant_bytes(&variant).await?,
+            let bytes = match found {
+                Found::Hot(hot) => return Ok(self.hot_hit(&hot, if_none_match)),
+                Found::Bytes(bytes) => Some(bytes),
+                Found::Entry => self.variant_bytes(variant, &info).await?,
             };
             // An index entry whose bytes are gone is treated as a miss.
             if let Some(bytes) = bytes {
@@ -230,7 +301,8 @@ impl Front {
             }
         }
 
-        if let Some(failure) = index.failure(&variant).await {
+        let path = path.into_owned();
+        if let Some(failure) = index.failure(variant).await {
             return Ok(self.failed(&failure));
         }
         let original_absent = format!("original:{path}");
@@ -252,36 +324,48 @@ impl Front {
         Ok(self.busy())
     }
 
-    async fn variant_bytes(&self, variant: &str) -> Result<Option<Bytes>> {
-        if let Some(bytes) = self.ctx.index.hot_get(variant).await {
-            return Ok(Some(bytes));
-        }
-        let Some(object) = self.ctx.storage.get(variant).await? else {
+    /// The bytes of a variant the index knows, from storage (kept hot when
+    /// they fit).
+    async fn variant_bytes(&self, variant: &str, info: &Arc<VariantInfo>) -> Result<Option<Bytes>> {
+        let Some(bytes) = self.ctx.storage.get_bytes(variant).await? else {
             return Ok(None);
         };
-        self.ctx.index.hot_put(variant, object.bytes.clone()).await;
-        Ok(Some(object.bytes))
+        self.ctx
+            .index
+            .hot_put_known(variant, info.clone(), bytes.clone())
+            .await;
+        Ok(Some(bytes))
+    }
+
+    /// A hit from memory: every header value was formatted when it was kept.
+    fn hot_hit(&self, hot: &HotVariant, if_none_match: Option<&str>) -> Reply {
+        if if_none_match.is_some_and(|header| etag_matches(header, &hot.info.etag)) {
+            return Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
+                .header(CONTENT_TYPE, hot.content_type.clone())
+                .header(ETAG, hot.etag.clone())
+                .header(CACHE_CONTROL, self.hit_cache_control.clone())
+                .header(LAST_MODIFIED, hot.last_modified.clone());
+        }
+        Reply::with_length(200, hot.bytes.clone(), hot.content_length.clone())
+            .header(CONTENT_TYPE, hot.content_type.clone())
+            .header(ETAG, hot.etag.clone())
+            .header(CACHE_CONTROL, self.hit_cache_control.clone())
+            .header(LAST_MODIFIED, hot.last_modified.clone())
     }
 
     fn hit(&self, info: &VariantInfo, bytes: Bytes, if_none_match: Option<&str>) -> Reply {
-        let max_age = self.ctx.config.server.cache_max_age_secs;
-        let last_modified = httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH
-                + std::time::Duration::from_secs(info.last_modified.max(0) as u64),
-        );
-        let cache_control = format!("public, max-age={max_age}, immutable");
+        let last_modified = info.http_last_modified();
         if if_none_match.is_some_and(|header| etag_matches(header, &info.etag)) {
-            let mut reply = Reply::new(304, &info.content_type, Bytes::new());
-            reply.length = 0;
-            return reply
-                .header("etag", info.etag.clone())
-                .header("cache-control", cache_control)
-                .header("last-modified", last_modified);
+            return Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
+                .header(CONTENT_TYPE, info.content_type.as_str())
+                .header(ETAG, info.etag.as_str())
+                .header(CACHE_CONTROL, self.hit_cache_control.clone())
+                .header(LAST_MODIFIED, last_modified);
         }
         Reply::new(200, &info.content_type, bytes)
-            .header("etag", info.etag.clone())
-            .header("cache-control", cache_control)
-            .header("last-modified", last_modified)
+            .header(ETAG, info.etag.as_str())
+            .header(CACHE_CONTROL, self.hit_cache_control.clone())
+            .header(LAST_MODIFIED, last_modified)
     }
 
     /// A variant whose job failed for good: its error. A client error (bad
@@ -299,17 +383,24 @@ impl Front {
             "application/json",
             Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
         )
-        .header("cache-control", cache_control)
+        .header(CACHE_CONTROL, cache_control)
     }
 
     fn busy(&self) -> Reply {
         Reply::new(202, "image/png", self.placeholder.clone())
-            .header("cache-control", "no-store")
-            .header(
-                "retry-after",
-                self.ctx.config.server.retry_after_secs.to_string(),
-            )
+            .header(CACHE_CONTROL, NO_STORE)
+            .header(RETRY_AFTER, self.retry_after.clone())
     }
+}
+
+/// What the index had of a variant it knows.
+enum Found {
+    /// Bytes and header values in memory.
+    Hot(Arc<HotVariant>),
+    /// Bytes just read from storage.
+    Bytes(Bytes),
+    /// Only the entry: the bytes are in storage.
+    Entry,
 }
 
 /// `If-None-Match` against a strong ETag (weak comparison, as RFC 9110 asks for GET).
@@ -328,21 +419,49 @@ fn transparent_pixel_png() -> Bytes {
     Bytes::from(out)
 }
 
-/// A request as the routes see it: head fields they use and the whole body.
-pub struct Request {
+/// A request as the routes see it: head fields they use, borrowed from the
+/// session, and the whole body.
+pub struct Request<'a> {
     pub method: Method,
-    pub path: String,
-    pub query: Option<String>,
-    pub if_none_match: Option<String>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
     /// The `Authorization: Bearer` key, else `?token=`.
-    pub bearer: Option<String>,
-    pub content_type: Option<String>,
+    pub bearer: Option<Cow<'a, str>>,
+    pub content_type: Option<&'a str>,
     pub body: Bytes,
 }
 
-impl Request {
+impl<'a> Request<'a> {
+    /// The head fields of a request whose body was read.
+    fn new(header: &'a pingora_http::RequestHeader, body: Bytes) -> Request<'a> {
+        let header_text = |name: HeaderName| header.headers.get(name).and_then(|v| v.to_str().ok());
+        let bearer = header_text(http::header::AUTHORIZATION).and_then(|value| {
+            let (scheme, key) = value.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| Cow::Borrowed(key.trim()))
+        });
+        let mut request = Request {
+            method: header.method.clone(),
+            path: header.uri.path(),
+            query: header.uri.query(),
+            if_none_match: header_text(http::header::IF_NONE_MATCH),
+            bearer,
+            content_type: header_text(CONTENT_TYPE),
+            body,
+        };
+        if request.bearer.is_none() && request.query.is_some() {
+            request.bearer = request
+                .query_pairs()
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| Cow::Owned(v.into_owned()));
+        }
+        request
+    }
+
     pub fn query_pairs(&self) -> url::form_urlencoded::Parse<'_> {
-        url::form_urlencoded::parse(self.query.as_deref().unwrap_or("").as_bytes())
+        url::form_urlencoded::parse(self.query.unwrap_or("").as_bytes())
     }
 
     /// The key from the head: `Authorization: Bearer`, else `?token=`.
@@ -352,7 +471,7 @@ impl Request {
 
     /// A JSON body, or none at all; a form or anything else is refused.
     pub fn require_json(&self) -> Result<()> {
-        match self.content_type.as_deref() {
+        match self.content_type {
             Some(ct) if !ct.to_ascii_lowercase().contains("json") && !self.body.is_empty() => {
                 Err(Error::UnsupportedContentType(ct.to_string()))
             }
@@ -400,50 +519,41 @@ impl Request {
 
 enum ReadFailure {
     /// Answer this instead of routing (e.g. a body over the limit).
-    Reply(Method, Reply),
+    Reply(Reply),
     Connection,
 }
 
 impl Front {
-    /// Reads the head fields the routes use and the body, up to `server.max_body_bytes`.
-    async fn read(&self, session: &mut ServerSession) -> std::result::Result<Request, ReadFailure> {
-        let header = session.req_header();
-        let method = header.method.clone();
-        let header_text = |name: http::header::HeaderName| {
-            header
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let if_none_match = header_text(http::header::IF_NONE_MATCH);
-        let content_type = header_text(http::header::CONTENT_TYPE);
-        let bearer = header_text(http::header::AUTHORIZATION).and_then(|value| {
-            let (scheme, key) = value.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then(|| key.trim().to_string())
-        });
-        let path = header.uri.path().to_string();
-        let query = header.uri.query().map(str::to_string);
+    /// Reads the body, up to `server.max_body_bytes`.
+    async fn read_body(
+        &self,
+        session: &mut ServerSession,
+    ) -> std::result::Result<Bytes, ReadFailure> {
         let limit = self.ctx.config.server.max_body_bytes;
-        let too_large = |method: &Method| {
-            ReadFailure::Reply(
-                method.clone(),
-                Reply::error(&Error::TooLarge(format!("request body over {limit} bytes"))),
-            )
+        let too_large = || {
+            ReadFailure::Reply(Reply::error(&Error::TooLarge(format!(
+                "request body over {limit} bytes"
+            ))))
         };
-        let announced =
-            header_text(http::header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+        let announced = session
+            .req_header()
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
         if announced.is_some_and(|n| n > limit) {
-            return Err(too_large(&method));
+            return Err(too_large());
+        }
+        // Most requests (every GET) have none: nothing to read.
+        if session.is_body_empty() {
+            return Ok(Bytes::new());
         }
         let mut body = bytes::BytesMut::new();
         loop {
             match session.read_request_body().await {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > limit {
-                        return Err(too_large(&method));
+                        return Err(too_large());
                     }
                     body.extend_from_slice(&chunk);
                 }
@@ -454,22 +564,7 @@ impl Front {
                 }
             }
         }
-        let mut request = Request {
-            method,
-            path,
-            query,
-            if_none_match,
-            bearer,
-            content_type,
-            body: body.freeze(),
-        };
-        if request.bearer.is_none() {
-            request.bearer = request
-                .query_pairs()
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v.into_owned());
-        }
-        Ok(request)
+        Ok(body.freeze())
     }
 }
 
@@ -489,34 +584,26 @@ impl HttpServerApp for Front {
             }
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        let (method, reply) = match self.read(&mut session).await {
-            Ok(request) => {
-                let reply = self.answer(&request).await;
-                (request.method, reply)
+        let head = session.req_header().method == Method::HEAD;
+        let reply = match self.read_body(&mut session).await {
+            Ok(body) => {
+                let request = Request::new(session.req_header(), body);
+                self.answer(&request).await
             }
-            Err(ReadFailure::Reply(method, reply)) => {
+            Err(ReadFailure::Reply(reply)) => {
                 // The rest of an over-long body is not read: do not reuse the connection.
                 session.set_keepalive(None);
-                (method, reply)
+                reply
             }
             Err(ReadFailure::Connection) => return None,
         };
-
-        let mut response =
-            ResponseHeader::build(reply.status, Some(reply.headers.len() + 2)).ok()?;
-        for (name, value) in &reply.headers {
-            response.insert_header(*name, value.as_str()).ok()?;
+        if reply.broken {
+            return None;
         }
-        response
-            .insert_header("content-length", reply.length.to_string())
-            .ok()?;
-        let head = method == Method::HEAD;
+
         let with_body = !head && !reply.body.is_empty();
-        if session
-            .write_response_header(Box::new(response))
-            .await
-            .is_err()
-        {
+        let response = Box::new(ResponseHeader::from(reply.head));
+        if session.write_response_header(response).await.is_err() {
             return None;
         }
         if with_body && session.write_response_body(reply.body, true).await.is_err() {
@@ -547,5 +634,131 @@ mod tests {
         let png = transparent_pixel_png();
         let img = image::load_from_memory(&png).unwrap();
         assert_eq!((img.width(), img.height()), (1, 1));
+    }
+
+    fn front(extra_toml: &str) -> Front {
+        use crate::config::{Config, Sources};
+        let toml = format!("[storage]\nurl = \"memory://\"\n{extra_toml}");
+        let config = Arc::new(
+            Config::load_from(Sources {
+                extra_toml: Some(&toml),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let ctx = Context::new(
+            config.clone(),
+            Arc::new(crate::filter::FilterSet::from_config(&config).unwrap()),
+            crate::storage::Storage::open("memory://").unwrap(),
+            Arc::new(crate::index::Index::new(&config.index, None)),
+            Arc::new(crate::queue::EmbeddedQueue::new(&config.queue)),
+            crate::security::NetworkPolicy::default(),
+            "test-admin-key".into(),
+        );
+        Front::new(Arc::new(ctx))
+    }
+
+    fn get<'a>(path: &'a str, if_none_match: Option<&'a str>) -> Request<'a> {
+        Request {
+            method: Method::GET,
+            path,
+            query: None,
+            if_none_match,
+            bearer: None,
+            content_type: None,
+            body: Bytes::new(),
+        }
+    }
+
+    const HIT_HEADERS: [HeaderName; 5] = [
+        CONTENT_TYPE,
+        CONTENT_LENGTH,
+        ETAG,
+        CACHE_CONTROL,
+        LAST_MODIFIED,
+    ];
+
+    fn headers(reply: &Reply) -> Vec<Option<String>> {
+        HIT_HEADERS
+            .iter()
+            .map(|name| reply.header_text(name.clone()).map(str::to_string))
+            .collect()
+    }
+
+    /// A hit answers the same whether its bytes were just read from storage,
+    /// kept hot with their header values, or read again (hot cache too small).
+    #[tokio::test]
+    async fn hits_answer_alike_from_storage_and_memory() {
+        for extra in ["", "[index]\nhot_max_object_bytes = 0\n"] {
+            let front = front(extra);
+            let png = transparent_pixel_png();
+            let stored = "media/cache/small/a/b-c.png";
+            front.ctx.storage.put(stored, png.clone()).await.unwrap();
+            // Spelled as stored, and with a byte that needs decoding.
+            for url in [
+                "/media/cache/small/a/b-c.png",
+                "/media/cache/small/a/b%2Dc.png",
+            ] {
+                let mut seen = Vec::new();
+                for _ in 0..3 {
+                    let reply = front.answer(&get(url, None)).await;
+                    assert_eq!(reply.head.status, 200, "{extra:?} {url}");
+                    assert_eq!(reply.body, png);
+                    assert!(!reply.broken);
+                    seen.push(headers(&reply));
+                }
+                assert!(
+                    seen.iter().all(|h| *h == seen[0]),
+                    "{extra:?} {url}: {seen:?}"
+                );
+                let [content_type, length, etag, cache_control, last_modified] =
+                    seen[0].clone().try_into().unwrap();
+                assert_eq!(content_type.as_deref(), Some("image/png"));
+                assert_eq!(length, Some(png.len().to_string()));
+                assert_eq!(
+                    cache_control.as_deref(),
+                    Some("public, max-age=31536000, immutable")
+                );
+                assert!(last_modified.unwrap().ends_with(" GMT"));
+
+                let etag = etag.unwrap();
+                for _ in 0..2 {
+                    let reply = front
+                        .answer(&get(url, Some(&format!("W/\"x\", {etag}"))))
+                        .await;
+                    assert_eq!(reply.head.status, 304, "{extra:?} {url}");
+                    assert!(reply.body.is_empty());
+                    let mut want = seen[0].clone();
+                    want[1] = Some("0".into());
+                    assert_eq!(headers(&reply), want);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn hot_bytes_follow_a_changed_index_entry() {
+        let front = front("");
+        let index = &front.ctx.index;
+        let variant = "media/cache/small/a/b.png";
+        let old = Bytes::from_static(b"\x89PNG\r\n\x1a\nold");
+        let info = VariantInfo::of_bytes(&old, 1);
+        index.mark(variant, info.clone()).await.unwrap();
+        index.hot_put(variant, old.clone()).await;
+        assert_eq!(index.hot_get(variant).await.unwrap().bytes, old);
+        // Marked again with other bytes: the hot copy no longer describes them.
+        let new = Bytes::from_static(b"\x89PNG\r\n\x1a\nnew");
+        index
+            .mark(variant, VariantInfo::of_bytes(&new, 2))
+            .await
+            .unwrap();
+        assert!(index.hot_get(variant).await.is_none());
+        // Marked again with the same: kept.
+        index.hot_put(variant, new.clone()).await;
+        index
+            .mark(variant, VariantInfo::of_bytes(&new, 2))
+            .await
+            .unwrap();
+        assert_eq!(index.hot_get(variant).await.unwrap().bytes, new);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use moka::future::Cache;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,41 @@ impl VariantInfo {
             last_modified,
         }
     }
+
+    /// `last_modified` as an HTTP date.
+    pub fn http_last_modified(&self) -> String {
+        httpdate::fmt_http_date(
+            std::time::UNIX_EPOCH + Duration::from_secs(self.last_modified.max(0) as u64),
+        )
+    }
+}
+
+/// A variant kept in memory: its bytes, what the index knows of it, and the
+/// header values a hit answers with, formatted once when it was kept instead
+/// of on every request.
+#[derive(Debug)]
+pub struct HotVariant {
+    pub info: Arc<VariantInfo>,
+    pub bytes: Bytes,
+    pub content_type: HeaderValue,
+    pub etag: HeaderValue,
+    pub last_modified: HeaderValue,
+    pub content_length: HeaderValue,
+}
+
+impl HotVariant {
+    /// `None` when a stored field cannot be a header value (a hit then
+    /// formats its headers itself, as for a variant that is not hot).
+    pub fn new(info: Arc<VariantInfo>, bytes: Bytes) -> Option<HotVariant> {
+        Some(HotVariant {
+            content_type: HeaderValue::from_str(&info.content_type).ok()?,
+            etag: HeaderValue::from_str(&info.etag).ok()?,
+            last_modified: HeaderValue::from_str(&info.http_last_modified()).ok()?,
+            content_length: HeaderValue::from(bytes.len()),
+            info,
+            bytes,
+        })
+    }
 }
 
 /// Why a variant's job failed for good; answered instead of queueing the
@@ -62,7 +98,7 @@ pub enum Source {
 
 pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
-    hot: Cache<String, Bytes>,
+    hot: Cache<String, Arc<HotVariant>>,
     absent: Cache<String, ()>,
     failed: Cache<String, Arc<Failure>>,
     failure_ttl: Duration,
@@ -79,8 +115,8 @@ impl Index {
                 .build(),
             hot: Cache::builder()
                 .max_capacity(config.hot_bytes)
-                .weigher(|key: &String, bytes: &Bytes| {
-                    (key.len() + bytes.len()).try_into().unwrap_or(u32::MAX)
+                .weigher(|key: &String, hot: &Arc<HotVariant>| {
+                    (key.len() + hot.bytes.len()).try_into().unwrap_or(u32::MAX)
                 })
                 .build(),
             absent: Cache::builder()
@@ -134,10 +170,14 @@ impl Index {
         }
         match storage.get(variant).await? {
             Some(object) => {
-                let info = VariantInfo::of_bytes(&object.bytes, object.info.last_modified);
-                self.remember(variant, info.clone()).await;
-                self.hot_put(variant, object.bytes.clone()).await;
-                Ok(Some((Arc::new(info), Source::Storage, Some(object.bytes))))
+                let info = Arc::new(VariantInfo::of_bytes(
+                    &object.bytes,
+                    object.info.last_modified,
+                ));
+                self.remember(variant, (*info).clone()).await;
+                self.hot_put_known(variant, info.clone(), object.bytes.clone())
+                    .await;
+                Ok(Some((info, Source::Storage, Some(object.bytes))))
             }
             None => {
                 self.remember_absent(variant).await;
@@ -187,6 +227,15 @@ impl Index {
         }
         self.absent.invalidate(variant).await;
         self.failed.invalidate(variant).await;
+        // Hot bytes answer without the entry: they must describe the same bytes.
+        if self
+            .hot
+            .get(variant)
+            .await
+            .is_some_and(|hot| *hot.info != info)
+        {
+            self.hot.invalidate(variant).await;
+        }
         self.entries
             .insert(variant.to_string(), Arc::new(info))
             .await;
@@ -244,13 +293,30 @@ impl Index {
         Some(Arc::new(failure))
     }
 
-    pub async fn hot_get(&self, variant: &str) -> Option<Bytes> {
+    /// The variant's bytes, info and header values when they are in memory:
+    /// a hit that needs no other look-up.
+    pub async fn hot_get(&self, variant: &str) -> Option<Arc<HotVariant>> {
         self.hot.get(variant).await
     }
 
+    /// Keeps a variant's bytes in memory, described by its index entry (call
+    /// after `mark`); without one they are left to the next reader.
     pub async fn hot_put(&self, variant: &str, bytes: Bytes) {
-        if bytes.len() as u64 <= self.hot_max_object_bytes {
-            self.hot.insert(variant.to_string(), bytes).await;
+        if bytes.len() as u64 > self.hot_max_object_bytes {
+            return;
+        }
+        if let Some(info) = self.entries.get(variant).await {
+            self.hot_put_known(variant, info, bytes).await;
+        }
+    }
+
+    /// Keeps a variant's bytes in memory with what the index knows of them.
+    pub async fn hot_put_known(&self, variant: &str, info: Arc<VariantInfo>, bytes: Bytes) {
+        if bytes.len() as u64 > self.hot_max_object_bytes {
+            return;
+        }
+        if let Some(hot) = HotVariant::new(info, bytes) {
+            self.hot.insert(variant.to_string(), Arc::new(hot)).await;
         }
     }
 

@@ -32,6 +32,9 @@ pub struct StoredObject {
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is a local directory, for whole-object reads
+    /// that skip object_store's two trips to the blocking pool.
+    local: Option<Arc<LocalFileSystem>>,
     description: String,
 }
 
@@ -63,18 +66,20 @@ impl Storage {
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::Config(format!("storage.url {}: {e}", dir.display())))?;
-        let store = LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|e| Error::Config(format!("storage.url {}: {e}", dir.display())))?
-            .with_automatic_cleanup(true);
-        Ok(Self::from_store(
-            Arc::new(store),
-            &dir.display().to_string(),
-        ))
+        let store = Arc::new(
+            LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| Error::Config(format!("storage.url {}: {e}", dir.display())))?
+                .with_automatic_cleanup(true),
+        );
+        let mut storage = Self::from_store(store.clone(), &dir.display().to_string());
+        storage.local = Some(store);
+        Ok(storage)
     }
 
     pub fn from_store(store: Arc<dyn ObjectStore>, description: &str) -> Storage {
         Storage {
             store,
+            local: None,
             description: description.to_string(),
         }
     }
@@ -106,6 +111,28 @@ impl Storage {
         };
         let bytes = result.bytes().await?;
         Ok(Some(StoredObject { bytes, info }))
+    }
+
+    /// An object's bytes, without its metadata. From a local directory this
+    /// reads on the calling thread what the page cache already holds (as a
+    /// static file server does), and takes one trip to the blocking pool only
+    /// for bytes that would wait for the disk; object_store's `get` takes two
+    /// trips whatever is cached.
+    pub async fn get_bytes(&self, path: &str) -> Result<Option<Bytes>> {
+        let Some(local) = &self.local else {
+            return Ok(self.get(path).await?.map(|object| object.bytes));
+        };
+        let file = local.path_to_filesystem(&Self::location(path)?)?;
+        match local_read::start(&file)? {
+            local_read::Started::Absent => Ok(None),
+            local_read::Started::Done(bytes) => Ok(Some(bytes)),
+            local_read::Started::Pending(rest) => {
+                tokio::task::spawn_blocking(move || rest.finish())
+                    .await
+                    .map_err(|e| Error::Internal(format!("storage read task: {e}")))?
+                    .map(Some)
+            }
+        }
     }
 
     /// Writes the whole object at once (the local backend writes a temp file
@@ -144,6 +171,111 @@ impl Storage {
             .await
             .map(|_| ())
             .map_err(Error::from)
+    }
+}
+
+/// Whole-file reads from local storage that never wait for the disk on the
+/// calling (async) thread: opening and `fstat` go through the kernel's
+/// caches, and the read itself asks for cached pages only (`RWF_NOWAIT`).
+mod local_read {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
+    use bytes::Bytes;
+
+    use crate::error::{Error, Result};
+
+    pub enum Started {
+        /// No file (or a directory) there, as object_store's local backend answers.
+        Absent,
+        Done(Bytes),
+        /// Part of the file is not in memory: finish on the blocking pool.
+        Pending(Rest),
+    }
+
+    pub struct Rest {
+        file: File,
+        path: PathBuf,
+        bytes: Vec<u8>,
+        read: usize,
+    }
+
+    fn failed(path: &Path, e: std::io::Error) -> Error {
+        Error::Storage(format!("{}: {e}", path.display()))
+    }
+
+    pub fn start(path: &Path) -> Result<Started> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Started::Absent),
+            Err(e) => return Err(failed(path, e)),
+        };
+        let metadata = file.metadata().map_err(|e| failed(path, e))?;
+        if metadata.is_dir() {
+            return Ok(Started::Absent);
+        }
+        let len = usize::try_from(metadata.len())
+            .map_err(|_| Error::Storage(format!("{}: too large", path.display())))?;
+        let mut bytes = vec![0; len];
+        let read = read_cached(&file, &mut bytes);
+        if read == len {
+            return Ok(Started::Done(Bytes::from(bytes)));
+        }
+        Ok(Started::Pending(Rest {
+            file,
+            path: path.to_owned(),
+            bytes,
+            read,
+        }))
+    }
+
+    impl Rest {
+        /// A read of `path` whose first `read` bytes are in (tests).
+        #[cfg(test)]
+        pub fn after(path: &Path, read: usize) -> Result<Rest> {
+            let file = File::open(path).map_err(|e| failed(path, e))?;
+            let mut bytes = std::fs::read(path).map_err(|e| failed(path, e))?;
+            bytes[read..].fill(0);
+            Ok(Rest {
+                file,
+                path: path.to_owned(),
+                bytes,
+                read,
+            })
+        }
+
+        /// Blocking: reads what `start` could not.
+        pub fn finish(mut self) -> Result<Bytes> {
+            self.file
+                .read_exact_at(&mut self.bytes[self.read..], self.read as u64)
+                .map_err(|e| failed(&self.path, e))?;
+            Ok(Bytes::from(self.bytes))
+        }
+    }
+
+    /// How much of `buf` the page cache could fill from the file's start
+    /// without waiting for the disk.
+    #[cfg(target_os = "linux")]
+    fn read_cached(file: &File, buf: &mut [u8]) -> usize {
+        use rustix::io::{preadv2, Errno, ReadWriteFlags};
+        let mut read = 0;
+        while read < buf.len() {
+            let mut slice = [std::io::IoSliceMut::new(&mut buf[read..])];
+            match preadv2(file, &mut slice, read as u64, ReadWriteFlags::NOWAIT) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(Errno::INTR) => {}
+                // EAGAIN (not cached), or a kernel without RWF_NOWAIT: the pool reads it.
+                Err(_) => break,
+            }
+        }
+        read
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn read_cached(_file: &File, _buf: &mut [u8]) -> usize {
+        0
     }
 }
 
@@ -429,5 +561,46 @@ mod tests {
             "invalid-path"
         );
         storage.ping().await.unwrap();
+    }
+
+    /// `get_bytes` answers as `get` does, on disk and in memory alike.
+    #[tokio::test]
+    async fn whole_reads_match_get() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Bytes = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for storage in [
+            Storage::open(dir.path().to_str().unwrap()).unwrap(),
+            Storage::open("memory://").unwrap(),
+        ] {
+            assert!(storage.get_bytes("a/b.jpg").await.unwrap().is_none());
+            for bytes in [Bytes::new(), Bytes::from_static(b"xyz"), big.clone()] {
+                storage.put("a/b.jpg", bytes.clone()).await.unwrap();
+                assert_eq!(storage.get_bytes("a/b.jpg").await.unwrap().unwrap(), bytes);
+            }
+            // A directory is no object.
+            assert!(storage.get_bytes("a").await.unwrap().is_none());
+            assert_eq!(
+                storage.get_bytes("../x").await.unwrap_err().code(),
+                "invalid-path"
+            );
+        }
+    }
+
+    /// Bytes the page cache does not hold come from the blocking pool.
+    #[test]
+    fn a_read_the_cache_cannot_finish_is_finished_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let local_read::Started::Done(bytes) = local_read::start(&path).unwrap() else {
+            panic!("a cached file is read at once");
+        };
+        assert_eq!(&bytes[..], b"0123456789");
+        let rest = local_read::Rest::after(&path, 4).unwrap();
+        assert_eq!(&rest.finish().unwrap()[..], b"0123456789");
+        assert!(matches!(
+            local_read::start(&dir.path().join("none")).unwrap(),
+            local_read::Started::Absent
+        ));
     }
 }

@@ -540,11 +540,11 @@ enum Dispatched {
 async fn dispatch(body: &[u8]) -> Dispatched {
     let request = Request {
         method: Method::POST,
-        path: "/dispatch_process".into(),
+        path: "/dispatch_process",
         query: None,
         if_none_match: None,
         bearer: None,
-        content_type: Some("application/json".into()),
+        content_type: Some("application/json"),
         body: Bytes::copy_from_slice(body),
     };
     let payload: ProcessPayload = match request.json() {
