@@ -327,14 +327,14 @@ impl Front {
     /// The bytes of a variant the index knows, from storage (kept hot when
     /// they fit).
     async fn variant_bytes(&self, variant: &str, info: &Arc<VariantInfo>) -> Result<Option<Bytes>> {
-        let Some(bytes) = self.ctx.storage.get_bytes(variant).await? else {
+        let Some(object) = self.ctx.storage.get(variant).await? else {
             return Ok(None);
         };
         self.ctx
             .index
-            .hot_put_known(variant, info.clone(), bytes.clone())
+            .hot_put_known(variant, info.clone(), object.bytes.clone())
             .await;
-        Ok(Some(bytes))
+        Ok(Some(object.bytes))
     }
 
     /// A hit from memory: every header value was formatted when it was kept.
