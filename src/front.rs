@@ -301,6 +301,10 @@ impl Front {
             }
         }
 
+        // Asked again while its job is queued: answered from memory.
+        if index.is_recently_queued(variant) {
+            return Ok(self.busy());
+        }
         let path = path.into_owned();
         if let Some(failure) = index.failure(variant).await {
             return Ok(self.failed(&failure));
@@ -321,20 +325,21 @@ impl Front {
             }
         };
         self.ctx.enqueue_miss(filter, &path, source_url).await?;
+        index.remember_queued(variant).await;
         Ok(self.busy())
     }
 
     /// The bytes of a variant the index knows, from storage (kept hot when
     /// they fit).
     async fn variant_bytes(&self, variant: &str, info: &Arc<VariantInfo>) -> Result<Option<Bytes>> {
-        let Some(bytes) = self.ctx.storage.get_bytes(variant).await? else {
+        let Some(object) = self.ctx.storage.get(variant).await? else {
             return Ok(None);
         };
         self.ctx
             .index
-            .hot_put_known(variant, info.clone(), bytes.clone())
+            .hot_put_known(variant, info.clone(), object.bytes.clone())
             .await;
-        Ok(Some(bytes))
+        Ok(Some(object.bytes))
     }
 
     /// A hit from memory: every header value was formatted when it was kept.
@@ -637,6 +642,15 @@ mod tests {
     }
 
     fn front(extra_toml: &str) -> Front {
+        front_with_queue(extra_toml, |config| {
+            Arc::new(crate::queue::EmbeddedQueue::new(&config.queue))
+        })
+    }
+
+    fn front_with_queue(
+        extra_toml: &str,
+        queue: impl FnOnce(&crate::config::Config) -> Arc<dyn crate::queue::Queue>,
+    ) -> Front {
         use crate::config::{Config, Sources};
         let toml = format!("[storage]\nurl = \"memory://\"\n{extra_toml}");
         let config = Arc::new(
@@ -651,7 +665,7 @@ mod tests {
             Arc::new(crate::filter::FilterSet::from_config(&config).unwrap()),
             crate::storage::Storage::open("memory://").unwrap(),
             Arc::new(crate::index::Index::new(&config.index, None)),
-            Arc::new(crate::queue::EmbeddedQueue::new(&config.queue)),
+            queue(&config),
             crate::security::NetworkPolicy::default(),
             "test-admin-key".into(),
         );
@@ -760,5 +774,98 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(index.hot_get(variant).await.unwrap().bytes, new);
+    }
+
+    /// Counts enqueue calls on the way to an embedded queue.
+    struct CountingQueue {
+        inner: crate::queue::EmbeddedQueue,
+        enqueues: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl crate::queue::Queue for CountingQueue {
+        async fn enqueue(&self, job: &crate::queue::Job, callback: Option<&str>) -> Result<bool> {
+            self.enqueues
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.enqueue(job, callback).await
+        }
+        async fn claim(
+            &self,
+            consumer: &str,
+            wait: std::time::Duration,
+        ) -> Result<Option<crate::queue::Claimed>> {
+            self.inner.claim(consumer, wait).await
+        }
+        async fn peek_callbacks(&self, claimed: &crate::queue::Claimed) -> Result<Vec<String>> {
+            self.inner.peek_callbacks(claimed).await
+        }
+        async fn complete(&self, claimed: &crate::queue::Claimed) -> Result<Vec<String>> {
+            self.inner.complete(claimed).await
+        }
+        async fn dead_letter(
+            &self,
+            claimed: &crate::queue::Claimed,
+            reason: &str,
+        ) -> Result<Vec<String>> {
+            self.inner.dead_letter(claimed, reason).await
+        }
+        async fn retry_later(
+            &self,
+            claimed: &crate::queue::Claimed,
+            delay: std::time::Duration,
+        ) -> Result<()> {
+            self.inner.retry_later(claimed, delay).await
+        }
+        async fn depths(&self) -> Result<crate::queue::Depths> {
+            self.inner.depths().await
+        }
+        async fn ping(&self) -> Result<()> {
+            self.inner.ping().await
+        }
+    }
+
+    /// Misses of a variant whose job was just queued answer 202 from memory;
+    /// the variant, once stored and marked, is served at once.
+    #[tokio::test]
+    async fn repeated_misses_ask_the_queue_once() {
+        let queue = Arc::new(CountingQueue {
+            inner: crate::queue::EmbeddedQueue::new(
+                &crate::config::Config::load_from(Default::default())
+                    .unwrap()
+                    .queue,
+            ),
+            enqueues: Default::default(),
+        });
+        let front = front_with_queue("", |_| queue.clone());
+        let png = transparent_pixel_png();
+        front
+            .ctx
+            .storage
+            .put("default/x.png", png.clone())
+            .await
+            .unwrap();
+        let url = "/media/cache/small/default/x.png";
+        for _ in 0..5 {
+            let reply = front.answer(&get(url, None)).await;
+            assert_eq!(reply.head.status, 202);
+            assert_eq!(reply.header_text(CACHE_CONTROL), Some("no-store"));
+        }
+        assert_eq!(queue.enqueues.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            crate::queue::Queue::depths(&*queue).await.unwrap().urgent,
+            1
+        );
+
+        let variant = "media/cache/small/default/x.png";
+        front.ctx.storage.put(variant, png.clone()).await.unwrap();
+        front
+            .ctx
+            .index
+            .mark(variant, VariantInfo::of_bytes(&png, 1))
+            .await
+            .unwrap();
+        let reply = front.answer(&get(url, None)).await;
+        assert_eq!(reply.head.status, 200);
+        assert_eq!(reply.body, png);
     }
 }

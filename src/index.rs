@@ -100,6 +100,7 @@ pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
     hot: Cache<String, Arc<HotVariant>>,
     absent: Cache<String, ()>,
+    queued: Cache<String, ()>,
     failed: Cache<String, Arc<Failure>>,
     failure_ttl: Duration,
     hot_max_object_bytes: u64,
@@ -120,6 +121,10 @@ impl Index {
                 })
                 .build(),
             absent: Cache::builder()
+                .max_capacity(config.max_entries)
+                .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
+                .build(),
+            queued: Cache::builder()
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
                 .build(),
@@ -226,6 +231,7 @@ impl Index {
                 .await?;
         }
         self.absent.invalidate(variant).await;
+        self.queued.invalidate(variant).await;
         self.failed.invalidate(variant).await;
         // Hot bytes answer without the entry: they must describe the same bytes.
         if self
@@ -331,5 +337,16 @@ impl Index {
 
     pub async fn forget_absent(&self, key: &str) {
         self.absent.invalidate(key).await;
+    }
+
+    /// Remembers briefly that this variant's job is queued or in flight, so
+    /// repeated misses answer 202 without asking the queue again (a failure
+    /// recorded meanwhile is answered once this expires).
+    pub async fn remember_queued(&self, variant: &str) {
+        self.queued.insert(variant.to_string(), ()).await;
+    }
+
+    pub fn is_recently_queued(&self, variant: &str) -> bool {
+        self.queued.contains_key(variant)
     }
 }

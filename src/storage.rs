@@ -1,6 +1,8 @@
 //! Originals, variants and media records over `Arc<dyn ObjectStore>`: the
 //! source of truth. Backend errors are mapped to `Error` here; nothing above
-//! this module knows whether bytes live on disk or in S3.
+//! this module knows whether bytes live on disk or in S3. Reads from a local
+//! directory skip object_store's blocking-pool trips when the kernel's caches
+//! can answer (see `local_read`), as a static file server does.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -89,7 +91,11 @@ impl Storage {
     }
 
     pub async fn head(&self, path: &str) -> Result<Option<ObjectInfo>> {
-        match self.store.head(&Self::location(path)?).await {
+        let location = Self::location(path)?;
+        if let Some(local) = &self.local {
+            return local_read::stat(&local.path_to_filesystem(&location)?);
+        }
+        match self.store.head(&location).await {
             Ok(meta) => Ok(Some(ObjectInfo {
                 size: meta.size,
                 last_modified: meta.last_modified.timestamp(),
@@ -100,7 +106,11 @@ impl Storage {
     }
 
     pub async fn get(&self, path: &str) -> Result<Option<StoredObject>> {
-        let result = match self.store.get(&Self::location(path)?).await {
+        let location = Self::location(path)?;
+        if let Some(local) = &self.local {
+            return Self::local_get(&local.path_to_filesystem(&location)?).await;
+        }
+        let result = match self.store.get(&location).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -113,19 +123,10 @@ impl Storage {
         Ok(Some(StoredObject { bytes, info }))
     }
 
-    /// An object's bytes, without its metadata. From a local directory this
-    /// reads on the calling thread what the page cache already holds (as a
-    /// static file server does), and takes one trip to the blocking pool only
-    /// for bytes that would wait for the disk; object_store's `get` takes two
-    /// trips whatever is cached.
-    pub async fn get_bytes(&self, path: &str) -> Result<Option<Bytes>> {
-        let Some(local) = &self.local else {
-            return Ok(self.get(path).await?.map(|object| object.bytes));
-        };
-        let file = local.path_to_filesystem(&Self::location(path)?)?;
-        match local_read::start(&file)? {
+    async fn local_get(file: &std::path::Path) -> Result<Option<StoredObject>> {
+        match local_read::start(file)? {
             local_read::Started::Absent => Ok(None),
-            local_read::Started::Done(bytes) => Ok(Some(bytes)),
+            local_read::Started::Done(object) => Ok(Some(object)),
             local_read::Started::Pending(rest) => {
                 tokio::task::spawn_blocking(move || rest.finish())
                     .await
@@ -174,22 +175,24 @@ impl Storage {
     }
 }
 
-/// Whole-file reads from local storage that never wait for the disk on the
+/// Reads from local storage that never wait for the disk's data on the
 /// calling (async) thread: opening and `fstat` go through the kernel's
-/// caches, and the read itself asks for cached pages only (`RWF_NOWAIT`).
+/// caches, and the read asks for cached pages only (`RWF_NOWAIT`); what the
+/// page cache does not hold is read on the blocking pool. Answers as
+/// object_store's local backend does: no file, or a directory, is `None`.
 mod local_read {
-    use std::fs::File;
+    use std::fs::{File, Metadata};
     use std::os::unix::fs::FileExt;
     use std::path::{Path, PathBuf};
 
     use bytes::Bytes;
 
+    use super::{ObjectInfo, StoredObject};
     use crate::error::{Error, Result};
 
     pub enum Started {
-        /// No file (or a directory) there, as object_store's local backend answers.
         Absent,
-        Done(Bytes),
+        Done(StoredObject),
         /// Part of the file is not in memory: finish on the blocking pool.
         Pending(Rest),
     }
@@ -197,6 +200,7 @@ mod local_read {
     pub struct Rest {
         file: File,
         path: PathBuf,
+        info: ObjectInfo,
         bytes: Vec<u8>,
         read: usize,
     }
@@ -205,26 +209,52 @@ mod local_read {
         Error::Storage(format!("{}: {e}", path.display()))
     }
 
-    pub fn start(path: &Path) -> Result<Started> {
+    fn info(metadata: &Metadata) -> ObjectInfo {
+        let modified = metadata
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        ObjectInfo {
+            size: metadata.len(),
+            last_modified: modified,
+        }
+    }
+
+    fn open(path: &Path) -> Result<Option<(File, Metadata)>> {
         let file = match File::open(path) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Started::Absent),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(failed(path, e)),
         };
         let metadata = file.metadata().map_err(|e| failed(path, e))?;
-        if metadata.is_dir() {
+        Ok((!metadata.is_dir()).then_some((file, metadata)))
+    }
+
+    /// Size and time, without reading.
+    pub fn stat(path: &Path) -> Result<Option<ObjectInfo>> {
+        Ok(open(path)?.map(|(_, metadata)| info(&metadata)))
+    }
+
+    pub fn start(path: &Path) -> Result<Started> {
+        let Some((file, metadata)) = open(path)? else {
             return Ok(Started::Absent);
-        }
-        let len = usize::try_from(metadata.len())
+        };
+        let info = info(&metadata);
+        let len = usize::try_from(info.size)
             .map_err(|_| Error::Storage(format!("{}: too large", path.display())))?;
         let mut bytes = vec![0; len];
         let read = read_cached(&file, &mut bytes);
         if read == len {
-            return Ok(Started::Done(Bytes::from(bytes)));
+            return Ok(Started::Done(StoredObject {
+                bytes: Bytes::from(bytes),
+                info,
+            }));
         }
         Ok(Started::Pending(Rest {
             file,
             path: path.to_owned(),
+            info,
             bytes,
             read,
         }))
@@ -234,23 +264,27 @@ mod local_read {
         /// A read of `path` whose first `read` bytes are in (tests).
         #[cfg(test)]
         pub fn after(path: &Path, read: usize) -> Result<Rest> {
-            let file = File::open(path).map_err(|e| failed(path, e))?;
+            let (file, metadata) = open(path)?.expect("a file");
             let mut bytes = std::fs::read(path).map_err(|e| failed(path, e))?;
             bytes[read..].fill(0);
             Ok(Rest {
                 file,
                 path: path.to_owned(),
+                info: info(&metadata),
                 bytes,
                 read,
             })
         }
 
         /// Blocking: reads what `start` could not.
-        pub fn finish(mut self) -> Result<Bytes> {
+        pub fn finish(mut self) -> Result<StoredObject> {
             self.file
                 .read_exact_at(&mut self.bytes[self.read..], self.read as u64)
                 .map_err(|e| failed(&self.path, e))?;
-            Ok(Bytes::from(self.bytes))
+            Ok(StoredObject {
+                bytes: Bytes::from(self.bytes),
+                info: self.info,
+            })
         }
     }
 
@@ -563,24 +597,61 @@ mod tests {
         storage.ping().await.unwrap();
     }
 
-    /// `get_bytes` answers as `get` does, on disk and in memory alike.
+    /// Local reads answer as object_store's local backend does.
     #[tokio::test]
-    async fn whole_reads_match_get() {
+    async fn local_reads_match_object_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        let store = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        for (path, bytes) in [
+            ("a/b.jpg", &b"xyz"[..]),
+            ("a/empty", b""),
+            ("c/d e.png", b"1"),
+        ] {
+            storage.put(path, Bytes::from_static(bytes)).await.unwrap();
+        }
+        for path in ["a/b.jpg", "a/empty", "c/d e.png", "a", "none", "a/none"] {
+            let location = StorePath::parse(path).unwrap();
+            let want = match store.get(&location).await {
+                Ok(got) => Some((
+                    got.meta.size,
+                    got.meta.last_modified.timestamp(),
+                    got.bytes().await.unwrap(),
+                )),
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => panic!("{path}: {e}"),
+            };
+            let got = storage.get(path).await.unwrap();
+            let got = got.map(|o| (o.info.size, o.info.last_modified, o.bytes));
+            assert_eq!(got, want, "{path}");
+            let head = storage.head(path).await.unwrap();
+            assert_eq!(
+                head.map(|i| (i.size, i.last_modified)),
+                want.map(|w| (w.0, w.1)),
+                "{path}"
+            );
+        }
+    }
+
+    /// Whole reads, small and large, on disk and in memory alike.
+    #[tokio::test]
+    async fn whole_reads() {
         let dir = tempfile::tempdir().unwrap();
         let big: Bytes = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         for storage in [
             Storage::open(dir.path().to_str().unwrap()).unwrap(),
             Storage::open("memory://").unwrap(),
         ] {
-            assert!(storage.get_bytes("a/b.jpg").await.unwrap().is_none());
+            assert!(storage.get("a/b.jpg").await.unwrap().is_none());
             for bytes in [Bytes::new(), Bytes::from_static(b"xyz"), big.clone()] {
                 storage.put("a/b.jpg", bytes.clone()).await.unwrap();
-                assert_eq!(storage.get_bytes("a/b.jpg").await.unwrap().unwrap(), bytes);
+                assert_eq!(storage.get("a/b.jpg").await.unwrap().unwrap().bytes, bytes);
             }
             // A directory is no object.
-            assert!(storage.get_bytes("a").await.unwrap().is_none());
+            assert!(storage.get("a").await.unwrap().is_none());
+            assert!(storage.head("a").await.unwrap().is_none());
             assert_eq!(
-                storage.get_bytes("../x").await.unwrap_err().code(),
+                storage.get("../x").await.unwrap_err().code(),
                 "invalid-path"
             );
         }
@@ -592,12 +663,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"0123456789").unwrap();
-        let local_read::Started::Done(bytes) = local_read::start(&path).unwrap() else {
+        let local_read::Started::Done(object) = local_read::start(&path).unwrap() else {
             panic!("a cached file is read at once");
         };
-        assert_eq!(&bytes[..], b"0123456789");
+        assert_eq!(&object.bytes[..], b"0123456789");
         let rest = local_read::Rest::after(&path, 4).unwrap();
-        assert_eq!(&rest.finish().unwrap()[..], b"0123456789");
+        let finished = rest.finish().unwrap();
+        assert_eq!(&finished.bytes[..], b"0123456789");
+        assert_eq!(finished.info, object.info);
         assert!(matches!(
             local_read::start(&dir.path().join("none")).unwrap(),
             local_read::Started::Absent
