@@ -344,31 +344,50 @@ impl Front {
 
     /// A hit from memory: every header value was formatted when it was kept.
     fn hot_hit(&self, hot: &HotVariant, if_none_match: Option<&str>) -> Reply {
-        if if_none_match.is_some_and(|header| etag_matches(header, &hot.info.etag)) {
-            return Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
-                .header(CONTENT_TYPE, hot.content_type.clone())
-                .header(ETAG, hot.etag.clone())
-                .header(CACHE_CONTROL, self.hit_cache_control.clone())
-                .header(LAST_MODIFIED, hot.last_modified.clone());
-        }
-        Reply::with_length(200, hot.bytes.clone(), hot.content_length.clone())
-            .header(CONTENT_TYPE, hot.content_type.clone())
-            .header(ETAG, hot.etag.clone())
-            .header(CACHE_CONTROL, self.hit_cache_control.clone())
-            .header(LAST_MODIFIED, hot.last_modified.clone())
+        self.hit_reply(
+            if_none_match.is_some_and(|header| etag_matches(header, &hot.info.etag)),
+            hot.bytes.clone(),
+            hot.content_length.clone(),
+            [
+                hot.content_type.clone(),
+                hot.etag.clone(),
+                hot.last_modified.clone(),
+            ],
+        )
     }
 
+    /// A hit whose header values are formatted now.
     fn hit(&self, info: &VariantInfo, bytes: Bytes, if_none_match: Option<&str>) -> Reply {
-        let last_modified = info.http_last_modified();
-        if if_none_match.is_some_and(|header| etag_matches(header, &info.etag)) {
-            return Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
-                .header(CONTENT_TYPE, info.content_type.as_str())
-                .header(ETAG, info.etag.as_str())
-                .header(CACHE_CONTROL, self.hit_cache_control.clone())
-                .header(LAST_MODIFIED, last_modified);
-        }
-        Reply::new(200, &info.content_type, bytes)
-            .header(ETAG, info.etag.as_str())
+        let length = HeaderValue::from(bytes.len());
+        self.hit_reply(
+            if_none_match.is_some_and(|header| etag_matches(header, &info.etag)),
+            bytes,
+            length,
+            [
+                info.content_type.as_str(),
+                info.etag.as_str(),
+                &info.http_last_modified(),
+            ],
+        )
+    }
+
+    /// A hit's answer: 304 when `If-None-Match` named its ETag, else 200
+    /// with the bytes; `[content type, etag, last modified]` either way.
+    fn hit_reply<V: TryInto<HeaderValue>>(
+        &self,
+        not_modified: bool,
+        bytes: Bytes,
+        length: HeaderValue,
+        [content_type, etag, last_modified]: [V; 3],
+    ) -> Reply {
+        let reply = if not_modified {
+            Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
+        } else {
+            Reply::with_length(200, bytes, length)
+        };
+        reply
+            .header(CONTENT_TYPE, content_type)
+            .header(ETAG, etag)
             .header(CACHE_CONTROL, self.hit_cache_control.clone())
             .header(LAST_MODIFIED, last_modified)
     }

@@ -308,9 +308,6 @@ impl Index {
     /// Keeps a variant's bytes in memory, described by its index entry (call
     /// after `mark`); without one they are left to the next reader.
     pub async fn hot_put(&self, variant: &str, bytes: Bytes) {
-        if bytes.len() as u64 > self.hot_max_object_bytes {
-            return;
-        }
         if let Some(info) = self.entries.get(variant).await {
             self.hot_put_known(variant, info, bytes).await;
         }
