@@ -696,22 +696,7 @@ fn full() -> ExitCode {
             vips.join(", ")
         );
     }
-    let load_end = common::loadavg();
-    println!(
-        "load average at the end: {load_end} ({} cores)",
-        common::cores()
-    );
-    let busiest = [&load_start, &load_end]
-        .iter()
-        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .fold(0.0, f64::max);
-    if busiest > common::cores() as f64 + 0.5 {
-        println!(
-            "NOTE: the machine was busy (load {busiest:.1} on {} cores): wall-clock times include waiting for a core; \
-             the CPU-time ratios are the steadier comparison",
-            common::cores()
-        );
-    }
+    common::report_load_at_end(&load_start, "wall-clock times include waiting for a core; the CPU-time ratios are the steadier comparison");
     println!(
         "VERDICT: {}",
         if failed == 0 {

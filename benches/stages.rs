@@ -139,21 +139,7 @@ fn encode_stage(c: &mut Criterion, thumb: &DynamicImage) {
         out
     };
     // The `image` crate does not subsample chroma: this is its like-for-like.
-    let turbo_444 = || {
-        use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
-        let mut compressor = Compressor::new().unwrap();
-        compressor.set_quality(80).unwrap();
-        compressor.set_subsamp(Subsamp::None).unwrap();
-        compressor
-            .compress_to_vec(Image {
-                pixels: rgb.as_raw().as_slice(),
-                width: rgb.width() as usize,
-                pitch: 3 * rgb.width() as usize,
-                height: rgb.height() as usize,
-                format: PixelFormat::RGB,
-            })
-            .unwrap()
-    };
+    let turbo_444 = || imaging::encode_jpeg(&rgb, 80, false).unwrap();
     let png_at = |compression| {
         use image::codecs::png::{FilterType, PngEncoder};
         let mut out = Vec::new();

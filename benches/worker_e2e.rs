@@ -582,22 +582,10 @@ fn run(settings: &Settings) -> Result<bool, String> {
         "  CPU per image, kiln + redis over pure render                    {:>+8.1} %",
         cpu_overhead * 100.0
     );
-    let load_end = common::loadavg();
-    println!(
-        "load average at the end: {load_end} ({} cores)",
-        common::cores()
+    common::report_load_at_end(
+        &load_start,
+        "wall-clock rates move with other work; the CPU-per-image comparison is the steadier one",
     );
-    let busiest = [&load_start, &load_end]
-        .iter()
-        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-        .fold(0.0, f64::max);
-    if busiest > common::cores() as f64 + 0.5 {
-        println!(
-            "NOTE: the machine was busy (load {busiest:.1} on {} cores): wall-clock rates move with other work; \
-             the CPU-per-image comparison is the steadier one",
-            common::cores()
-        );
-    }
     println!("{line}");
     let ok = overhead <= MAX_OVERHEAD;
     let conclusive = judged.iter().all(|r| r.steady);

@@ -492,7 +492,7 @@ fn output_format(source: ImageFormat, wanted: OutputFormat) -> ImageFormat {
 /// for the filters that opt into AVIF.
 pub fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<Vec<u8>> {
     match format {
-        ImageFormat::Jpeg => encode_jpeg(&flatten_on_white(image), quality),
+        ImageFormat::Jpeg => encode_jpeg(&flatten_on_white(image), quality, true),
         ImageFormat::WebP => encode_webp(image, quality),
         ImageFormat::Avif => encode_avif(image, quality),
         _ => encode_png(image),
@@ -516,14 +516,22 @@ fn encode_avif(image: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn encode_jpeg(rgb: &image::RgbImage, quality: u8) -> Result<Vec<u8>> {
+/// libjpeg-turbo. Variants subsample chroma (4:2:0, as libvips does below
+/// quality 90); without it (4:4:4) is the `image` crate's like-for-like,
+/// which `benches/stages.rs` measures.
+pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8, subsample_chroma: bool) -> Result<Vec<u8>> {
     use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
     let failed = |e: turbojpeg::Error| Error::EncodeFailed(format!("JPEG: {e}"));
     let mut compressor = Compressor::new().map_err(failed)?;
     compressor
         .set_quality(i32::from(quality.clamp(1, 100)))
         .map_err(failed)?;
-    compressor.set_subsamp(Subsamp::Sub2x2).map_err(failed)?;
+    let subsampling = if subsample_chroma {
+        Subsamp::Sub2x2
+    } else {
+        Subsamp::None
+    };
+    compressor.set_subsamp(subsampling).map_err(failed)?;
     compressor
         .compress_to_vec(Image {
             pixels: rgb.as_raw().as_slice(),

@@ -124,6 +124,23 @@ pub fn cores() -> usize {
 
 // ---- statistics -----------------------------------------------------------------
 
+/// Prints the load average at the end and, when the start or the end was
+/// busier than the machine has cores, a note of what that does to the figures.
+pub fn report_load_at_end(load_start: &str, busy_note: &str) {
+    let load_end = loadavg();
+    println!("load average at the end: {load_end} ({} cores)", cores());
+    let busiest = [load_start, &load_end]
+        .iter()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    if busiest > cores() as f64 + 0.5 {
+        println!(
+            "NOTE: the machine was busy (load {busiest:.1} on {} cores): {busy_note}",
+            cores()
+        );
+    }
+}
+
 pub fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -298,17 +315,9 @@ fn with_alpha_fade(rgb: &image::RgbImage) -> image::RgbaImage {
     })
 }
 
-pub fn encode_jpeg(rgb: &image::RgbImage, quality: i32) -> Vec<u8> {
-    let image = turbojpeg::Image {
-        pixels: rgb.as_raw().as_slice(),
-        width: rgb.width() as usize,
-        pitch: 3 * rgb.width() as usize,
-        height: rgb.height() as usize,
-        format: turbojpeg::PixelFormat::RGB,
-    };
-    turbojpeg::compress(image, quality, turbojpeg::Subsamp::Sub2x2)
-        .expect("turbojpeg compress")
-        .to_vec()
+/// libjpeg-turbo at 4:2:0, as cameras and kiln's variants are.
+pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8) -> Vec<u8> {
+    kiln::imaging::encode_jpeg(rgb, quality, true).expect("libjpeg-turbo encode")
 }
 
 pub fn encode_png_rgba(rgba: &image::RgbaImage) -> Vec<u8> {
