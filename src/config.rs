@@ -55,6 +55,11 @@ pub struct ServerConfig {
     pub grace_period_secs: u64,
     /// Seconds runtimes get to finish after the grace period. Default 5.
     pub graceful_shutdown_timeout_secs: u64,
+    /// Unix socket over which a `--upgrade` start takes the running kiln's
+    /// listening sockets (on its SIGQUIT). Default `/tmp/kiln_upgrade.sock`.
+    pub upgrade_sock: String,
+    /// Seconds a `--upgrade` start waits for the old kiln's sockets. Default 30.
+    pub upgrade_wait_secs: u64,
     /// `Cache-Control: max-age` of stored variants, seconds. Default one year.
     pub cache_max_age_secs: u64,
     /// `Retry-After` of a 202 busy answer, seconds. Default 2.

@@ -193,9 +193,12 @@ impl Front {
             }
             _ => {}
         }
+        if request.method == Method::DELETE {
+            return self.purge(request).await;
+        }
         if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
             allow(READ)?;
-            self.cache(rest, None, if_none_match, true).await
+            self.cache(rest, None, conditions, true).await
         } else if let Some(rest) = path.strip_prefix("/media/cache/") {
             allow(READ)?;
             // The URL path is the variant's storage path when nothing in it
@@ -212,6 +215,38 @@ impl Front {
         } else {
             Err(Error::NoRoute(path.chars().take(200).collect()))
         }
+    }
+
+    /// `DELETE /media/<code>`, `/media/cache/<filter|*>/<path>` or
+    /// `/media/cache/<filter>`; `?original=1` removes the original too.
+    async fn purge(&self, request: &Request<'_>) -> Result<Reply> {
+        let with_original = request
+            .query_pairs()
+            .any(|(k, v)| k == "original" && matches!(v.as_ref(), "1" | "true" | "yes"));
+        let caller = self.ctx.caller(request.key()).await?;
+        let path = request.path;
+        let purged = if let Some(rest) = path.strip_prefix("/media/cache/") {
+            match rest.trim_end_matches('/').split_once('/') {
+                Some((filter, original)) => {
+                    let filter = (filter != "*").then_some(filter);
+                    self.ctx
+                        .purge_path(&caller, filter, original, with_original)
+                        .await?
+                }
+                None => {
+                    self.ctx
+                        .purge_filter(&caller, rest.trim_end_matches('/'))
+                        .await?
+                }
+            }
+        } else if let Some(code) = path.strip_prefix("/media/") {
+            self.ctx
+                .purge_media(&caller, code.trim_end_matches('/'), with_original)
+                .await?
+        } else {
+            return Err(Error::MethodNotAllowed("DELETE".into()));
+        };
+        Ok(Reply::json(200, &purged))
     }
 
     async fn ready(&self) -> Result<Reply> {
