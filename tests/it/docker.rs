@@ -154,3 +154,87 @@ fn cargo_lock_is_current_for_locked_builds() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `${VAR:?message}` and `${VAR}` as compose would fill them in, with a stand-in value.
+fn interpolated(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closed ${") + start;
+        out.push_str("stand-in-value-0123456789");
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn every_compose_service_runs_a_kiln_command_with_settings_kiln_accepts() {
+    let text = std::fs::read_to_string(repo_file("docker/compose.yml")).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    doc.apply_merge().unwrap();
+    let services = doc["services"].as_mapping().expect("services");
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let mut roles = Vec::new();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        let mut service = service.clone();
+        service.apply_merge().unwrap();
+        if service["image"].as_str() != Some("kiln") {
+            continue;
+        }
+        let command: Vec<String> = serde_yaml::from_value(service["command"].clone()).unwrap();
+        assert_eq!(command[0], "kiln", "{name}");
+        roles.push(command[1].clone());
+        let mut environment: BTreeMap<String, String> = BTreeMap::new();
+        if let Some(mapping) = service["environment"].as_mapping() {
+            let mut mapping = serde_yaml::Value::Mapping(mapping.clone());
+            mapping.apply_merge().unwrap();
+            for (key, value) in mapping.as_mapping().unwrap() {
+                let value = match value {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+                };
+                environment.insert(key.as_str().unwrap().to_string(), interpolated(&value));
+            }
+        }
+        assert!(
+            environment.contains_key("KILN_REDIS__URL"),
+            "{name} shares Redis"
+        );
+        let run = |args: &[&str]| {
+            let output = Command::new(kiln)
+                .args(args)
+                .env_remove("KILN_CONFIG")
+                .envs(&environment)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "{name}: kiln {args:?}: {text}");
+        };
+        // Its command parses, and its settings load and validate (unknown keys are refused).
+        let mut help: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+        help.push("--help");
+        run(&help);
+        run(&["filters"]);
+        if let Some(test) = service["healthcheck"]["test"].as_sequence() {
+            let test: Vec<&str> = test.iter().filter_map(|v| v.as_str()).collect();
+            assert_eq!(&test[..2], ["CMD", "kiln"], "{name}");
+            let mut help = test[2..].to_vec();
+            help.push("--help");
+            run(&help);
+        }
+    }
+    roles.sort();
+    assert_eq!(roles, ["front", "worker", "worker"]);
+    let redis: Vec<String> = serde_yaml::from_value(services["redis"]["command"].clone()).unwrap();
+    assert!(
+        redis.windows(2).any(|w| w == ["--appendonly", "yes"]),
+        "Redis keeps an append-only file: {redis:?}"
+    );
+}
