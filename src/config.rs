@@ -248,6 +248,16 @@ pub struct NetworkConfig {
 pub struct FiltersConfig {
     /// TOML file of filter presets; empty = the embedded `config/filters.toml`.
     pub file: String,
+    /// Whether `w500`, `x600` and `300x400` work as filter names. Default true.
+    pub size_urls: bool,
+    /// Widest size a size URL may ask for, pixels (over: 406). Default 2048.
+    pub size_max_width: u32,
+    /// Tallest size a size URL may ask for, pixels (over: 406). Default 2048.
+    pub size_max_height: u32,
+    /// The only size names allowed (others: 404); empty = any up to the maximum. Default empty.
+    pub size_allowed: Vec<String>,
+    /// Quality of size-URL variants, 1-100. Default 82.
+    pub size_quality: u8,
 }
 
 /// Where the settings come from, beyond the embedded defaults.

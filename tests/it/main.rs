@@ -18,4 +18,5 @@ mod purge;
 mod queue_contract;
 mod resilience;
 mod sais;
+mod sizes;
 mod upgrade;
