@@ -68,6 +68,15 @@ pub struct ServerConfig {
     pub max_path_bytes: usize,
     /// Largest accepted request body, bytes. Default 1 MiB.
     pub max_body_bytes: usize,
+    /// What a 202 carries: a BlurHash `preview`, a 1x1 `pixel`, `none`, or
+    /// a `redirect` (302) to `placeholder_redirect_url`. Default `preview`.
+    pub miss_body: MissBody,
+    /// Where `miss_body = "redirect"` sends a miss. Default empty.
+    pub placeholder_redirect_url: String,
+    /// Longer side of a preview placeholder, pixels. Default 32.
+    pub placeholder_max_side: u32,
+    /// Memory for rendered previews, bytes. Default 4 MiB.
+    pub placeholder_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +88,16 @@ pub struct StorageConfig {
     pub default_root: String,
     /// Estimated image count of the default root (sizes its bins). Default 1000.
     pub default_approx: u64,
+}
+
+/// The body of a 202 busy answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissBody {
+    Preview,
+    Pixel,
+    None,
+    Redirect,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -329,6 +348,17 @@ impl Config {
         }
         if self.server.threads == 0 {
             return bad("server.threads", "must be at least 1".into());
+        }
+        if self.server.miss_body == MissBody::Redirect
+            && url::Url::parse(&self.server.placeholder_redirect_url).is_err()
+        {
+            return bad(
+                "server.placeholder_redirect_url",
+                "miss_body = \"redirect\" needs a URL".into(),
+            );
+        }
+        if self.server.placeholder_max_side == 0 || self.server.placeholder_max_side > 256 {
+            return bad("server.placeholder_max_side", "must be 1-256".into());
         }
         if self.storage.url.trim().is_empty() {
             return bad("storage.url", "must not be empty".into());

@@ -19,6 +19,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 
 use crate::api::Context;
+use crate::config::MissBody;
 use crate::error::{Error, Result};
 use crate::index::{Failure, HotVariant, VariantInfo};
 use crate::keys;
@@ -91,6 +92,8 @@ const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 pub struct Front {
     ctx: Arc<Context>,
     placeholder: Bytes,
+    /// Rendered preview placeholders by variant path.
+    previews: moka::future::Cache<String, Bytes>,
     /// `Cache-Control` of a stored variant, formatted once.
     hit_cache_control: HeaderValue,
     /// `Retry-After` of a 202, formatted once.
@@ -106,7 +109,14 @@ impl Front {
         ))
         .expect("digits and ASCII are a valid header value");
         let retry_after = HeaderValue::from(server.retry_after_secs);
+        let previews = moka::future::Cache::builder()
+            .max_capacity(server.placeholder_cache_bytes)
+            .weigher(|key: &String, png: &Bytes| {
+                (key.len() + png.len()).try_into().unwrap_or(u32::MAX)
+            })
+            .build();
         Front {
+            previews,
             ctx,
             placeholder: transparent_pixel_png(),
             hit_cache_control,
@@ -339,7 +349,7 @@ impl Front {
 
         // Asked again while its job is queued: answered from memory.
         if index.is_recently_queued(variant) {
-            return Ok(self.busy());
+            return Ok(self.busy(filter, &path, variant).await);
         }
         let path = path.into_owned();
         if let Some(failure) = index.failure(variant).await {
@@ -362,7 +372,7 @@ impl Front {
         };
         self.ctx.enqueue_miss(filter, &path, source_url).await?;
         index.remember_queued(variant).await;
-        Ok(self.busy())
+        Ok(self.busy(filter, &path, variant).await)
     }
 
     /// The bytes of a variant the index knows, from storage (kept hot when
@@ -474,10 +484,57 @@ impl Front {
         .header(CACHE_CONTROL, cache_control)
     }
 
-    fn busy(&self) -> Reply {
-        Reply::new(202, "image/png", self.placeholder.clone())
+    /// A miss's answer: 202 with what `server.miss_body` says, never cached.
+    async fn busy(&self, filter: &str, path: &str, variant: &str) -> Reply {
+        let server = &self.ctx.config.server;
+        let reply = match server.miss_body {
+            MissBody::None => Reply::with_length(202, Bytes::new(), HeaderValue::from_static("0")),
+            MissBody::Redirect => Reply::new(302, "text/plain", Bytes::new())
+                .header(LOCATION, server.placeholder_redirect_url.as_str()),
+            MissBody::Pixel => Reply::new(202, "image/png", self.placeholder.clone()),
+            MissBody::Preview => {
+                let body = match self.preview(filter, path, variant).await {
+                    Some(png) => png,
+                    None => self.placeholder.clone(),
+                };
+                Reply::new(202, "image/png", body)
+            }
+        };
+        reply
             .header(CACHE_CONTROL, NO_STORE)
             .header(RETRY_AFTER, self.retry_after.clone())
+    }
+
+    /// The variant's preview from its original's media record (BlurHash and
+    /// size), when there is one; rendered once per variant and kept.
+    async fn preview(&self, filter: &str, path: &str, variant: &str) -> Option<Bytes> {
+        if let Some(png) = self.previews.get(variant).await {
+            return Some(png);
+        }
+        let code = keys::code_from_path(path)?;
+        let unknown = format!("preview:{code}");
+        let index = &self.ctx.index;
+        if index.is_known_absent(&unknown).await {
+            return None;
+        }
+        let Some(record) = self.ctx.storage.media_record(code).await.ok().flatten() else {
+            index.remember_absent(&unknown).await;
+            return None;
+        };
+        // No BlurHash yet: its render is under way, so ask again next time.
+        let (blurhash, width, height) = (
+            record.blurhash?,
+            record.original_width?,
+            record.original_height?,
+        );
+        let preset = self.ctx.filters.get(filter).ok()?;
+        let max_side = self.ctx.config.server.placeholder_max_side;
+        let png = crate::imaging::placeholder_png(&blurhash, (width, height), &preset, max_side)
+            .map_err(|e| tracing::debug!(error = %e, code, "no preview placeholder"))
+            .ok()?;
+        let png = Bytes::from(png);
+        self.previews.insert(variant.to_string(), png.clone()).await;
+        Some(png)
     }
 }
 
