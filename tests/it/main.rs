@@ -12,6 +12,7 @@ mod faults;
 mod fetch;
 mod flow;
 mod hostile;
+mod observability;
 mod queue_contract;
 mod resilience;
 mod sais;
