@@ -444,3 +444,84 @@ async fn status_page_in_headless_chromium() {
     let disc = image.pixels().filter(|p| p.0 == [245, 235, 200]).count();
     assert!(disc > 1000, "{disc} sample-disc pixels");
 }
+
+/// `kiln serve` with `log.format = "json"`: every stdout line is a JSON
+/// object; a request gives one access line, a job one line with its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_a_line_per_request_and_per_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let storage = dir.path().join("storage");
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        crate::kiln::test_config_toml(port, &storage, None, "[log]\nformat = \"json\"\n"),
+    )
+    .unwrap();
+    let original = storage.join("default/j.png");
+    std::fs::create_dir_all(original.parent().unwrap()).unwrap();
+    std::fs::write(&original, png_rgba(50, 50, [90, 90, 90, 255])).unwrap();
+    let log = dir.path().join("kiln.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let _kiln = crate::distributed::Process::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env_remove("RUST_LOG")
+            .env_remove("KILN_CONFIG")
+            .stdout(log_file)
+            .stderr(Stdio::null()),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    crate::kiln::until_ready(&format!("{base}/healthz")).await;
+    let url = format!("{base}/media/cache/small/default/j.png");
+    assert_eq!(get(&url, None).await.status(), 202);
+    eventually(Duration::from_secs(30), "the variant", || {
+        let url = url.clone();
+        async move { (get(&url, None).await.status() == 200).then_some(()) }
+    })
+    .await;
+
+    let lines: Vec<serde_json::Value> = eventually(
+        Duration::from_secs(10),
+        "the job's and the hit's log lines",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+            let job_done = lines.iter().any(|l| l["message"] == "job done");
+            let hit = lines.iter().any(|l| {
+                l["target"] == "kiln::access" && l["status"] == 200 && l["route"] == "cache"
+            });
+            async move { (job_done && hit).then_some(lines) }
+        },
+    )
+    .await;
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "kiln::access" && l["route"] == "cache")
+        .collect();
+    let miss = access
+        .iter()
+        .find(|l| l["status"] == 202)
+        .expect("the 202's line");
+    assert_eq!(miss["method"], "GET");
+    assert_eq!(miss["path"], "/media/cache/small/default/j.png");
+    assert!(miss["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(miss["bytes"].as_u64().unwrap() > 0, "{miss}");
+    let hit = access.iter().find(|l| l["status"] == 200).unwrap();
+    assert!(
+        ["memory", "index", "storage"].contains(&hit["hit"].as_str().unwrap()),
+        "{hit}"
+    );
+    let job = lines.iter().find(|l| l["message"] == "job done").unwrap();
+    assert_eq!(job["outcome"], "done");
+    assert_eq!(job["filters"], "[\"small\"]");
+    assert!(
+        job["job"].as_str().is_some_and(|id| !id.is_empty()),
+        "{job}"
+    );
+    assert!(job["duration_ms"].as_u64().is_some(), "{job}");
+}
