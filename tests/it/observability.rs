@@ -472,17 +472,28 @@ async fn json_logs_have_a_line_per_request_and_per_job() {
             .stderr(Stdio::null()),
     );
     let base = format!("http://127.0.0.1:{port}");
-    crate::kiln::until_ready(&format!("{base}/healthz")).await;
     let url = format!("{base}/media/cache/small/default/j.png");
-    assert_eq!(get(&url, None).await.status(), 202);
-    eventually(Duration::from_secs(30), "the variant", || {
-        let url = url.clone();
-        async move { (get(&url, None).await.status() == 200).then_some(()) }
-    })
+    // On failure, the process's log says why.
+    let served = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        crate::kiln::until_ready(&format!("{base}/healthz")).await;
+        assert_eq!(get(&url, None).await.status(), 202);
+        eventually(Duration::from_secs(30), "the variant", || {
+            let url = url.clone();
+            async move { (get(&url, None).await.status() == 200).then_some(()) }
+        })
+        .await;
+    }))
     .await;
+    if let Err(panic) = served {
+        eprintln!(
+            "kiln's log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(panic);
+    }
 
     let lines: Vec<serde_json::Value> = eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the job's and the hit's log lines",
         || {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
