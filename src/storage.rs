@@ -165,6 +165,35 @@ impl Storage {
             .map(|_| ())
     }
 
+    /// Removes an object; one already absent is not an error.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        match self.store.delete(&Self::location(path)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The paths of every object under the directory-like `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let prefix = Self::location(prefix)?;
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+    }
+
+    /// The names of the directories directly under `prefix`.
+    pub async fn child_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&Self::location(prefix)?))
+            .await?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
     /// Readiness: the backend answers a listing.
     pub async fn ping(&self) -> Result<()> {
         self.store
@@ -466,14 +495,7 @@ impl Storage {
     }
 
     pub async fn delete_key_index(&self, digest: &str) -> Result<()> {
-        match self
-            .store
-            .delete(&Self::location(&crate::keys::api_key_path(digest))?)
-            .await
-        {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.delete(&crate::keys::api_key_path(digest)).await
     }
 
     pub async fn root_for_key(&self, digest: &str) -> Result<Option<String>> {

@@ -6,6 +6,7 @@
 //! failure webhook. Each attempt is counted in `metrics`, logged in one
 //! line, and (when finished) remembered for `/ui`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -284,7 +285,7 @@ impl Worker {
         let presets: Vec<Preset> = job
             .filters
             .iter()
-            .map(|name| self.filters.get(name).cloned())
+            .map(|name| self.filters.get(name).map(Cow::into_owned))
             .collect::<Result<_>>()?;
         let mut record = self.load_record(job).await?;
 

@@ -6,13 +6,18 @@ mod support;
 #[macro_use]
 mod kiln;
 
+mod cdn;
 mod cli;
 mod distributed;
+mod docker;
 mod faults;
 mod fetch;
 mod flow;
 mod hostile;
 mod observability;
+mod purge;
 mod queue_contract;
 mod resilience;
 mod sais;
+mod sizes;
+mod upgrade;

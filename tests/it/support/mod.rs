@@ -1,5 +1,5 @@
 //! Test fixtures for the integration suite: a throwaway `redis-server`, a
-//! loopback origin, a callback sink, a bounded `eventually`, and in-memory
+//! loopback origin, a callback sink, a caching nginx, a bounded `eventually`, and in-memory
 //! image generators plus assertion helpers.
 //!
 //! Owns only test scaffolding; it must never depend on kiln internals, so a
@@ -10,6 +10,7 @@ pub mod dns;
 pub mod gate;
 mod http;
 pub mod images;
+pub mod nginx;
 pub mod origin;
 pub mod redis;
 pub mod sink;
@@ -24,6 +25,8 @@ pub use images::{
     decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_header_claiming,
     png_rgba, webp_lossless,
 };
+#[allow(unused_imports)]
+pub use nginx::Nginx;
 #[allow(unused_imports)]
 pub use origin::{Origin, OriginRequest, OriginResponse};
 #[allow(unused_imports)]
