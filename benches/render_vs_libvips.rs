@@ -146,6 +146,7 @@ fn presets(sizes: &[u32]) -> Vec<Preset> {
             upscale: false,
             quality: 80,
             format: OutputFormat::Source,
+            eager: false,
         })
         .collect()
 }

@@ -37,6 +37,7 @@ fn preset(side: u32, format: OutputFormat) -> Preset {
         upscale: false,
         quality: 80,
         format,
+        eager: false,
     }
 }
 

@@ -48,6 +48,10 @@ pub struct Preset {
     pub quality: u8,
     #[serde(default = "default_format")]
     pub format: OutputFormat,
+    /// Rendered along with any other filter of the same original (from the
+    /// same decode), so it is there before a page asks for it.
+    #[serde(default)]
+    pub eager: bool,
 }
 
 fn default_quality() -> u8 {
@@ -238,6 +242,7 @@ impl SizeRules {
             upscale: false,
             quality: self.quality,
             format: OutputFormat::Source,
+            eager: false,
         })
     }
 }
@@ -320,6 +325,11 @@ impl FilterSet {
     pub fn iter(&self) -> impl Iterator<Item = &Preset> {
         self.presets.values()
     }
+
+    /// The presets rendered whenever another filter of an original is.
+    pub fn eager(&self) -> impl Iterator<Item = &Preset> {
+        self.presets.values().filter(|preset| preset.eager)
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +345,7 @@ mod tests {
             upscale,
             quality: 80,
             format: OutputFormat::Source,
+            eager: false,
         }
     }
 

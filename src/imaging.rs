@@ -723,6 +723,7 @@ mod tests {
             upscale: false,
             quality: 80,
             format: OutputFormat::Jpeg,
+            eager: false,
         };
         let out = render(&source, &preset).unwrap();
         assert_eq!(
@@ -768,6 +769,7 @@ mod tests {
             upscale: false,
             quality: 80,
             format,
+            eager: false,
         };
         for (input, wanted, expected) in [
             (ImageFormat::Gif, OutputFormat::Source, ImageFormat::Png),
@@ -814,6 +816,7 @@ mod tests {
             upscale: false,
             quality: 80,
             format: OutputFormat::Jpeg,
+            eager: false,
         }
     }
 
@@ -1041,6 +1044,7 @@ mod tests {
             upscale: false,
             quality: 80,
             format: OutputFormat::Source,
+            eager: false,
         };
         let inset = placeholder_png(
             &hash,

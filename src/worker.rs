@@ -335,6 +335,16 @@ impl Worker {
                 None => to_render.push(preset),
             }
         }
+        // This decode also makes the eager filters' variants that are missing.
+        if !to_render.is_empty() {
+            for preset in self.filters.eager() {
+                let variant = keys::variant_path(&preset.name, &original);
+                let queued = to_render.iter().any(|p| p.name == preset.name);
+                if !queued && self.index.locate(&self.storage, &variant).await?.is_none() {
+                    to_render.push(preset.clone());
+                }
+            }
+        }
 
         let needs_previews = record.blurhash.is_none() || record.blur.is_none();
         if !to_render.is_empty() || needs_previews {

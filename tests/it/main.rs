@@ -10,6 +10,7 @@ mod cdn;
 mod cli;
 mod distributed;
 mod docker;
+mod eager;
 mod faults;
 mod fetch;
 mod flow;
