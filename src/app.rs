@@ -192,7 +192,7 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
             Error::Config(format!("sais.default_filters: no filter named {name:?}"))
         })?;
     }
-    let storage = Storage::open(&config.storage.url)?;
+    let storage = Storage::from_config(&config.storage)?;
     let policy = config.network_policy()?;
 
     let front_backends = backends(&config)?;

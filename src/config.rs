@@ -74,6 +74,33 @@ pub struct StorageConfig {
     pub default_root: String,
     /// Estimated image count of the default root (sizes its bins). Default 1000.
     pub default_approx: u64,
+    /// S3 endpoint URL (MinIO, moto, another S3-compatible server); empty =
+    /// AWS, or `AWS_ENDPOINT_URL` when set. Default empty.
+    pub s3_endpoint: String,
+    /// S3 region; empty = `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`. Default empty.
+    pub s3_region: String,
+    /// Path-style requests (`<endpoint>/<bucket>/<key>`) instead of
+    /// virtual-hosted ones (`<bucket>.<endpoint>/<key>`); most S3-compatible
+    /// servers want path style. Default true.
+    pub s3_path_style: bool,
+    /// Allow a plain `http://` endpoint (a loopback test server). Default
+    /// false; `AWS_ALLOW_HTTP=true` also allows it.
+    pub s3_allow_http: bool,
+    /// Access key id; empty = from the environment as the AWS tools read it
+    /// (`AWS_ACCESS_KEY_ID`, then web identity or instance metadata). Default empty.
+    pub s3_access_key_id: String,
+    /// Secret access key; empty = from the environment (`AWS_SECRET_ACCESS_KEY`). Default empty.
+    pub s3_secret_access_key: String,
+    /// Milliseconds one S3 request may take, body included. Default 30 000.
+    pub s3_request_timeout_ms: u64,
+    /// Milliseconds to connect to S3. Default 5000.
+    pub s3_connect_timeout_ms: u64,
+    /// Retries of an S3 request that failed retryably (transport error,
+    /// 5xx, throttling). Default 3.
+    pub s3_max_retries: usize,
+    /// Milliseconds after the first attempt past which an S3 request is no
+    /// longer retried. Default 10 000.
+    pub s3_retry_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -317,6 +344,20 @@ impl Config {
         }
         if self.storage.url.trim().is_empty() {
             return bad("storage.url", "must not be empty".into());
+        }
+        if self.storage.s3_request_timeout_ms == 0 || self.storage.s3_connect_timeout_ms == 0 {
+            return bad(
+                "storage.s3_request_timeout_ms / s3_connect_timeout_ms",
+                "must be positive".into(),
+            );
+        }
+        if !self.storage.s3_endpoint.is_empty()
+            && url::Url::parse(&self.storage.s3_endpoint).is_err()
+        {
+            return bad(
+                "storage.s3_endpoint",
+                format!("{:?} is not a URL", self.storage.s3_endpoint),
+            );
         }
         crate::keys::validate_root(&self.storage.default_root)
             .or_else(|e| bad("storage.default_root", e.to_string()))?;
