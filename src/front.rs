@@ -309,6 +309,18 @@ impl Front {
         if let Some(failure) = index.failure(variant).await {
             return Ok(self.failed(&failure));
         }
+        // Concurrent misses of one variant share one look at its original
+        // (an S3 request on S3) and one enqueue.
+        index
+            .queue_once(variant, self.queue_miss_job(filter, path))
+            .await?;
+        Ok(self.busy())
+    }
+
+    /// Enqueues a miss's job: of a stored original, or of one a pre-heat is
+    /// still downloading; `SourceNotFound` (remembered briefly) for neither.
+    async fn queue_miss_job(&self, filter: &str, path: String) -> Result<()> {
+        let index = &self.ctx.index;
         let original_absent = format!("original:{path}");
         if index.is_known_absent(&original_absent).await {
             return Err(Error::SourceNotFound(path));
@@ -325,8 +337,7 @@ impl Front {
             }
         };
         self.ctx.enqueue_miss(filter, &path, source_url).await?;
-        index.remember_queued(variant).await;
-        Ok(self.busy())
+        Ok(())
     }
 
     /// The bytes of a variant the index knows, from storage (kept hot when

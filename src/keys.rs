@@ -314,6 +314,12 @@ impl RedisKeys {
         format!("{}failed:{variant_path}", self.prefix)
     }
 
+    /// A variant storage was asked for and did not hold (set, expiring,
+    /// until a render records the variant).
+    pub fn variant_absent(&self, variant_path: &str) -> String {
+        format!("{}absent:{variant_path}", self.prefix)
+    }
+
     pub fn variant_index(&self, variant_path: &str) -> String {
         format!("{}variant:{variant_path}", self.prefix)
     }
