@@ -15,3 +15,5 @@ mod hostile;
 mod queue_contract;
 mod resilience;
 mod sais;
+mod storage_contract;
+mod storage_s3;

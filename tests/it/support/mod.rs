@@ -1,6 +1,7 @@
 //! Test fixtures for the integration suite: a throwaway `redis-server`, a
-//! loopback origin, a callback sink, a bounded `eventually`, and in-memory
-//! image generators plus assertion helpers.
+//! throwaway S3 (`moto_server`) with a counting proxy, a loopback origin, a
+//! callback sink, a bounded `eventually`, and in-memory image generators
+//! plus assertion helpers.
 //!
 //! Owns only test scaffolding; it must never depend on kiln internals, so a
 //! fixture stays valid whatever the code under test does.
@@ -12,6 +13,7 @@ mod http;
 pub mod images;
 pub mod origin;
 pub mod redis;
+pub mod s3;
 pub mod sink;
 
 // Re-exports are used by some tests and not others.
@@ -28,6 +30,8 @@ pub use images::{
 pub use origin::{Origin, OriginRequest, OriginResponse};
 #[allow(unused_imports)]
 pub use redis::RedisServer;
+#[allow(unused_imports)]
+pub use s3::{CountingProxy, Moto};
 #[allow(unused_imports)]
 pub use sink::{CallbackSink, Received};
 

@@ -1,0 +1,212 @@
+//! kiln end to end on S3 (a real `moto_server`): a pre-heat lands the
+//! original, the variant and the media record in the bucket under the
+//! configured prefix and the variant is served from there; and, through a
+//! counting proxy between kiln and moto, misses ask S3 about a variant once
+//! however many come, at the same time, over time and after the render.
+
+use std::time::{Duration, Instant};
+
+use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
+use crate::storage_contract::{s3_storage_toml, BUCKET};
+use crate::support::{
+    dimensions, eventually, format_of, jpeg, CountingProxy, Gate, Moto, Origin, OriginResponse,
+};
+
+on_both_backends!(misses_ask_s3_about_a_variant_once);
+
+/// Every file under `dir`: nothing may bypass the configured storage.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_on_s3_stores_original_variant_and_record_and_serves_them() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let kiln = Kiln::start_with(
+        Backend::Redis,
+        &s3_storage_toml(&moto.endpoint(), BUCKET, "edge/eu"),
+    )
+    .await;
+    let origin = Origin::start().await;
+    origin.serve(
+        "/photos/cat.jpg",
+        OriginResponse::image("image/jpeg", jpeg(1200, 800, [200, 60, 40])),
+    );
+    let image_url = origin.url("/photos/cat.jpg");
+    let code = kiln::keys::media_code(&image_url, "default");
+    let path = format!("default/0/{code}.jpg");
+
+    let first = reqwest::get(preheat_url(&kiln.base, "small", &image_url, None))
+        .await
+        .unwrap();
+    assert!(
+        [200, 202].contains(&first.status().as_u16()),
+        "{}",
+        first.status()
+    );
+    let variant_url = kiln.url(&format!("/media/cache/small/{path}"));
+    let hit = until_ready(&variant_url).await;
+    assert_eq!(hit.headers()["content-type"], "image/jpeg");
+    let served = hit.bytes().await.unwrap();
+    assert_eq!(format_of(&served), "jpeg");
+    assert_eq!(dimensions(&served), (200, 133));
+
+    // In the bucket, under the prefix, as the layout spells them.
+    let record_key = format!("edge/eu/meta/{code}.json");
+    let record = eventually(Duration::from_secs(30), "a resized media record", || {
+        let moto = &moto;
+        let record_key = record_key.clone();
+        async move {
+            let record: serde_json::Value =
+                serde_json::from_slice(&moto.get(BUCKET, &record_key)?).ok()?;
+            (record["marking"] == "resized").then_some(record)
+        }
+    })
+    .await;
+    assert_eq!(record["path"], path.as_str());
+    assert_eq!(record["thumbData"]["small"]["marking"], "done");
+    let keys = moto.keys(BUCKET, "");
+    for key in [
+        format!("edge/eu/{path}"),
+        format!("edge/eu/media/cache/small/{path}"),
+        record_key.clone(),
+        "edge/eu/accounts/default.json".to_owned(),
+    ] {
+        assert!(keys.contains(&key), "{key} not in {keys:?}");
+    }
+    assert!(keys.iter().all(|k| k.starts_with("edge/eu/")), "{keys:?}");
+    let original = moto.get(BUCKET, &format!("edge/eu/{path}")).unwrap();
+    assert_eq!(format_of(&original), "jpeg");
+    assert_eq!(dimensions(&original), (1200, 800));
+    let variant = moto
+        .get(BUCKET, &format!("edge/eu/media/cache/small/{path}"))
+        .unwrap();
+    assert_eq!(format_of(&variant), "jpeg");
+    assert_eq!(dimensions(&variant), (200, 133));
+    assert_eq!(variant.len(), served.len());
+
+    // Asking again: done, from the bucket, nothing fetched twice.
+    let again = reqwest::get(preheat_url(&kiln.base, "small", &image_url, None))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(origin.hits("/photos/cat.jpg"), 1);
+    assert_eq!(
+        reqwest::get(kiln.url("/readyz")).await.unwrap().status(),
+        200
+    );
+    // Nothing went to the local directory kiln would otherwise use.
+    assert_eq!(files_under(kiln.dir.path()), Vec::<String>::new());
+}
+
+/// How many of these S3 requests read the variant to see whether it exists
+/// (HEAD, or a GET that found nothing), and how many read its bytes.
+fn existence_and_reads(requests: &[crate::support::s3::Proxied]) -> (usize, usize) {
+    let looks = requests
+        .iter()
+        .filter(|r| r.method == "HEAD" || (r.method == "GET" && r.status == 404))
+        .count();
+    let reads = requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.status == 200)
+        .count();
+    (looks, reads)
+}
+
+async fn misses_ask_s3_about_a_variant_once(backend: Backend) {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let proxy = CountingProxy::start(moto.addr()).await;
+    let kiln = Kiln::start_with(backend, &s3_storage_toml(&proxy.endpoint(), BUCKET, "edge")).await;
+    // The original's download waits at a gate, so the variant stays missing
+    // while the misses come.
+    let gate = Gate::closed();
+    let origin = Origin::start().await;
+    origin.serve(
+        "/photos/dog.jpg",
+        OriginResponse::image("image/jpeg", jpeg(900, 600, [40, 90, 200])).with_gate(&gate),
+    );
+    let image_url = origin.url("/photos/dog.jpg");
+    let code = kiln::keys::media_code(&image_url, "default");
+    let path = format!("default/0/{code}.jpg");
+    let variant_key = format!("/{BUCKET}/edge/media/cache/medium/{path}");
+    let variant_url = kiln.url(&format!("/media/cache/medium/{path}"));
+
+    let first = reqwest::get(preheat_url(&kiln.base, "medium", &image_url, None))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202);
+    eventually(Duration::from_secs(10), "the download to start", || async {
+        (origin.hits("/photos/dog.jpg") == 1).then_some(())
+    })
+    .await;
+
+    // Many at once.
+    let client = reqwest::Client::new();
+    let concurrent =
+        futures::future::join_all((0..24).map(|_| client.get(&variant_url).send())).await;
+    for response in concurrent {
+        assert_eq!(response.unwrap().status(), 202);
+    }
+    // Again and again, for longer than any short-lived negative answer
+    // (index.negative_ttl_secs, 2 s) lives.
+    let start = Instant::now();
+    let mut repeated = 0;
+    eventually(Duration::from_secs(20), "3 s of repeated misses", || {
+        repeated += 1;
+        let response = client.get(&variant_url).send();
+        async move {
+            assert_eq!(response.await.ok()?.status(), 202);
+            (start.elapsed() > Duration::from_secs(3)).then_some(())
+        }
+    })
+    .await;
+    assert!(repeated > 10, "{repeated} repeated misses");
+    let (looks, reads) = existence_and_reads(&proxy.requests_for(&variant_key));
+    assert_eq!(looks, 1, "S3 asked about the missing variant once");
+    assert_eq!(reads, 0);
+
+    // Rendered: served, and nothing asks S3 whether it exists.
+    gate.open();
+    let hit = until_ready(&variant_url).await;
+    let bytes = hit.bytes().await.unwrap();
+    assert_eq!(format_of(&bytes), "jpeg");
+    assert_eq!(dimensions(&bytes), (400, 267));
+    let after = futures::future::join_all((0..24).map(|_| client.get(&variant_url).send())).await;
+    for response in after {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(dimensions(&response.bytes().await.unwrap()), (400, 267));
+    }
+    let requests = proxy.requests_for(&variant_key);
+    let (looks, reads) = existence_and_reads(&requests);
+    assert_eq!(
+        looks, 1,
+        "no more existence checks after the render: {requests:?}"
+    );
+    assert!(
+        reads <= 1,
+        "its bytes read once, then kept hot: {requests:?}"
+    );
+    assert_eq!(
+        requests.iter().filter(|r| r.method == "PUT").count(),
+        1,
+        "{requests:?}"
+    );
+    let all = proxy.requests();
+    eprintln!(
+        "S3 requests during the miss test ({backend:?}): {} in all, {} on the variant",
+        all.len(),
+        requests.len()
+    );
+}
