@@ -203,10 +203,41 @@ async fn misses_ask_s3_about_a_variant_once(backend: Backend) {
         1,
         "{requests:?}"
     );
+
+    // A variant nothing has asked about yet, many at once: one look at S3
+    // between them, and one at its original.
+    let small_key = format!("/{BUCKET}/edge/media/cache/small/{path}");
+    let small_url = kiln.url(&format!("/media/cache/small/{path}"));
+    let original_key = format!("/{BUCKET}/edge/{path}");
+    let original_heads = |proxy: &CountingProxy| {
+        proxy
+            .requests_for(&original_key)
+            .iter()
+            .filter(|r| r.method == "HEAD")
+            .count()
+    };
+    let heads_before = original_heads(&proxy);
+    let concurrent =
+        futures::future::join_all((0..24).map(|_| client.get(&small_url).send())).await;
+    for response in concurrent {
+        assert_eq!(response.unwrap().status(), 202);
+    }
+    let (looks, _) = existence_and_reads(&proxy.requests_for(&small_key));
+    assert_eq!(looks, 1, "concurrent first misses share one look");
+    assert_eq!(
+        original_heads(&proxy) - heads_before,
+        1,
+        "and one look at the original"
+    );
+    let hit = until_ready(&small_url).await;
+    assert_eq!(dimensions(&hit.bytes().await.unwrap()), (200, 133));
+    let requests = proxy.requests_for(&small_key);
+    assert_eq!(existence_and_reads(&requests).0, 1, "{requests:?}");
+
     let all = proxy.requests();
     eprintln!(
-        "S3 requests during the miss test ({backend:?}): {} in all, {} on the variant",
+        "S3 requests during the miss test ({backend:?}): {} in all, {} on the medium variant",
         all.len(),
-        requests.len()
+        proxy.requests_for(&variant_key).len()
     );
 }
