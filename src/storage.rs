@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as StorePath;
 use object_store::prefix::PrefixStore;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, PutPayload, RetryConfig};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -108,10 +108,15 @@ impl Storage {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_virtual_hosted_style_request(!config.s3_path_style)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(Duration::from_millis(config.s3_request_timeout_ms))
-                    .with_connect_timeout(Duration::from_millis(config.s3_connect_timeout_ms)),
+            // Set key by key: replacing the client options would drop what
+            // the environment set in them (AWS_ALLOW_HTTP, a proxy).
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                format!("{}ms", config.s3_request_timeout_ms),
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                format!("{}ms", config.s3_connect_timeout_ms),
             )
             .with_retry(RetryConfig {
                 backoff: BackoffConfig::default(),
@@ -684,6 +689,37 @@ mod tests {
             "invalid-path"
         );
         storage.ping().await.unwrap();
+    }
+
+    /// `s3://bucket/prefix` opens S3 (never the local fast path) with the
+    /// prefix as its root; a URL without a bucket is a config error.
+    #[test]
+    fn s3_urls_open_with_their_settings() {
+        let load = |storage: &str| {
+            crate::config::Config::load_from(crate::config::Sources {
+                extra_toml: Some(&format!(
+                    "[storage]\n{storage}\ns3_region = \"eu-west-1\"\n\
+                     s3_access_key_id = \"k\"\ns3_secret_access_key = \"s\""
+                )),
+                ..Default::default()
+            })
+            .unwrap()
+            .storage
+        };
+        let storage = Storage::from_config(&load("url = \"s3://media/a/b/\"")).unwrap();
+        assert_eq!(format!("{storage:?}"), "Storage(s3://media/a/b)");
+        assert!(storage.local.is_none());
+        let storage = Storage::from_config(&load("url = \"s3://media\"")).unwrap();
+        assert_eq!(format!("{storage:?}"), "Storage(s3://media/)");
+        for url in ["s3://", "s3:///prefix"] {
+            let err = Storage::from_config(&load(&format!("url = \"{url}\""))).unwrap_err();
+            assert_eq!(err.code(), "invalid-config", "{url}: {err}");
+        }
+        let err = Storage::open("s3://media/a").unwrap_err();
+        assert_eq!(err.code(), "invalid-config");
+        let dir = tempfile::tempdir().unwrap();
+        let local = Storage::from_config(&load(&format!("url = \"{}\"", dir.path().display())));
+        assert!(local.unwrap().local.is_some());
     }
 
     /// Local reads answer as object_store's local backend does.

@@ -4,12 +4,15 @@
 //! counting proxy between kiln and moto, misses ask S3 about a variant once
 //! however many come, at the same time, over time and after the render.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
+use crate::distributed::Process;
+use crate::kiln::{preheat_url, until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::storage_contract::{s3_storage_toml, BUCKET};
 use crate::support::{
-    dimensions, eventually, format_of, jpeg, CountingProxy, Gate, Moto, Origin, OriginResponse,
+    dimensions, eventually, format_of, free_port, jpeg, CountingProxy, Gate, Moto, Origin,
+    OriginResponse,
 };
 
 on_both_backends!(misses_ask_s3_about_a_variant_once);
@@ -240,4 +243,71 @@ async fn misses_ask_s3_about_a_variant_once(backend: Backend) {
         all.len(),
         proxy.requests_for(&variant_key).len()
     );
+}
+
+/// The `kiln` binary with no `s3_*` setting: endpoint, region, plain HTTP
+/// and credentials all come from the AWS environment variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kiln_takes_s3_credentials_and_endpoint_from_the_aws_environment() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let proxy = CountingProxy::start(moto.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nurl = \"s3://{BUCKET}/from-env\"\n\
+             [network]\nallow = [\"127.0.0.1/32\"]\n[auth]\nadmin_key = \"{ADMIN_KEY}\"\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("kiln.log")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args(["--config", config.to_str().unwrap(), "serve"])
+        .env_remove("KILN_CONFIG")
+        .envs([
+            ("AWS_ACCESS_KEY_ID", "env-key-id"),
+            ("AWS_SECRET_ACCESS_KEY", "env-secret"),
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ENDPOINT_URL", proxy.endpoint().as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+        ])
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let _kiln = Process::spawn(&mut command);
+    let base = format!("http://127.0.0.1:{port}");
+    until_ready(&format!("{base}/readyz")).await;
+
+    let origin = Origin::start().await;
+    origin.serve(
+        "/photos/env.jpg",
+        OriginResponse::image("image/jpeg", jpeg(640, 480, [10, 200, 10])),
+    );
+    let image_url = origin.url("/photos/env.jpg");
+    let code = kiln::keys::media_code(&image_url, "default");
+    let path = format!("default/0/{code}.jpg");
+    reqwest::get(preheat_url(&base, "small", &image_url, None))
+        .await
+        .unwrap();
+    let hit = until_ready(&format!("{base}/media/cache/small/{path}")).await;
+    assert_eq!(dimensions(&hit.bytes().await.unwrap()), (200, 150));
+    let variant = moto
+        .get(BUCKET, &format!("from-env/media/cache/small/{path}"))
+        .expect("the variant in the bucket");
+    assert_eq!(format_of(&variant), "jpeg");
+
+    let requests = proxy.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_eq!(
+            request.key_id.as_deref(),
+            Some("env-key-id"),
+            "signed with the environment's key: {request:?}"
+        );
+    }
 }

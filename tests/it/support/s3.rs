@@ -259,6 +259,8 @@ pub struct Proxied {
     pub path: String,
     /// The upstream's status, 502 when it could not be reached.
     pub status: u16,
+    /// The access key id the request was signed with, if signed.
+    pub key_id: Option<String>,
 }
 
 /// A loopback HTTP proxy that passes every request on to `upstream`
@@ -336,10 +338,18 @@ async fn forward(
     request: Request<hyper::body::Incoming>,
 ) -> Result<Answer, (Proxied, String)> {
     let (parts, body) = request.into_parts();
+    // `AWS4-HMAC-SHA256 Credential=<key id>/<date>/<region>/s3/aws4_request, …`
+    let key_id = parts
+        .headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once("Credential=")?.1.split('/').next())
+        .map(str::to_owned);
     let mut proxied = Proxied {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         status: 502,
+        key_id,
     };
     let target = format!(
         "http://{upstream}{}",
