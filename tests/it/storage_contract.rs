@@ -13,7 +13,7 @@ use kiln::keys;
 use kiln::storage::{Account, MediaRecord, Storage};
 
 use crate::support::s3::{ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
-use crate::support::{dimensions, format_of, jpeg, png_rgba, Moto};
+use crate::support::{dimensions, format_of, jpeg, png_rgba, CountingProxy, Moto};
 
 /// Runs each `async fn name(backend: StoreKind)` as `local::name` and `s3::name`.
 macro_rules! on_both_stores {
@@ -501,4 +501,40 @@ async fn s3_readiness_fails_on_a_missing_bucket() {
     ));
     let err = missing.ping().await.unwrap_err();
     assert_eq!(err.code(), "storage-error", "{err}");
+}
+
+/// S3 answering 503: each request is retried (`s3_max_retries`), then fails
+/// as a retryable storage error; a read is never taken for "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_5xx_is_retried_then_a_retryable_storage_error() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let proxy = CountingProxy::start(moto.addr()).await;
+    let storage = open(&s3_storage_toml(&proxy.endpoint(), BUCKET, PREFIX));
+    let variant = keys::variant_path("small", "shop/1/x.jpg");
+    storage
+        .put(&variant, Bytes::from(jpeg(8, 8, [1, 1, 1])))
+        .await
+        .unwrap();
+
+    proxy.fail_with(503);
+    let before = proxy.requests().len();
+    let err = storage.get(&variant).await.unwrap_err();
+    assert_eq!(err.code(), "storage-error", "{err}");
+    assert!(err.is_retryable());
+    // s3_storage_toml allows 2 retries: 3 attempts in all.
+    assert_eq!(proxy.requests().len() - before, 3, "{:?}", proxy.requests());
+    let err = storage.head(&variant).await.unwrap_err();
+    assert_eq!(err.code(), "storage-error", "{err}");
+    let err = storage
+        .put(&variant, Bytes::from(jpeg(9, 9, [2, 2, 2])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "storage-error", "{err}");
+    assert!(err.is_retryable());
+
+    // S3 back: the old object, untouched.
+    proxy.fail_with(0);
+    let kept = storage.get(&variant).await.unwrap().unwrap();
+    assert_eq!(dimensions(&kept.bytes), (8, 8));
 }

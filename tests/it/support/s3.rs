@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -269,6 +270,9 @@ pub struct Proxied {
 pub struct CountingProxy {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Proxied>>>,
+    /// When non-zero, every request is answered with this status instead
+    /// of being passed on (an S3 having a bad time).
+    fail_with: Arc<AtomicU16>,
     task: JoinHandle<()>,
 }
 
@@ -281,12 +285,19 @@ impl CountingProxy {
             .build()
             .expect("proxy client");
         let record = seen.clone();
+        let fail_with = Arc::new(AtomicU16::new(0));
+        let failing = fail_with.clone();
         let (addr, task) =
             super::http::serve_http(move |request: Request<hyper::body::Incoming>| {
                 let client = client.clone();
                 let record = record.clone();
+                let fail = failing.load(Ordering::SeqCst);
                 async move {
-                    let response = forward(&client, upstream, request).await;
+                    let response = if fail == 0 {
+                        forward(&client, upstream, request).await
+                    } else {
+                        Ok(refuse(request, fail))
+                    };
                     let (proxied, response) = match response {
                         Ok(answer) => answer,
                         Err((proxied, e)) => (
@@ -302,7 +313,17 @@ impl CountingProxy {
                 }
             })
             .await;
-        CountingProxy { addr, seen, task }
+        CountingProxy {
+            addr,
+            seen,
+            fail_with,
+            task,
+        }
+    }
+
+    /// Answers every request from now on with `status` (0: pass them on again).
+    pub fn fail_with(&self, status: u16) {
+        self.fail_with.store(status, Ordering::SeqCst);
     }
 
     /// `http://127.0.0.1:<port>`: the endpoint kiln is configured with.
@@ -331,6 +352,22 @@ impl Drop for CountingProxy {
 }
 
 type Answer = (Proxied, Response<Full<Bytes>>);
+
+fn refuse(request: Request<hyper::body::Incoming>, status: u16) -> Answer {
+    let proxied = Proxied {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        status,
+        key_id: None,
+    };
+    let body = "<Error><Code>ServiceUnavailable</Code><Message>proxy says no</Message></Error>";
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("refusal");
+    (proxied, response)
+}
 
 async fn forward(
     client: &reqwest::Client,
