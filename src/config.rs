@@ -165,10 +165,11 @@ pub struct IndexConfig {
     pub hot_max_object_bytes: u64,
     /// Seconds a negative answer (original missing, variant just queued) is remembered. Default 2.
     pub negative_ttl_secs: u64,
-    /// Seconds "storage does not hold this variant" is remembered (in Redis
-    /// with that backend, so every front and worker shares it), so misses
-    /// never ask storage about it again; recording the rendered variant
-    /// clears it at once. Default 3600.
+    /// Seconds "storage does not hold this variant, its render is queued"
+    /// is remembered (in Redis with that backend, so every front and worker
+    /// shares it), so misses never ask storage about it again; recording the
+    /// rendered variant clears it at once. Without a queued render, the
+    /// answer lives `negative_ttl_secs`. Default 3600.
     pub absent_ttl_secs: u64,
     /// Seconds a variant whose job failed for good answers that failure
     /// instead of being queued again. Default 300.

@@ -4,8 +4,9 @@
 //! jobs failed for good. An index is a hint over storage: losing it costs a
 //! storage read, never a wrong answer. Storage is asked about a variant the
 //! index does not know once: concurrent askers share that one read, and an
-//! "absent" answer is kept (in Redis when there is one) until the variant's
-//! render records it, so misses never go to storage (an S3 request) again.
+//! "absent" answer is kept (in Redis when there is one; while a render of
+//! the variant is queued, until that render records it), so misses never go
+//! to storage (an S3 request) again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,13 +120,15 @@ pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
     hot: Cache<String, Arc<HotVariant>>,
     absent: Cache<String, ()>,
-    /// Variants storage did not hold (the embedded backend's only record of
-    /// it; with Redis the shared marker is the one consulted).
+    /// Variants storage did not hold whose render is queued (the embedded
+    /// backend's only record of it; with Redis the shared marker is the one
+    /// consulted).
     absent_variants: Cache<String, ()>,
     /// Storage reads in progress, one per variant (moka runs one init per
     /// key and hands its result to every waiter); emptied as each ends.
     probes: Cache<String, Probe>,
     absent_ttl: Duration,
+    negative_ttl: Duration,
     queued: Cache<String, ()>,
     failed: Cache<String, Arc<Failure>>,
     failure_ttl: Duration,
@@ -156,6 +159,7 @@ impl Index {
                 .build(),
             probes: Cache::builder().max_capacity(config.max_entries).build(),
             absent_ttl: Duration::from_secs(config.absent_ttl_secs.max(1)),
+            negative_ttl: Duration::from_secs(config.negative_ttl_secs.max(1)),
             queued: Cache::builder()
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
@@ -186,7 +190,9 @@ impl Index {
             return Known::Stored(info, Source::Memory);
         }
         let Some((handle, keys)) = self.redis.as_ref() else {
-            return if self.absent_variants.contains_key(variant) {
+            return if self.absent_variants.contains_key(variant)
+                || self.absent.contains_key(variant)
+            {
                 Known::Absent
             } else {
                 Known::Unknown
@@ -259,20 +265,36 @@ impl Index {
         }
     }
 
-    /// Keeps "storage does not hold this variant": in Redis when there is
-    /// one (every front and worker then knows), else in memory. A Redis
-    /// failure only costs the next asker another storage read.
+    /// Keeps "storage does not hold this variant" briefly
+    /// (`negative_ttl_secs`): in Redis when there is one (every front and
+    /// worker then knows), and in memory. Kept longer only once a render is
+    /// queued (`expect_render`), so paths nobody renders cost no lasting key.
     async fn remember_variant_absent(&self, variant: &str) {
-        let Some((handle, keys)) = &self.redis else {
+        self.absent.insert(variant.to_string(), ()).await;
+        self.mark_absent(variant, self.negative_ttl).await;
+    }
+
+    /// A render of this variant is about to be queued, and storage did not
+    /// hold it: the index answers "absent" until the render records it (or
+    /// `absent_ttl_secs`), so misses meanwhile never ask storage. Call
+    /// before enqueueing, so the render's `mark` comes after.
+    pub async fn expect_render(&self, variant: &str) {
+        if self.redis.is_none() {
             self.absent_variants.insert(variant.to_string(), ()).await;
+        }
+        self.mark_absent(variant, self.absent_ttl).await;
+    }
+
+    /// The Redis marker (none without Redis). A Redis failure only costs the
+    /// next asker another storage read.
+    async fn mark_absent(&self, variant: &str, ttl: Duration) {
+        let Some((handle, keys)) = &self.redis else {
             return;
         };
-        // Briefly in memory too, for when Redis cannot answer.
-        self.absent.insert(variant.to_string(), ()).await;
         let marked: Result<()> = async {
             let mut conn = handle.conn().await?;
             let () = conn
-                .set_ex(keys.variant_absent(variant), 1, self.absent_ttl.as_secs())
+                .set_ex(keys.variant_absent(variant), 1, ttl.as_secs())
                 .await?;
             Ok(())
         }

@@ -311,3 +311,30 @@ async fn kiln_takes_s3_credentials_and_endpoint_from_the_aws_environment() {
         );
     }
 }
+
+/// Scanners asking for paths with no original leave no lasting Redis key:
+/// "absent" lives `index.negative_ttl_secs` unless a render is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_nobody_renders_leaves_no_lasting_absent_marker() {
+    let kiln = Kiln::start(Backend::Redis).await;
+    let response = reqwest::get(kiln.url("/media/cache/small/nope/0/missing.jpg"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let redis = kiln.redis().unwrap();
+    let ttl = redis.redis_int(&["TTL", "kiln:absent:media/cache/small/nope/0/missing.jpg"]);
+    assert!((1..=2).contains(&ttl), "marker TTL {ttl}");
+
+    // A render queued: the marker lasts until the render records the variant.
+    kiln.store("acme/0/a.jpg", &jpeg(300, 200, [1, 2, 3]));
+    let miss = reqwest::get(kiln.url("/media/cache/small/acme/0/a.jpg"))
+        .await
+        .unwrap();
+    assert!([200, 202].contains(&miss.status().as_u16()));
+    until_ready(&kiln.url("/media/cache/small/acme/0/a.jpg")).await;
+    assert_eq!(
+        redis.redis_int(&["EXISTS", "kiln:absent:media/cache/small/acme/0/a.jpg"]),
+        0,
+        "the render cleared it"
+    );
+}
