@@ -245,6 +245,18 @@ async fn misses_ask_s3_about_a_variant_once(backend: Backend) {
     );
 }
 
+/// Prints a child's log when the test fails, before its temp dir goes.
+struct ShowLogOnPanic(std::path::PathBuf);
+
+impl Drop for ShowLogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("--- {} ---\n{log}", self.0.display());
+        }
+    }
+}
+
 /// The `kiln` binary with no `s3_*` setting: endpoint, region, plain HTTP
 /// and credentials all come from the AWS environment variables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +275,9 @@ async fn kiln_takes_s3_credentials_and_endpoint_from_the_aws_environment() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("kiln.log")).unwrap();
+    let log_path = dir.path().join("kiln.log");
+    let _show_log = ShowLogOnPanic(log_path.clone());
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .args(["--config", config.to_str().unwrap(), "serve"])
