@@ -431,7 +431,12 @@ fn run(settings: &Settings) -> Result<bool, String> {
     let presets: Vec<Preset> = settings
         .filters
         .iter()
-        .map(|f| filter_set.get(f).cloned().map_err(|e| e.to_string()))
+        .map(|f| {
+            filter_set
+                .get(f)
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|e| e.to_string())
+        })
         .collect::<Result<_, _>>()?;
     let originals = load_originals(settings)?;
     let n = originals.len();

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
-use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::ShutdownWatch;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use tokio::sync::watch;
 
@@ -41,6 +43,7 @@ struct Backends {
     queue: Arc<dyn Queue>,
     index: Arc<Index>,
     outbox: Arc<dyn Outbox>,
+    redis: Option<Arc<RedisHandle>>,
 }
 
 fn backends(config: &Config) -> Result<Backends> {
@@ -49,6 +52,7 @@ fn backends(config: &Config) -> Result<Backends> {
             queue: Arc::new(EmbeddedQueue::new(&config.queue)),
             index: Arc::new(Index::new(&config.index, None)),
             outbox: Arc::new(EmbeddedOutbox::new()),
+            redis: None,
         },
         QueueBackend::Redis => {
             let handle = Arc::new(RedisHandle::new(&config.redis)?);
@@ -62,7 +66,8 @@ fn backends(config: &Config) -> Result<Backends> {
                     &config.index,
                     Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
                 )),
-                outbox: Arc::new(RedisOutbox::new(handle, &config.redis.prefix)),
+                outbox: Arc::new(RedisOutbox::new(handle.clone(), &config.redis.prefix)),
+                redis: Some(handle),
             }
         }
     })
@@ -141,8 +146,32 @@ struct WorkersHandle {
     abandon: watch::Sender<bool>,
 }
 
-/// Stops on SIGTERM (graceful), SIGINT (fast) or the caller's signal (fast),
-/// telling the workers first.
+/// Applies purges published by other processes (see `index::follow_purges`).
+struct PurgeFollower {
+    indexes: Vec<Arc<Index>>,
+    handle: Arc<RedisHandle>,
+    keys: RedisKeys,
+    retry_after: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for PurgeFollower {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        crate::index::follow_purges(
+            self.indexes.clone(),
+            self.handle.clone(),
+            self.keys.clone(),
+            self.retry_after,
+            shutdown,
+        )
+        .await;
+    }
+}
+
+/// Stops on SIGTERM (graceful), SIGQUIT (graceful, handing the listening
+/// sockets to a `--upgrade` kiln first), SIGINT or the caller's signal
+/// (fast), telling the workers first. SIGHUP is logged and ignored: config
+/// changes need a restart, which `--upgrade` makes seamless.
 struct StopSignal {
     external: Option<watch::Receiver<bool>>,
     workers: Option<WorkersHandle>,
@@ -153,7 +182,9 @@ impl ShutdownSignalWatch for StopSignal {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
         let external = async {
             match self.external.clone() {
                 Some(mut rx) => {
@@ -162,10 +193,17 @@ impl ShutdownSignalWatch for StopSignal {
                 None => std::future::pending::<()>().await,
             }
         };
-        let signal = tokio::select! {
-            _ = term.recv() => ShutdownSignal::GracefulTerminate,
-            _ = int.recv() => ShutdownSignal::FastShutdown,
-            () = external => ShutdownSignal::FastShutdown,
+        tokio::pin!(external);
+        let signal = loop {
+            tokio::select! {
+                _ = term.recv() => break ShutdownSignal::GracefulTerminate,
+                _ = quit.recv() => break ShutdownSignal::GracefulUpgrade,
+                _ = int.recv() => break ShutdownSignal::FastShutdown,
+                () = &mut external => break ShutdownSignal::FastShutdown,
+                _ = hangup.recv() => tracing::warn!(
+                    "SIGHUP ignored: config is read at start; restart with `kiln serve --upgrade` and SIGQUIT this process"
+                ),
+            }
         };
         if let Some(workers) = &self.workers {
             let _ = workers.drain.send(true);
@@ -177,8 +215,15 @@ impl ShutdownSignalWatch for StopSignal {
     }
 }
 
-/// Runs until stopped. Validates everything before any port binds.
-pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> Result<()> {
+/// Runs until stopped. Validates everything before any port binds. With
+/// `upgrade`, takes over the listening sockets of a running kiln (sent when
+/// that one gets SIGQUIT) instead of binding them.
+pub fn run(
+    config: Config,
+    role: Role,
+    upgrade: bool,
+    stop: Option<watch::Receiver<bool>>,
+) -> Result<()> {
     config.validate()?;
     if role == Role::Front && config.queue.backend == QueueBackend::Embedded {
         return Err(Error::Config(
@@ -202,6 +247,7 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
             queue: front_backends.queue.clone(),
             index: front_backends.index.clone(),
             outbox: front_backends.outbox.clone(),
+            redis: None,
         },
         QueueBackend::Redis => backends(&config)?,
     };
@@ -217,11 +263,38 @@ pub fn run(config: Config, role: Role, stop: Option<watch::Receiver<bool>>) -> R
             config.server.grace_period_secs
         }),
         graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout_secs),
+        upgrade_sock: config.server.upgrade_sock.clone(),
+        // pingora retries the upgrade socket once a second.
+        upgrade_sock_connect_accept_max_retries: Some(config.server.upgrade_wait_secs as usize),
         ..ServerConf::default()
     };
     conf.max_blocking_threads = Some(8);
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let options = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(options, conf);
     server.bootstrap();
+
+    // Purges from any process reach this one's in-memory indexes.
+    if let Some(handle) = &front_backends.redis {
+        let mut indexes = Vec::new();
+        if role != Role::Worker {
+            indexes.push(front_backends.index.clone());
+        }
+        if role != Role::Front {
+            indexes.push(worker_backends.index.clone());
+        }
+        server.add_service(background_service(
+            "purge follower",
+            PurgeFollower {
+                indexes,
+                handle: handle.clone(),
+                keys: RedisKeys::new(&config.redis.prefix),
+                retry_after: Duration::from_millis(config.redis.breaker_cooldown_ms.max(100)),
+            },
+        ));
+    }
 
     if role != Role::Worker {
         let admin_key = if config.auth.admin_key.is_empty() {
@@ -296,7 +369,7 @@ pub fn spawn(mut config: Config, role: Role) -> Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("kiln".into())
-        .spawn(move || run(config, role, Some(stop_rx)))
+        .spawn(move || run(config, role, false, Some(stop_rx)))
         .map_err(|e| Error::Internal(format!("spawn: {e}")))?;
     Ok(Running {
         stop,

@@ -55,6 +55,11 @@ pub struct ServerConfig {
     pub grace_period_secs: u64,
     /// Seconds runtimes get to finish after the grace period. Default 5.
     pub graceful_shutdown_timeout_secs: u64,
+    /// Unix socket over which a `--upgrade` start takes the running kiln's
+    /// listening sockets (on its SIGQUIT). Default `/tmp/kiln_upgrade.sock`.
+    pub upgrade_sock: String,
+    /// Seconds a `--upgrade` start waits for the old kiln's sockets. Default 30.
+    pub upgrade_wait_secs: u64,
     /// `Cache-Control: max-age` of stored variants, seconds. Default one year.
     pub cache_max_age_secs: u64,
     /// `Retry-After` of a 202 busy answer, seconds. Default 2.
@@ -276,6 +281,16 @@ pub struct NetworkConfig {
 pub struct FiltersConfig {
     /// TOML file of filter presets; empty = the embedded `config/filters.toml`.
     pub file: String,
+    /// Whether `w500`, `x600` and `300x400` work as filter names. Default true.
+    pub size_urls: bool,
+    /// Widest size a size URL may ask for, pixels (over: 406). Default 2048.
+    pub size_max_width: u32,
+    /// Tallest size a size URL may ask for, pixels (over: 406). Default 2048.
+    pub size_max_height: u32,
+    /// The only size names allowed (others: 404); empty = any up to the maximum. Default empty.
+    pub size_allowed: Vec<String>,
+    /// Quality of size-URL variants, 1-100. Default 82.
+    pub size_quality: u8,
 }
 
 /// Where the settings come from, beyond the embedded defaults.

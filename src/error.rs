@@ -18,6 +18,10 @@ pub enum Error {
     InvalidUrl(String),
     #[error("unknown filter {0:?}")]
     UnknownFilter(String),
+    #[error("size {0} is over the largest allowed")]
+    SizeTooLarge(String),
+    #[error("size {0} is not one of the allowed sizes")]
+    SizeNotAllowed(String),
     #[error("Validation error: {0}")]
     InvalidPayload(String),
     #[error("unsupported content type {0:?}: send application/json")]
@@ -79,6 +83,8 @@ impl Error {
             Error::InvalidPath(_) => "invalid-path",
             Error::InvalidUrl(_) => "invalid-url",
             Error::UnknownFilter(_) => "unknown-filter",
+            Error::SizeTooLarge(_) => "size-too-large",
+            Error::SizeNotAllowed(_) => "size-not-allowed",
             Error::InvalidPayload(_) => "invalid-payload",
             Error::UnsupportedContentType(_) => "unsupported-content-type",
             Error::Unauthorized(_) => "unauthorized",
@@ -116,11 +122,13 @@ impl Error {
             Error::Unauthorized(_) => 401,
             Error::AddressDenied(_) | Error::Forbidden(_) => 403,
             Error::UnknownFilter(_)
+            | Error::SizeNotAllowed(_)
             | Error::NoRoute(_)
             | Error::SourceNotFound(_)
             | Error::UnknownAccount(_)
             | Error::UnknownMedia(_) => 404,
             Error::UnsupportedContentType(_) => 415,
+            Error::SizeTooLarge(_) => 406,
             Error::InvalidPayload(_) => 422,
             Error::MethodNotAllowed(_) => 405,
             Error::TooLarge(_) | Error::ImageTooLarge(_) => 413,

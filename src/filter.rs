@@ -1,6 +1,7 @@
 //! Filter presets and the resize plan they make for a source size. Pure: no
 //! I/O beyond reading the presets file named in config, no pixels.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -134,9 +135,117 @@ pub fn is_identifier(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// A size asked in the URL's filter segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeName {
+    /// `w500`: at most this wide, any height.
+    MaxWidth(u32),
+    /// `x600`: a square of this side, cover + centre crop.
+    Square(u32),
+    /// `300x400`: exactly this box, cover + centre crop.
+    Box(u32, u32),
+}
+
+impl SizeName {
+    /// Parses the grammar; only the canonical spelling (no sign, no leading
+    /// zero), so one size has one name and one set of stored variants.
+    pub fn parse(name: &str) -> Option<SizeName> {
+        fn side(digits: &str) -> Option<u32> {
+            let canonical = !digits.is_empty()
+                && digits.len() <= 6
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && !digits.starts_with('0');
+            canonical.then(|| digits.parse().ok()).flatten()
+        }
+        if let Some(width) = name.strip_prefix('w') {
+            return side(width).map(SizeName::MaxWidth);
+        }
+        if let Some(edge) = name.strip_prefix('x') {
+            return side(edge).map(SizeName::Square);
+        }
+        let (width, height) = name.split_once('x')?;
+        Some(SizeName::Box(side(width)?, side(height)?))
+    }
+
+    fn bounds(self) -> (u32, u32) {
+        match self {
+            SizeName::MaxWidth(width) => (width, 0),
+            SizeName::Square(edge) => (edge, edge),
+            SizeName::Box(width, height) => (width, height),
+        }
+    }
+}
+
+/// Which size URLs are answered, and how they render.
+#[derive(Debug, Clone, Default)]
+pub struct SizeRules {
+    pub enabled: bool,
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Empty: any size up to the maximum.
+    pub allowed: Vec<String>,
+    pub quality: u8,
+    /// The height a `w<N>` box stands for: no image is taller.
+    pub unbounded_height: u32,
+}
+
+impl SizeRules {
+    fn from_config(config: &Config) -> Result<SizeRules> {
+        let filters = &config.filters;
+        for name in &filters.size_allowed {
+            if SizeName::parse(name).is_none() {
+                return Err(Error::Config(format!(
+                    "filters.size_allowed: {name:?} is not w<N>, x<N> or <W>x<H>"
+                )));
+            }
+        }
+        if !(1..=100).contains(&filters.size_quality) {
+            return Err(Error::Config("filters.size_quality must be 1-100".into()));
+        }
+        Ok(SizeRules {
+            enabled: filters.size_urls,
+            max_width: filters.size_max_width,
+            max_height: filters.size_max_height,
+            allowed: filters.size_allowed.clone(),
+            quality: filters.size_quality,
+            unbounded_height: config.imaging.max_height,
+        })
+    }
+
+    /// The preset a size name stands for; 406 over the maximum, 404 when
+    /// not allowed, checked before anything is queued.
+    fn preset(&self, name: &str, size: SizeName) -> Result<Preset> {
+        let (width, height) = size.bounds();
+        if width > self.max_width || height > self.max_height {
+            return Err(Error::SizeTooLarge(format!(
+                "{name} (at most {}x{})",
+                self.max_width, self.max_height
+            )));
+        }
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|allowed| allowed == name) {
+            return Err(Error::SizeNotAllowed(name.to_string()));
+        }
+        let (mode, width, height) = match size {
+            SizeName::MaxWidth(width) => (Mode::Inset, width, self.unbounded_height.max(1)),
+            SizeName::Square(edge) => (Mode::Outbound, edge, edge),
+            SizeName::Box(width, height) => (Mode::Outbound, width, height),
+        };
+        Ok(Preset {
+            name: name.to_string(),
+            mode,
+            width,
+            height,
+            upscale: false,
+            quality: self.quality,
+            format: OutputFormat::Source,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct FilterSet {
     presets: BTreeMap<String, Preset>,
+    sizes: SizeRules,
 }
 
 impl FilterSet {
@@ -159,18 +268,25 @@ impl FilterSet {
             }
             preset.name = name.clone();
         }
-        Ok(FilterSet { presets })
+        Ok(FilterSet {
+            presets,
+            sizes: SizeRules::default(),
+        })
     }
 
-    /// The presets named by `[filters] file`, or the embedded ones.
+    /// The presets named by `[filters] file`, or the embedded ones, with
+    /// the size URLs `[filters]` allows.
     pub fn from_config(config: &Config) -> Result<FilterSet> {
-        if config.filters.file.is_empty() {
-            return Self::from_toml(DEFAULT_FILTERS_TOML);
-        }
-        let text = std::fs::read_to_string(&config.filters.file)
-            .map_err(|e| Error::Config(format!("filters.file {:?}: {e}", config.filters.file)))?;
-        let set = Self::from_toml(&text)?;
+        let mut set = if config.filters.file.is_empty() {
+            Self::from_toml(DEFAULT_FILTERS_TOML)?
+        } else {
+            let text = std::fs::read_to_string(&config.filters.file).map_err(|e| {
+                Error::Config(format!("filters.file {:?}: {e}", config.filters.file))
+            })?;
+            Self::from_toml(&text)?
+        };
         set.check_avif_boxes(config.imaging.avif_max_pixels)?;
+        set.sizes = SizeRules::from_config(config)?;
         Ok(set)
     }
 
@@ -189,12 +305,18 @@ impl FilterSet {
         Ok(())
     }
 
-    pub fn get(&self, name: &str) -> Result<&Preset> {
-        self.presets
-            .get(name)
-            .ok_or_else(|| Error::UnknownFilter(name.chars().take(64).collect()))
+    /// A configured preset, else a size URL's (when size URLs are on).
+    pub fn get(&self, name: &str) -> Result<Cow<'_, Preset>> {
+        if let Some(preset) = self.presets.get(name) {
+            return Ok(Cow::Borrowed(preset));
+        }
+        match SizeName::parse(name) {
+            Some(size) if self.sizes.enabled => self.sizes.preset(name, size).map(Cow::Owned),
+            _ => Err(Error::UnknownFilter(name.chars().take(64).collect())),
+        }
     }
 
+    /// The configured presets (not the size URLs).
     pub fn iter(&self) -> impl Iterator<Item = &Preset> {
         self.presets.values()
     }
@@ -275,6 +397,74 @@ mod tests {
         set.check_avif_boxes(120_000).unwrap();
         let err = set.check_avif_boxes(119_999).unwrap_err();
         assert!(err.to_string().contains("filters.small"), "{err}");
+    }
+
+    fn with_sizes(extra: &str) -> FilterSet {
+        let config = crate::config::Config::load_from(crate::config::Sources {
+            extra_toml: Some(extra),
+            ..Default::default()
+        })
+        .unwrap();
+        FilterSet::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn size_names_parse_only_canonically() {
+        use SizeName::*;
+        assert_eq!(SizeName::parse("w500"), Some(MaxWidth(500)));
+        assert_eq!(SizeName::parse("x600"), Some(Square(600)));
+        assert_eq!(SizeName::parse("300x400"), Some(Box(300, 400)));
+        for bad in [
+            "w", "x", "w0", "w0500", "w-5", "w+5", "w5.0", "300x", "x300x", "300x0", "3x4x5",
+            "W500", "w1234567", "small", "",
+        ] {
+            assert_eq!(SizeName::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn size_urls_become_presets_within_their_limits() {
+        let set = with_sizes("[filters]\nsize_max_width = 1000\nsize_max_height = 800\n");
+        let w = set.get("w500").unwrap();
+        assert_eq!((w.mode, w.width, w.upscale), (Mode::Inset, 500, false));
+        // At most 500 wide, whatever the height.
+        let plan = w.plan(1000, 4000);
+        assert_eq!((plan.width, plan.height), (500, 2000));
+        let plan = w.plan(300, 200);
+        assert_eq!((plan.width, plan.height), (300, 200), "never enlarged");
+        let square = set.get("x600").unwrap();
+        let plan = square.plan(4000, 3000);
+        assert_eq!((plan.width, plan.height), (600, 600));
+        assert_eq!(plan.crop.x, 500, "centre crop");
+        let boxed = set.get("300x400").unwrap();
+        let plan = boxed.plan(4000, 3000);
+        assert_eq!((plan.width, plan.height), (300, 400));
+
+        assert_eq!(set.get("w1001").unwrap_err().status(), 406);
+        assert_eq!(set.get("900x801").unwrap_err().code(), "size-too-large");
+        assert_eq!(set.get("w1000").unwrap().width, 1000);
+        // A configured preset wins over the grammar.
+        assert_eq!(set.get("small").unwrap().width, 200);
+
+        let listed = with_sizes("[filters]\nsize_allowed = [\"w500\", \"300x400\"]\n");
+        assert!(listed.get("w500").is_ok());
+        let err = listed.get("w501").unwrap_err();
+        assert_eq!((err.status(), err.code()), (404, "size-not-allowed"));
+        assert_eq!(listed.get("w5000").unwrap_err().status(), 406);
+
+        let off = with_sizes("[filters]\nsize_urls = false\n");
+        assert_eq!(off.get("w500").unwrap_err().code(), "unknown-filter");
+    }
+
+    #[test]
+    fn a_bad_allowed_size_is_refused_at_start() {
+        let config = crate::config::Config::load_from(crate::config::Sources {
+            extra_toml: Some("[filters]\nsize_allowed = [\"w05\"]\n"),
+            ..Default::default()
+        })
+        .unwrap();
+        let err = FilterSet::from_config(&config).unwrap_err();
+        assert!(err.to_string().contains("filters.size_allowed"), "{err}");
     }
 
     #[test]

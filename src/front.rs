@@ -9,7 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{
-    CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, LAST_MODIFIED, LOCATION, RETRY_AFTER,
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LAST_MODIFIED,
+    LOCATION, RETRY_AFTER,
 };
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -85,6 +86,7 @@ impl Reply {
 }
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 
 pub struct Front {
     ctx: Arc<Context>,
@@ -136,7 +138,7 @@ impl Front {
         const READ: &[Method] = &[Method::GET, Method::HEAD];
         const POST: &[Method] = &[Method::POST];
         const READ_OR_POST: &[Method] = &[Method::GET, Method::POST];
-        let if_none_match = request.if_none_match;
+        let conditions = &request.conditions;
         match path {
             "/healthz" => {
                 allow(READ)?;
@@ -191,15 +193,17 @@ impl Front {
             }
             _ => {}
         }
+        if request.method == Method::DELETE {
+            return self.purge(request).await;
+        }
         if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
             allow(READ)?;
-            self.cache(rest, None, if_none_match, true).await
+            self.cache(rest, None, conditions, true).await
         } else if let Some(rest) = path.strip_prefix("/media/cache/") {
             allow(READ)?;
             // The URL path is the variant's storage path when nothing in it
             // needs decoding: `media/cache/<filter>/<path>`.
-            self.cache(rest, Some(&path[1..]), if_none_match, false)
-                .await
+            self.cache(rest, Some(&path[1..]), conditions, false).await
         } else if let Some(code) = path.strip_prefix("/media/") {
             allow(READ)?;
             let caller = self.ctx.caller(request.key()).await?;
@@ -211,6 +215,38 @@ impl Front {
         } else {
             Err(Error::NoRoute(path.chars().take(200).collect()))
         }
+    }
+
+    /// `DELETE /media/<code>`, `/media/cache/<filter|*>/<path>` or
+    /// `/media/cache/<filter>`; `?original=1` removes the original too.
+    async fn purge(&self, request: &Request<'_>) -> Result<Reply> {
+        let with_original = request
+            .query_pairs()
+            .any(|(k, v)| k == "original" && matches!(v.as_ref(), "1" | "true" | "yes"));
+        let caller = self.ctx.caller(request.key()).await?;
+        let path = request.path;
+        let purged = if let Some(rest) = path.strip_prefix("/media/cache/") {
+            match rest.trim_end_matches('/').split_once('/') {
+                Some((filter, original)) => {
+                    let filter = (filter != "*").then_some(filter);
+                    self.ctx
+                        .purge_path(&caller, filter, original, with_original)
+                        .await?
+                }
+                None => {
+                    self.ctx
+                        .purge_filter(&caller, rest.trim_end_matches('/'))
+                        .await?
+                }
+            }
+        } else if let Some(code) = path.strip_prefix("/media/") {
+            self.ctx
+                .purge_media(&caller, code.trim_end_matches('/'), with_original)
+                .await?
+        } else {
+            return Err(Error::MethodNotAllowed("DELETE".into()));
+        };
+        Ok(Reply::json(200, &purged))
     }
 
     async fn ready(&self) -> Result<Reply> {
@@ -258,7 +294,7 @@ impl Front {
         &self,
         rest: &str,
         as_stored: Option<&str>,
-        if_none_match: Option<&str>,
+        conditions: &Conditions<'_>,
         resolve: bool,
     ) -> Result<Reply> {
         let (filter, raw_path) = rest
@@ -291,13 +327,13 @@ impl Front {
                     .header(CACHE_CONTROL, NO_STORE));
             }
             let bytes = match found {
-                Found::Hot(hot) => return Ok(self.hot_hit(&hot, if_none_match)),
+                Found::Hot(hot) => return Ok(self.hot_hit(&hot, conditions)),
                 Found::Bytes(bytes) => Some(bytes),
                 Found::Entry => self.variant_bytes(variant, &info).await?,
             };
             // An index entry whose bytes are gone is treated as a miss.
             if let Some(bytes) = bytes {
-                return Ok(self.hit(&info, bytes, if_none_match));
+                return Ok(self.hit(&info, bytes, conditions));
             }
         }
 
@@ -354,9 +390,10 @@ impl Front {
     }
 
     /// A hit from memory: every header value was formatted when it was kept.
-    fn hot_hit(&self, hot: &HotVariant, if_none_match: Option<&str>) -> Reply {
+    fn hot_hit(&self, hot: &HotVariant, conditions: &Conditions<'_>) -> Reply {
         self.hit_reply(
-            if_none_match.is_some_and(|header| etag_matches(header, &hot.info.etag)),
+            conditions,
+            &hot.info,
             hot.bytes.clone(),
             hot.content_length.clone(),
             [
@@ -368,39 +405,66 @@ impl Front {
     }
 
     /// A hit whose header values are formatted now.
-    fn hit(&self, info: &VariantInfo, bytes: Bytes, if_none_match: Option<&str>) -> Reply {
+    fn hit(&self, info: &VariantInfo, bytes: Bytes, conditions: &Conditions<'_>) -> Reply {
         let length = HeaderValue::from(bytes.len());
+        let last_modified = info.http_last_modified();
         self.hit_reply(
-            if_none_match.is_some_and(|header| etag_matches(header, &info.etag)),
+            conditions,
+            info,
             bytes,
             length,
             [
                 info.content_type.as_str(),
                 info.etag.as_str(),
-                &info.http_last_modified(),
+                last_modified.as_str(),
             ],
         )
     }
 
-    /// A hit's answer: 304 when `If-None-Match` named its ETag, else 200
-    /// with the bytes; `[content type, etag, last modified]` either way.
+    /// A hit's answer, `[content type, etag, last modified]` on each: 304
+    /// when `If-None-Match` names its ETag, 206 or 416 for a `Range` (unless
+    /// `If-Range` names other bytes), else 200 with the bytes.
     fn hit_reply<V: TryInto<HeaderValue>>(
         &self,
-        not_modified: bool,
+        conditions: &Conditions<'_>,
+        info: &VariantInfo,
         bytes: Bytes,
         length: HeaderValue,
         [content_type, etag, last_modified]: [V; 3],
     ) -> Reply {
+        let not_modified = conditions
+            .if_none_match
+            .is_some_and(|header| etag_matches(header, &info.etag));
+        let range = match conditions.range {
+            Some(range) if !not_modified && conditions.range_applies(info) => {
+                byte_range(range, bytes.len())
+            }
+            _ => ByteRange::Whole,
+        };
         let reply = if not_modified {
             Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
         } else {
-            Reply::with_length(200, bytes, length)
+            match range {
+                ByteRange::Whole => Reply::with_length(200, bytes, length),
+                ByteRange::Part(part) => {
+                    let content_range =
+                        format!("bytes {}-{}/{}", part.start, part.end - 1, bytes.len());
+                    let part = bytes.slice(part);
+                    Reply::with_length(206, part.clone(), HeaderValue::from(part.len()))
+                        .header(CONTENT_RANGE, content_range)
+                }
+                ByteRange::Unsatisfiable => {
+                    Reply::with_length(416, Bytes::new(), HeaderValue::from_static("0"))
+                        .header(CONTENT_RANGE, format!("bytes */{}", bytes.len()))
+                }
+            }
         };
         reply
             .header(CONTENT_TYPE, content_type)
             .header(ETAG, etag)
             .header(CACHE_CONTROL, self.hit_cache_control.clone())
             .header(LAST_MODIFIED, last_modified)
+            .header(ACCEPT_RANGES, BYTES)
     }
 
     /// A variant whose job failed for good: its error. A client error (bad
@@ -445,6 +509,84 @@ fn etag_matches(header: &str, etag: &str) -> bool {
     })
 }
 
+/// The request headers that make a hit conditional or partial.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conditions<'a> {
+    pub if_none_match: Option<&'a str>,
+    /// `Range`, for GET only.
+    pub range: Option<&'a str>,
+    pub if_range: Option<&'a str>,
+}
+
+impl Conditions<'_> {
+    /// `If-Range` lets a range through only for the same bytes: their
+    /// strong ETag, or exactly their Last-Modified date.
+    fn range_applies(&self, info: &VariantInfo) -> bool {
+        match self.if_range.map(str::trim) {
+            None => true,
+            Some(tag) if tag.starts_with('"') => tag == info.etag,
+            Some(tag) if tag.starts_with("W/") => false,
+            Some(date) => date == info.http_last_modified(),
+        }
+    }
+}
+
+/// What a `Range` header asks of a body.
+#[derive(Debug, PartialEq, Eq)]
+enum ByteRange {
+    /// No usable single range: the whole body (RFC 9110 lets a server
+    /// ignore a malformed or multi-part `Range`).
+    Whole,
+    Part(std::ops::Range<usize>),
+    Unsatisfiable,
+}
+
+/// Parses a single `bytes=` range (`a-b`, `a-`, `-n`) against a body of `len` bytes.
+fn byte_range(header: &str, len: usize) -> ByteRange {
+    let Some((unit, spec)) = header.trim().split_once('=') else {
+        return ByteRange::Whole;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return ByteRange::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return ByteRange::Whole;
+    };
+    let number = |text: &str| -> Option<usize> {
+        let text = text.trim();
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // A position past usize is past any body: saturate.
+        Some(text.parse().unwrap_or(usize::MAX))
+    };
+    match (first.trim().is_empty(), number(first), number(last)) {
+        // `-n`: the last n bytes.
+        (true, _, Some(suffix)) => {
+            if suffix == 0 || len == 0 {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Part(len.saturating_sub(suffix)..len)
+            }
+        }
+        (false, Some(start), None) if last.trim().is_empty() => {
+            if start >= len {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Part(start..len)
+            }
+        }
+        (false, Some(start), Some(end)) if start <= end => {
+            if start >= len {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Part(start..end.min(len - 1) + 1)
+            }
+        }
+        _ => ByteRange::Whole,
+    }
+}
+
 /// The 202 body: a valid 1x1 transparent PNG that an `<img>` can show.
 fn transparent_pixel_png() -> Bytes {
     let mut out = Vec::new();
@@ -460,7 +602,8 @@ pub struct Request<'a> {
     pub method: Method,
     pub path: &'a str,
     pub query: Option<&'a str>,
-    pub if_none_match: Option<&'a str>,
+    /// Headers that decide between 200, 206, 304 and 416 on a hit.
+    pub conditions: Conditions<'a>,
     /// The `Authorization: Bearer` key, else `?token=`.
     pub bearer: Option<Cow<'a, str>>,
     pub content_type: Option<&'a str>,
@@ -481,7 +624,14 @@ impl<'a> Request<'a> {
             method: header.method.clone(),
             path: header.uri.path(),
             query: header.uri.query(),
-            if_none_match: header_text(http::header::IF_NONE_MATCH),
+            conditions: Conditions {
+                if_none_match: header_text(http::header::IF_NONE_MATCH),
+                // A byte range is only served to GET; HEAD describes the whole.
+                range: (header.method == Method::GET)
+                    .then(|| header_text(http::header::RANGE))
+                    .flatten(),
+                if_range: header_text(http::header::IF_RANGE),
+            },
             bearer,
             content_type: header_text(CONTENT_TYPE),
             body,
@@ -665,6 +815,36 @@ mod tests {
     }
 
     #[test]
+    fn byte_ranges_parse_as_rfc_9110_says() {
+        use ByteRange::*;
+        let cases: &[(&str, usize, ByteRange)] = &[
+            ("bytes=0-99", 1000, Part(0..100)),
+            ("bytes=990-2000", 1000, Part(990..1000)),
+            ("bytes=500-", 1000, Part(500..1000)),
+            ("bytes=-100", 1000, Part(900..1000)),
+            ("bytes=-5000", 1000, Part(0..1000)),
+            ("Bytes = 0-0", 1000, Part(0..1)),
+            ("bytes=999-999", 1000, Part(999..1000)),
+            ("bytes=1000-", 1000, Unsatisfiable),
+            ("bytes=1000-1001", 1000, Unsatisfiable),
+            ("bytes=99999999999999999999999-", 1000, Unsatisfiable),
+            ("bytes=-0", 1000, Unsatisfiable),
+            ("bytes=0-", 0, Unsatisfiable),
+            // Ignored: the whole body.
+            ("bytes=5-1", 1000, Whole),
+            ("bytes=0-1,5-9", 1000, Whole),
+            ("items=0-1", 1000, Whole),
+            ("bytes=a-b", 1000, Whole),
+            ("bytes=-", 1000, Whole),
+            ("bytes=+1-2", 1000, Whole),
+            ("0-1", 1000, Whole),
+        ];
+        for (header, len, want) in cases {
+            assert_eq!(byte_range(header, *len), *want, "{header} of {len}");
+        }
+    }
+
+    #[test]
     fn placeholder_is_a_png() {
         let png = transparent_pixel_png();
         let img = image::load_from_memory(&png).unwrap();
@@ -707,7 +887,10 @@ mod tests {
             method: Method::GET,
             path,
             query: None,
-            if_none_match,
+            conditions: Conditions {
+                if_none_match,
+                ..Default::default()
+            },
             bearer: None,
             content_type: None,
             body: Bytes::new(),
@@ -778,6 +961,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Ranges of a hit, from storage and from memory alike: 206 with the
+    /// slice, 416 past the end, the whole body when `If-Range` names other
+    /// bytes or `If-None-Match` matches first (304).
+    #[tokio::test]
+    async fn hits_answer_ranges() {
+        let front = front("");
+        let body: Bytes = (0..=255u8).cycle().take(5000).collect::<Vec<_>>().into();
+        let stored = "media/cache/small/r/body.bin";
+        front.ctx.storage.put(stored, body.clone()).await.unwrap();
+        let url = "/media/cache/small/r/body.bin";
+        let ask = |range: &'static str, if_range: Option<String>, if_none_match: Option<String>| {
+            let front = &front;
+            async move {
+                let request = Request {
+                    conditions: Conditions {
+                        if_none_match: if_none_match.as_deref(),
+                        range: Some(range),
+                        if_range: if_range.as_deref(),
+                    },
+                    ..get(url, None)
+                };
+                front.answer(&request).await
+            }
+        };
+        // First from storage, then from memory.
+        for _ in 0..2 {
+            let reply = ask("bytes=100-199", None, None).await;
+            assert_eq!(reply.head.status, 206);
+            assert_eq!(reply.body, body.slice(100..200));
+            assert_eq!(reply.header_text(CONTENT_RANGE), Some("bytes 100-199/5000"));
+            assert_eq!(reply.header_text(CONTENT_LENGTH), Some("100"));
+            assert_eq!(reply.header_text(ACCEPT_RANGES), Some("bytes"));
+            let etag = reply.header_text(ETAG).unwrap().to_string();
+
+            let reply = ask("bytes=-10", Some(etag.clone()), None).await;
+            assert_eq!(reply.head.status, 206);
+            assert_eq!(reply.body, body.slice(4990..));
+
+            let reply = ask("bytes=5000-", None, None).await;
+            assert_eq!(reply.head.status, 416);
+            assert_eq!(reply.header_text(CONTENT_RANGE), Some("bytes */5000"));
+            assert!(reply.body.is_empty());
+
+            let reply = ask("bytes=0-9", Some("\"other\"".into()), None).await;
+            assert_eq!(reply.head.status, 200);
+            assert_eq!(reply.body, body);
+
+            let reply = ask("bytes=0-9", None, Some(etag)).await;
+            assert_eq!(reply.head.status, 304);
+        }
+        assert!(front.ctx.index.hot_get(stored).await.is_some());
     }
 
     #[tokio::test]

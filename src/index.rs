@@ -481,4 +481,101 @@ impl Index {
     pub fn is_recently_queued(&self, variant: &str) -> bool {
         self.queued.contains_key(variant)
     }
+
+    /// Forgets a purged variant: its Redis entry and failure, this process's
+    /// memory, and (published on the purge channel) every other process's.
+    /// Call after the bytes are gone from storage.
+    pub async fn forget(&self, variant: &str) -> Result<()> {
+        if let Some((handle, keys)) = &self.redis {
+            let mut conn = handle.conn().await?;
+            let () = redis::pipe()
+                .del(keys.variant_index(variant))
+                .ignore()
+                .del(keys.variant_failure(variant))
+                .ignore()
+                .publish(keys.purges(), variant)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+        }
+        self.forget_locally(variant).await;
+        Ok(())
+    }
+
+    /// Drops what this process remembers of a variant (or any other key).
+    pub async fn forget_locally(&self, key: &str) {
+        self.entries.invalidate(key).await;
+        self.hot.invalidate(key).await;
+        self.absent.invalidate(key).await;
+        self.absent_variants.invalidate(key).await;
+        self.queued.invalidate(key).await;
+        self.failed.invalidate(key).await;
+    }
+
+    /// Drops everything this process remembers: after a gap in the purge
+    /// channel, any of it may be stale.
+    pub fn forget_all_locally(&self) {
+        self.entries.invalidate_all();
+        self.hot.invalidate_all();
+        self.absent.invalidate_all();
+        self.absent_variants.invalidate_all();
+        self.queued.invalidate_all();
+        self.failed.invalidate_all();
+    }
+}
+
+/// Applies purges published by any process to these indexes (a front's and
+/// a worker's may share a process) until `stop` turns true. Each (re)
+/// subscription starts by dropping all memory, since purges published while
+/// unsubscribed were missed.
+pub async fn follow_purges(
+    indexes: Vec<Arc<Index>>,
+    handle: Arc<RedisHandle>,
+    keys: RedisKeys,
+    retry_after: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    let channel = keys.purges();
+    loop {
+        let subscribed = async {
+            let mut pubsub = handle.pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, crate::error::Error>(pubsub)
+        }
+        .await;
+        match subscribed {
+            Ok(pubsub) => {
+                for index in &indexes {
+                    index.forget_all_locally();
+                }
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        message = messages.next() => match message {
+                            Some(message) => {
+                                let Ok(variant) = message.get_payload::<String>() else { continue };
+                                for index in &indexes {
+                                    index.forget_locally(&variant).await;
+                                }
+                            }
+                            None => break,
+                        },
+                        () = stopped(&mut stop) => return,
+                    }
+                }
+                tracing::warn!("purge channel closed; subscribing again");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot subscribe to the purge channel"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry_after) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Resolves once `stop` is true (its guard is not held across an await).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }

@@ -323,6 +323,12 @@ impl RedisKeys {
     pub fn variant_index(&self, variant_path: &str) -> String {
         format!("{}variant:{variant_path}", self.prefix)
     }
+
+    /// Pub/sub channel of purged variant paths: every process drops its
+    /// in-memory copies of them.
+    pub fn purges(&self) -> String {
+        format!("{}purges", self.prefix)
+    }
 }
 
 #[cfg(test)]

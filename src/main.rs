@@ -25,9 +25,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP front and the workers in one process (the default setup).
-    Serve,
+    Serve {
+        #[command(flatten)]
+        upgrade: Upgrade,
+    },
     /// Run only the HTTP front (queue.backend = "redis"; workers run elsewhere).
-    Front,
+    Front {
+        #[command(flatten)]
+        upgrade: Upgrade,
+    },
     /// Run only the workers: claim jobs, render, store, call back.
     Worker,
     /// Ask a running kiln to pre-heat one image URL, and print its record.
@@ -77,6 +83,39 @@ enum Command {
     },
     /// List the filter presets.
     Filters,
+    /// Exit 0 when a running kiln is live (/healthz), or ready with --ready
+    /// (/readyz: storage and Redis reachable); for container health checks.
+    Health {
+        #[arg(long)]
+        ready: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove variants from storage and every index so they render again on
+    /// demand: an original's (by media code or stored path), or every
+    /// variant of one filter after its definition changed.
+    Purge {
+        /// A media code (16 hex digits) or an original's stored path, e.g. `default/0a/0123456789abcdef.jpg`.
+        #[arg(required_unless_present = "filter")]
+        target: Option<String>,
+        /// Only this filter's variant of the target; without a target, every variant of this filter (admin key).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Remove the original and its media record too.
+        #[arg(long)]
+        original: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Zero-downtime restart.
+#[derive(clap::Args)]
+struct Upgrade {
+    /// Take over the listening sockets of the kiln running with the same
+    /// server.upgrade_sock: start this, then send the old one SIGQUIT.
+    #[arg(long)]
+    upgrade: bool,
 }
 
 #[derive(Subcommand)]
@@ -164,9 +203,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Serve => app::run(config, Role::Serve, None)?,
-        Command::Front => app::run(config, Role::Front, None)?,
-        Command::Worker => app::run(config, Role::Worker, None)?,
+        Command::Serve { upgrade } => app::run(config, Role::Serve, upgrade.upgrade, None)?,
+        Command::Front { upgrade } => app::run(config, Role::Front, upgrade.upgrade, None)?,
+        Command::Worker => app::run(config, Role::Worker, false, None)?,
         Command::Filters => {
             for preset in FilterSet::from_config(&config)?.iter() {
                 println!(
@@ -253,6 +292,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 wait,
                 batch.max(1),
             ))?;
+        }
+        Command::Purge {
+            target,
+            filter,
+            original,
+            remote,
+        } => {
+            let mut endpoint = reqwest::Url::parse(&remote.base(&config))?;
+            {
+                let mut segments = endpoint
+                    .path_segments_mut()
+                    .map_err(|()| anyhow::anyhow!("--server must be an http(s) URL"))?;
+                segments.pop_if_empty().push("media");
+                match &target {
+                    Some(code) if kiln::keys::is_media_code(code) && filter.is_none() => {
+                        segments.push(code);
+                    }
+                    Some(path) => {
+                        segments
+                            .push("cache")
+                            .push(filter.as_deref().unwrap_or("*"))
+                            .extend(path.trim_matches('/').split('/'));
+                    }
+                    None => {
+                        segments
+                            .push("cache")
+                            .push(filter.as_deref().unwrap_or_default());
+                    }
+                }
+            }
+            if original {
+                endpoint.query_pairs_mut().append_pair("original", "1");
+            }
+            let answer = block_on(remote.send(&config, reqwest::Client::new().delete(endpoint)))?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        Command::Health { ready, remote } => {
+            let route = if ready { "readyz" } else { "healthz" };
+            // This machine's own listener, not public_url (which may be a CDN).
+            let own = format!(
+                "http://{}",
+                config.server.listen.replace("0.0.0.0:", "127.0.0.1:")
+            );
+            let base = remote.server.clone().unwrap_or(own);
+            let endpoint = format!("{}/{route}", base.trim_end_matches('/'));
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()?;
+            let answer = block_on(remote.send(&config, client.get(endpoint)))?;
+            println!("{answer}");
         }
         Command::Media { code, remote } => {
             let endpoint = format!("{}/media/{code}", remote.base(&config));

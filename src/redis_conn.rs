@@ -95,6 +95,15 @@ impl RedisHandle {
         }
     }
 
+    /// A connection for SUBSCRIBE (pub/sub needs one of its own).
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub> {
+        match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(Error::Queue("timed out connecting to Redis".into())),
+        }
+    }
+
     /// True while calls fail fast because Redis was found unreachable.
     pub fn is_unavailable(&self) -> bool {
         self.breaker.is_open()

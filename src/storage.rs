@@ -239,7 +239,7 @@ impl Storage {
             .map(|_| ())
     }
 
-    /// Removes an object; one that is not there is no error.
+    /// Removes an object; one already absent is not an error.
     pub async fn delete(&self, path: &str) -> Result<()> {
         match self.store.delete(&Self::location(path)?).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -247,23 +247,25 @@ impl Storage {
         }
     }
 
-    /// Every object under the directory-like `prefix` (all its depths), as
-    /// storage paths with their size and time, in no set order.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, ObjectInfo)>> {
+    /// The paths of every object under the directory-like `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         use futures::TryStreamExt;
         let prefix = Self::location(prefix)?;
-        self.store
-            .list(Some(&prefix))
-            .map_ok(|meta| {
-                let info = ObjectInfo {
-                    size: meta.size,
-                    last_modified: meta.last_modified.timestamp(),
-                };
-                (meta.location.to_string(), info)
-            })
-            .try_collect()
-            .await
-            .map_err(Error::from)
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+    }
+
+    /// The names of the directories directly under `prefix`.
+    pub async fn child_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&Self::location(prefix)?))
+            .await?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
     }
 
     /// Readiness: the backend answers a listing.

@@ -5,6 +5,7 @@
 //! queue; permanent ones and jobs out of attempts are dead-lettered with a
 //! failure webhook.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,7 +222,7 @@ impl Worker {
         let presets: Vec<Preset> = job
             .filters
             .iter()
-            .map(|name| self.filters.get(name).cloned())
+            .map(|name| self.filters.get(name).map(Cow::into_owned))
             .collect::<Result<_>>()?;
         let mut record = self.load_record(job).await?;
 

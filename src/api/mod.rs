@@ -3,6 +3,7 @@
 //! SAIS protocol (`sais`, `tools`). Enqueues and reads storage; never
 //! downloads, renders or calls back.
 
+pub mod purge;
 pub mod sais;
 pub mod tools;
 

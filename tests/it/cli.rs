@@ -26,7 +26,8 @@ fn help_names_every_command() {
     let (ok, text) = kiln_cli(&["--help"], &[]);
     assert!(ok, "{text}");
     for command in [
-        "serve", "front", "worker", "request", "filters", "account", "dispatch", "media",
+        "serve", "front", "worker", "request", "filters", "account", "dispatch", "media", "purge",
+        "health",
     ] {
         assert!(text.contains(command), "{command} missing from:\n{text}");
     }
@@ -200,12 +201,51 @@ async fn account_dispatch_and_media_commands_drive_a_running_kiln() {
 
     let code = rows[0]["code"].as_str().unwrap().to_string();
     let (ok, text) = kiln_cli_async(
-        vec!["media".into(), code.clone(), "--server".into(), server],
-        vec![("KILN_API_KEY", key)],
+        vec![
+            "media".into(),
+            code.clone(),
+            "--server".into(),
+            server.clone(),
+        ],
+        vec![("KILN_API_KEY", key.clone())],
     )
     .await;
     assert!(ok, "{text}");
     let record: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(record["code"], code.as_str());
     assert_eq!(record["originalUrl"], urls[0].as_str());
+
+    // Purge by path with the account's key: the variant is gone and renders again.
+    let path = record["path"].as_str().unwrap().to_string();
+    let variant = kiln.url(&format!("/media/cache/tiny/{path}"));
+    assert_eq!(reqwest::get(&variant).await.unwrap().status(), 200);
+    let purge = |args: &[&str], key: &str| {
+        let mut argv: Vec<String> = vec!["purge".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.extend(["--server".to_string(), server.clone()]);
+        kiln_cli_async(argv, vec![("KILN_API_KEY", key.to_string())])
+    };
+    let (ok, text) = purge(&[&path], &key).await;
+    assert!(ok, "{text}");
+    let purged: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        purged["variants"],
+        serde_json::json!([format!("media/cache/tiny/{path}")])
+    );
+    assert_eq!(reqwest::get(&variant).await.unwrap().status(), 202);
+    until_ready(&variant).await;
+
+    // A whole filter needs the admin key; by media code with the original.
+    let (ok, text) = purge(&["--filter", "tiny"], &key).await;
+    assert!(!ok && text.contains("403"), "{text}");
+    let (ok, text) = purge(&["--filter", "tiny"], ADMIN_KEY).await;
+    assert!(ok, "{text}");
+    let purged: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(purged["variants"].as_array().unwrap().len(), 3, "{text}");
+    let (ok, text) = purge(&[&code, "--original"], &key).await;
+    assert!(ok, "{text}");
+    let purged: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(purged["original"], path.as_str());
+    assert_eq!(purged["record"], code.as_str());
+    assert!(!kiln.storage_path(&path).exists());
 }

@@ -22,10 +22,16 @@ impl Process {
     /// `kiln --config <config> <role>` with `RUST_LOG=info`, its stdout
     /// (where tracing writes) and stderr both written to `log`.
     pub(crate) fn start(role: &str, config: &Path, log: &Path) -> Process {
+        Self::start_with_args(&[role], config, log)
+    }
+
+    /// Like `start`, with more arguments after `--config <config>`.
+    pub(crate) fn start_with_args(args: &[&str], config: &Path, log: &Path) -> Process {
         let log = std::fs::File::create(log).unwrap();
         Self::spawn(
             Command::new(env!("CARGO_BIN_EXE_kiln"))
-                .args(["--config", config.to_str().unwrap(), role])
+                .args(["--config", config.to_str().unwrap()])
+                .args(args)
                 .env("RUST_LOG", "info")
                 .env("NO_COLOR", "1")
                 .stdout(log.try_clone().unwrap())

@@ -542,7 +542,7 @@ async fn dispatch(body: &[u8]) -> Dispatched {
         method: Method::POST,
         path: "/dispatch_process",
         query: None,
-        if_none_match: None,
+        conditions: Default::default(),
         bearer: None,
         content_type: Some("application/json"),
         body: Bytes::copy_from_slice(body),

@@ -6,14 +6,19 @@ mod support;
 #[macro_use]
 mod kiln;
 
+mod cdn;
 mod cli;
 mod distributed;
+mod docker;
 mod faults;
 mod fetch;
 mod flow;
 mod hostile;
+mod purge;
 mod queue_contract;
 mod resilience;
 mod sais;
+mod sizes;
 mod storage_contract;
 mod storage_s3;
+mod upgrade;

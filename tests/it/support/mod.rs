@@ -1,7 +1,8 @@
 //! Test fixtures for the integration suite: a throwaway `redis-server`, a
+//! Test fixtures for the integration suite: a throwaway `redis-server`, a
 //! throwaway S3 (`moto_server`) with a counting proxy, a loopback origin, a
-//! callback sink, a bounded `eventually`, and in-memory image generators
-//! plus assertion helpers.
+//! callback sink, a caching nginx, a bounded `eventually`, and in-memory
+//! image generators plus assertion helpers.
 //!
 //! Owns only test scaffolding; it must never depend on kiln internals, so a
 //! fixture stays valid whatever the code under test does.
@@ -11,6 +12,7 @@ pub mod dns;
 pub mod gate;
 mod http;
 pub mod images;
+pub mod nginx;
 pub mod origin;
 pub mod redis;
 pub mod s3;
@@ -26,6 +28,8 @@ pub use images::{
     decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_header_claiming,
     png_rgba, webp_lossless,
 };
+#[allow(unused_imports)]
+pub use nginx::Nginx;
 #[allow(unused_imports)]
 pub use origin::{Origin, OriginRequest, OriginResponse};
 #[allow(unused_imports)]
