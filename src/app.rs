@@ -22,9 +22,11 @@ use crate::filter::FilterSet;
 use crate::front::Front;
 use crate::index::Index;
 use crate::keys::RedisKeys;
+use crate::metrics::Metrics;
 use crate::queue::{EmbeddedQueue, Queue, RedisQueue};
 use crate::redis_conn::RedisHandle;
 use crate::storage::Storage;
+use crate::ui::{RecentJobs, Ui};
 use crate::worker::Worker;
 
 /// Which parts of kiln this process runs.
@@ -43,6 +45,8 @@ struct Backends {
     queue: Arc<dyn Queue>,
     index: Arc<Index>,
     outbox: Arc<dyn Outbox>,
+    /// Finished jobs for `/ui`: in memory, or a capped list in Redis.
+    recent: Arc<RecentJobs>,
     redis: Option<Arc<RedisHandle>>,
 }
 
@@ -52,6 +56,7 @@ fn backends(config: &Config) -> Result<Backends> {
             queue: Arc::new(EmbeddedQueue::new(&config.queue)),
             index: Arc::new(Index::new(&config.index, None)),
             outbox: Arc::new(EmbeddedOutbox::new()),
+            recent: Arc::new(RecentJobs::new(config.ui.recent_jobs, None)),
             redis: None,
         },
         QueueBackend::Redis => {
@@ -67,6 +72,13 @@ fn backends(config: &Config) -> Result<Backends> {
                     Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
                 )),
                 outbox: Arc::new(RedisOutbox::new(handle.clone(), &config.redis.prefix)),
+                recent: Arc::new(RecentJobs::new(
+                    config.ui.recent_jobs,
+                    Some((
+                        handle.clone(),
+                        RedisKeys::new(&config.redis.prefix).recent_jobs(),
+                    )),
+                )),
                 redis: Some(handle),
             }
         }
@@ -247,6 +259,7 @@ pub fn run(
             queue: front_backends.queue.clone(),
             index: front_backends.index.clone(),
             outbox: front_backends.outbox.clone(),
+            recent: front_backends.recent.clone(),
             redis: None,
         },
         QueueBackend::Redis => backends(&config)?,
@@ -275,6 +288,23 @@ pub fn run(
     };
     let mut server = Server::new_with_opt_and_conf(options, conf);
     server.bootstrap();
+    // One set of counters per process, shared by its front and workers.
+    let metrics = Arc::new(Metrics::new());
+    if !config.metrics.listen.is_empty() {
+        let queue = match role {
+            Role::Worker => worker_backends.queue.clone(),
+            _ => front_backends.queue.clone(),
+        };
+        let mut service = Service::new(
+            "kiln metrics".to_string(),
+            MetricsEndpoint {
+                metrics: metrics.clone(),
+                queue,
+            },
+        );
+        service.add_tcp(&config.metrics.listen);
+        server.add_service(service);
+    }
 
     // Purges from any process reach this one's in-memory indexes.
     if let Some(handle) = &front_backends.redis {
@@ -313,7 +343,16 @@ pub fn run(
             policy.clone(),
             admin_key,
         ));
-        let mut service = Service::new("kiln front".to_string(), Front::new(ctx));
+        let ui = config.ui.enabled.then(|| {
+            Arc::new(Ui::new(
+                filters.clone(),
+                storage.clone(),
+                front_backends.recent.clone(),
+                config.ui.throughput_window_secs,
+            ))
+        });
+        let front = Front::new(ctx).observed(metrics.clone(), ui);
+        let mut service = Service::new("kiln front".to_string(), front);
         service.add_listener(
             ListenerConfig::tcp(config.server.listen.clone())
                 .l4_buffer(L4BufferSettings::default().write(config.server.write_buffer_bytes)),
@@ -321,7 +360,7 @@ pub fn run(
         server.add_service(service);
     }
     let workers = if role != Role::Front {
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             &config,
             worker_backends.queue,
             storage.clone(),
@@ -329,8 +368,12 @@ pub fn run(
             filters,
             worker_backends.outbox.clone(),
         )?;
+        worker.metrics = metrics.clone();
+        worker.recent = Some(worker_backends.recent);
         let notifier = Notifier::new(&config.callback, policy, &config.fetch.user_agent)?;
-        let deliverer = Deliverer::new(&config.callback, worker_backends.outbox, notifier, storage);
+        let mut deliverer =
+            Deliverer::new(&config.callback, worker_backends.outbox, notifier, storage);
+        deliverer.metrics = metrics;
         Some(Workers::start(worker, deliverer, &config)?)
     } else {
         None
@@ -348,6 +391,50 @@ pub fn run(
     }
     tracing::info!("kiln stopped");
     Ok(())
+}
+
+/// The `metrics.listen` listener: `/metrics` and `/healthz` only, so a
+/// worker-only process, which has no front, can be scraped too.
+struct MetricsEndpoint {
+    metrics: Arc<Metrics>,
+    queue: Arc<dyn Queue>,
+}
+
+#[async_trait]
+impl pingora_core::apps::HttpServerApp for MetricsEndpoint {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: pingora_core::protocols::http::ServerSession,
+        _shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Option<pingora_core::apps::ReusedHttpStream> {
+        if !matches!(session.read_request().await, Ok(true)) {
+            return None;
+        }
+        session.set_keepalive(None);
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => (
+                200,
+                crate::front::METRICS_CONTENT_TYPE,
+                crate::front::metrics_text(&self.metrics, &*self.queue).await,
+            ),
+            "/healthz" => (200, "application/json", r#"{"status":"ok"}"#.to_string()),
+            _ => (404, "text/plain", "not found\n".to_string()),
+        };
+        let mut head = pingora_http::ResponseHeader::build(status, Some(3)).ok()?;
+        head.insert_header(http::header::CONTENT_TYPE, content_type)
+            .ok()?;
+        head.insert_header(http::header::CONTENT_LENGTH, body.len())
+            .ok()?;
+        head.insert_header(http::header::CACHE_CONTROL, "no-store")
+            .ok()?;
+        session.write_response_header(Box::new(head)).await.ok()?;
+        session
+            .write_response_body(bytes::Bytes::from(body), true)
+            .await
+            .ok()?;
+        let _ = session.finish().await;
+        None
+    }
 }
 
 /// kiln running on a thread of this process (tests, embedding).

@@ -31,6 +31,52 @@ pub struct Config {
     pub filters: FiltersConfig,
     pub auth: AuthConfig,
     pub sais: SaisConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub ui: UiConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+    /// `tracing` filter directives, e.g. `info,pingora_core=warn`; `RUST_LOG`
+    /// wins when set. Default `info,pingora_core=warn`.
+    pub level: String,
+    /// One `info` line per answered request (target `kiln::access`), like
+    /// nginx's `access_log`. Default true.
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// host:port of a separate listener serving `/metrics` and `/healthz`,
+    /// in any role; a `kiln worker` has no other HTTP port. The front
+    /// always serves `/metrics` on its own port. Empty = none. Default empty.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UiConfig {
+    /// Serve the `/ui` status page on the front. Default true.
+    pub enabled: bool,
+    /// Finished jobs kept for the page (a capped Redis list with the redis
+    /// backend, in memory otherwise). Default 50.
+    pub recent_jobs: usize,
+    /// Seconds of recent jobs the throughput figure covers. Default 60.
+    pub throughput_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +114,15 @@ pub struct ServerConfig {
     pub max_path_bytes: usize,
     /// Largest accepted request body, bytes. Default 1 MiB.
     pub max_body_bytes: usize,
+    /// What a 202 carries: a BlurHash `preview`, a 1x1 `pixel`, `none`, or
+    /// a `redirect` (302) to `placeholder_redirect_url`. Default `preview`.
+    pub miss_body: MissBody,
+    /// Where `miss_body = "redirect"` sends a miss. Default empty.
+    pub placeholder_redirect_url: String,
+    /// Longer side of a preview placeholder, pixels. Default 32.
+    pub placeholder_max_side: u32,
+    /// Memory for rendered previews, bytes. Default 4 MiB.
+    pub placeholder_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +161,16 @@ pub struct StorageConfig {
     /// Milliseconds after the first attempt past which an S3 request is no
     /// longer retried. Default 10 000.
     pub s3_retry_timeout_ms: u64,
+}
+
+/// The body of a 202 busy answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissBody {
+    Preview,
+    Pixel,
+    None,
+    Redirect,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -363,6 +428,17 @@ impl Config {
         if self.server.threads == 0 {
             return bad("server.threads", "must be at least 1".into());
         }
+        if self.server.miss_body == MissBody::Redirect
+            && url::Url::parse(&self.server.placeholder_redirect_url).is_err()
+        {
+            return bad(
+                "server.placeholder_redirect_url",
+                "miss_body = \"redirect\" needs a URL".into(),
+            );
+        }
+        if self.server.placeholder_max_side == 0 || self.server.placeholder_max_side > 256 {
+            return bad("server.placeholder_max_side", "must be 1-256".into());
+        }
         if self.storage.url.trim().is_empty() {
             return bad("storage.url", "must not be empty".into());
         }
@@ -420,6 +496,24 @@ impl Config {
         }
         if self.sais.max_images == 0 {
             return bad("sais.max_images", "must be at least 1".into());
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return bad(
+                "metrics.listen",
+                format!("{:?} is not host:port", self.metrics.listen),
+            );
+        }
+        if self.ui.recent_jobs == 0 || self.ui.throughput_window_secs == 0 {
+            return bad(
+                "ui.recent_jobs / throughput_window_secs",
+                "must be positive".into(),
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
         }
         self.network_policy()?;
         Ok(())

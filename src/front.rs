@@ -1,7 +1,8 @@
 //! The pingora HTTP front: routing, hits (ETag/304/HEAD) from hot memory,
 //! the index or storage, misses answered 202 at once with a job enqueued,
-//! and the one place that turns an `Error` into a response. It never
-//! decodes, resizes, downloads or calls back.
+//! `/metrics` and `/ui`, request accounting (counters, access log), and the
+//! one place that turns an `Error` into a response. It never decodes,
+//! resizes, downloads or calls back.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -19,10 +20,13 @@ use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 
 use crate::api::Context;
+use crate::config::MissBody;
 use crate::error::{Error, Result};
 use crate::index::{Failure, HotVariant, VariantInfo};
 use crate::keys;
+use crate::metrics::{HitSource, Metrics, Route};
 use crate::security::normalize_path;
+use crate::ui::Ui;
 
 /// An answer before it is written: its head is built as it goes, so
 /// writing it converts nothing.
@@ -32,6 +36,8 @@ pub struct Reply {
     /// A header value that could not be encoded: the connection is dropped
     /// rather than answered without it.
     broken: bool,
+    /// Where a variant hit came from, for metrics and the access log.
+    hit: Option<HitSource>,
 }
 
 impl Reply {
@@ -51,6 +57,7 @@ impl Reply {
             head,
             body,
             broken: false,
+            hit: None,
         }
     }
 
@@ -88,13 +95,37 @@ impl Reply {
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 
+/// Prometheus text exposition format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The metrics text with the queue's streams read now; a queue that does
+/// not answer leaves them out (`kiln_queue_up 0`) rather than failing the scrape.
+pub async fn metrics_text(metrics: &Metrics, queue: &dyn crate::queue::Queue) -> String {
+    let streams = match queue.streams().await {
+        Ok(streams) => Some(streams),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: queue streams unreadable");
+            None
+        }
+    };
+    metrics.render_text(streams.as_deref())
+}
+
 pub struct Front {
     ctx: Arc<Context>,
     placeholder: Bytes,
+    /// Rendered preview placeholders by variant path.
+    previews: moka::future::Cache<String, Bytes>,
     /// `Cache-Control` of a stored variant, formatted once.
     hit_cache_control: HeaderValue,
     /// `Retry-After` of a 202, formatted once.
     retry_after: HeaderValue,
+    /// This process's counters; `/metrics` shows them.
+    metrics: Arc<Metrics>,
+    /// One log line per request (`log.access_log`).
+    access_log: bool,
+    /// The `/ui` status page, when this process serves one.
+    ui: Option<Arc<Ui>>,
 }
 
 impl Front {
@@ -106,12 +137,31 @@ impl Front {
         ))
         .expect("digits and ASCII are a valid header value");
         let retry_after = HeaderValue::from(server.retry_after_secs);
+        let previews = moka::future::Cache::builder()
+            .max_capacity(server.placeholder_cache_bytes)
+            .weigher(|key: &String, png: &Bytes| {
+                (key.len() + png.len()).try_into().unwrap_or(u32::MAX)
+            })
+            .build();
+        let access_log = ctx.config.log.access_log;
         Front {
+            previews,
             ctx,
             placeholder: transparent_pixel_png(),
             hit_cache_control,
             retry_after,
+            metrics: Arc::new(Metrics::new()),
+            access_log,
+            ui: None,
         }
+    }
+
+    /// Counts into `metrics` (shared with this process's workers) and
+    /// serves `ui` at `/ui`.
+    pub fn observed(mut self, metrics: Arc<Metrics>, ui: Option<Arc<Ui>>) -> Front {
+        self.metrics = metrics;
+        self.ui = ui;
+        self
     }
 
     /// Routes one request to its answer.
@@ -151,6 +201,23 @@ impl Front {
             "/status" => {
                 allow(READ)?;
                 return Ok(Reply::json(200, &self.ctx.status().await?));
+            }
+            "/metrics" => {
+                allow(READ)?;
+                let text = metrics_text(&self.metrics, &*self.ctx.queue).await;
+                return Ok(Reply::new(200, METRICS_CONTENT_TYPE, Bytes::from(text))
+                    .header(CACHE_CONTROL, NO_STORE));
+            }
+            "/ui" => {
+                allow(READ)?;
+                let Some(ui) = &self.ui else {
+                    return Err(Error::NoRoute(path.into()));
+                };
+                let page = ui.page(&*self.ctx.queue).await;
+                return Ok(
+                    Reply::new(200, "text/html; charset=utf-8", Bytes::from(page))
+                        .header(CACHE_CONTROL, NO_STORE),
+                );
             }
             "/account_setup" | "/account_setup.json" => {
                 allow(POST)?;
@@ -326,20 +393,23 @@ impl Front {
                     .header(LOCATION, location)
                     .header(CACHE_CONTROL, NO_STORE));
             }
-            let bytes = match found {
+            let (bytes, source) = match found {
                 Found::Hot(hot) => return Ok(self.hot_hit(&hot, conditions)),
-                Found::Bytes(bytes) => Some(bytes),
-                Found::Entry => self.variant_bytes(variant, &info).await?,
+                Found::Bytes(bytes) => (Some(bytes), HitSource::Storage),
+                Found::Entry => (self.variant_bytes(variant, &info).await?, HitSource::Index),
             };
             // An index entry whose bytes are gone is treated as a miss.
             if let Some(bytes) = bytes {
-                return Ok(self.hit(&info, bytes, conditions));
+                let mut reply = self.hit(&info, bytes, conditions);
+                reply.hit = Some(source);
+                return Ok(reply);
             }
         }
+        self.metrics.miss();
 
         // Asked again while its job is queued: answered from memory.
         if index.is_recently_queued(variant) {
-            return Ok(self.busy());
+            return Ok(self.busy(filter, &path, variant).await);
         }
         let path = path.into_owned();
         if let Some(failure) = index.failure(variant).await {
@@ -348,9 +418,9 @@ impl Front {
         // Concurrent misses of one variant share one look at its original
         // (an S3 request on S3) and one enqueue.
         index
-            .queue_once(variant, self.queue_miss_job(filter, path))
+            .queue_once(variant, self.queue_miss_job(filter, path.clone()))
             .await?;
-        Ok(self.busy())
+        Ok(self.busy(filter, &path, variant).await)
     }
 
     /// Enqueues a miss's job: of a stored original, or of one a pre-heat is
@@ -372,7 +442,9 @@ impl Front {
                 }
             }
         };
-        self.ctx.enqueue_miss(filter, &path, source_url).await?;
+        if self.ctx.enqueue_miss(filter, &path, source_url).await? {
+            self.metrics.enqueued();
+        }
         Ok(())
     }
 
@@ -391,7 +463,7 @@ impl Front {
 
     /// A hit from memory: every header value was formatted when it was kept.
     fn hot_hit(&self, hot: &HotVariant, conditions: &Conditions<'_>) -> Reply {
-        self.hit_reply(
+        let mut reply = self.hit_reply(
             conditions,
             &hot.info,
             hot.bytes.clone(),
@@ -401,7 +473,9 @@ impl Front {
                 hot.etag.clone(),
                 hot.last_modified.clone(),
             ],
-        )
+        );
+        reply.hit = Some(HitSource::Memory);
+        reply
     }
 
     /// A hit whose header values are formatted now.
@@ -485,10 +559,57 @@ impl Front {
         .header(CACHE_CONTROL, cache_control)
     }
 
-    fn busy(&self) -> Reply {
-        Reply::new(202, "image/png", self.placeholder.clone())
+    /// A miss's answer: 202 with what `server.miss_body` says, never cached.
+    async fn busy(&self, filter: &str, path: &str, variant: &str) -> Reply {
+        let server = &self.ctx.config.server;
+        let reply = match server.miss_body {
+            MissBody::None => Reply::with_length(202, Bytes::new(), HeaderValue::from_static("0")),
+            MissBody::Redirect => Reply::new(302, "text/plain", Bytes::new())
+                .header(LOCATION, server.placeholder_redirect_url.as_str()),
+            MissBody::Pixel => Reply::new(202, "image/png", self.placeholder.clone()),
+            MissBody::Preview => {
+                let body = match self.preview(filter, path, variant).await {
+                    Some(png) => png,
+                    None => self.placeholder.clone(),
+                };
+                Reply::new(202, "image/png", body)
+            }
+        };
+        reply
             .header(CACHE_CONTROL, NO_STORE)
             .header(RETRY_AFTER, self.retry_after.clone())
+    }
+
+    /// The variant's preview from its original's media record (BlurHash and
+    /// size), when there is one; rendered once per variant and kept.
+    async fn preview(&self, filter: &str, path: &str, variant: &str) -> Option<Bytes> {
+        if let Some(png) = self.previews.get(variant).await {
+            return Some(png);
+        }
+        let code = keys::code_from_path(path)?;
+        let unknown = format!("preview:{code}");
+        let index = &self.ctx.index;
+        if index.is_known_absent(&unknown).await {
+            return None;
+        }
+        let Some(record) = self.ctx.storage.media_record(code).await.ok().flatten() else {
+            index.remember_absent(&unknown).await;
+            return None;
+        };
+        // No BlurHash yet: its render is under way, so ask again next time.
+        let (blurhash, width, height) = (
+            record.blurhash?,
+            record.original_width?,
+            record.original_height?,
+        );
+        let preset = self.ctx.filters.get(filter).ok()?;
+        let max_side = self.ctx.config.server.placeholder_max_side;
+        let png = crate::imaging::placeholder_png(&blurhash, (width, height), &preset, max_side)
+            .map_err(|e| tracing::debug!(error = %e, code, "no preview placeholder"))
+            .ok()?;
+        let png = Bytes::from(png);
+        self.previews.insert(variant.to_string(), png.clone()).await;
+        Some(png)
     }
 }
 
@@ -769,6 +890,9 @@ impl HttpServerApp for Front {
             }
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        // The clock is read only when the access log wants a duration.
+        let started = self.access_log.then(std::time::Instant::now);
+        let route = Route::of(session.req_header().uri.path());
         let head = session.req_header().method == Method::HEAD;
         let reply = match self.read_body(&mut session).await {
             Ok(body) => {
@@ -782,16 +906,36 @@ impl HttpServerApp for Front {
             }
             Err(ReadFailure::Connection) => return None,
         };
+        let status = reply.head.status.as_u16();
+        self.metrics.request(route, status, reply.hit);
         if reply.broken {
             return None;
         }
 
         let with_body = !head && !reply.body.is_empty();
+        let bytes = if with_body { reply.body.len() } else { 0 };
+        let hit = reply.hit;
         let response = Box::new(ResponseHeader::from(reply.head));
-        if session.write_response_header(response).await.is_err() {
-            return None;
+        let mut written = session.write_response_header(response).await.is_ok();
+        if written && with_body {
+            written = session.write_response_body(reply.body, true).await.is_ok();
         }
-        if with_body && session.write_response_body(reply.body, true).await.is_err() {
+        if let Some(started) = started {
+            let header = session.req_header();
+            tracing::info!(
+                target: "kiln::access",
+                method = %header.method,
+                path = header.uri.path(),
+                route = route.as_str(),
+                status,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                hit = hit.map(HitSource::as_str),
+                bytes,
+                written,
+                "request"
+            );
+        }
+        if !written {
             return None;
         }
         let persistent = HttpPersistentSettings::for_session(&session);

@@ -624,6 +624,53 @@ pub fn previews(source: &Decoded) -> Result<Previews> {
     })
 }
 
+/// A tiny PNG of what a variant will look like, from its original's
+/// BlurHash: the hash decoded at the original's aspect, cut by the preset's
+/// crop, at most `max_side` pixels on its longer side (a browser scales it
+/// up, blurred anyway). Cheap enough for a 202: no image is decoded.
+pub fn placeholder_png(
+    blurhash: &str,
+    (original_width, original_height): (u32, u32),
+    preset: &Preset,
+    max_side: u32,
+) -> Result<Vec<u8>> {
+    if original_width == 0 || original_height == 0 {
+        return Err(Error::BadRequest("placeholder of an empty image".into()));
+    }
+    let plan = preset.plan(original_width, original_height);
+    let crop = plan.crop;
+    let scale = (f64::from(max_side.max(1)) / f64::from(plan.width.max(plan.height))).min(1.0);
+    let side = |v: u32| ((f64::from(v) * scale).round() as u32).max(1);
+    let (out_w, out_h) = (side(plan.width), side(plan.height));
+    // The whole original at the scale that makes the crop out_w x out_h.
+    let (sx, sy) = (
+        f64::from(out_w) / f64::from(crop.width),
+        f64::from(out_h) / f64::from(crop.height),
+    );
+    let full_w =
+        ((f64::from(original_width) * sx).round() as u32).clamp(out_w, 8 * max_side.max(1));
+    let full_h =
+        ((f64::from(original_height) * sy).round() as u32).clamp(out_h, 8 * max_side.max(1));
+    let pixels = blurhash::decode(blurhash, full_w, full_h, 1.0)
+        .map_err(|e| Error::BadRequest(format!("blurhash: {e}")))?;
+    let full = image::RgbaImage::from_raw(full_w, full_h, pixels)
+        .ok_or_else(|| Error::Internal("blurhash decoded to the wrong size".into()))?;
+    let x = ((f64::from(crop.x) * sx).round() as u32).min(full_w - out_w.min(full_w));
+    let y = ((f64::from(crop.y) * sy).round() as u32).min(full_h - out_h.min(full_h));
+    let cut = image::imageops::crop_imm(&full, x, y, out_w, out_h).to_image();
+    let rgb = DynamicImage::ImageRgba8(cut).to_rgb8();
+    use image::ImageEncoder as _;
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::Adaptive,
+    )
+    .write_image(rgb.as_raw(), out_w, out_h, image::ExtendedColorType::Rgb8)
+    .map_err(|e| Error::EncodeFailed(e.to_string()))?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -966,5 +1013,77 @@ mod tests {
         );
         let truncated = &png(100, 100)[..60];
         assert!(decode(truncated, limits()).is_err());
+    }
+
+    #[test]
+    fn placeholders_take_the_variants_shape_and_stay_small() {
+        // Left half red, right half blue.
+        let mut photo = image::RgbImage::new(800, 400);
+        for (x, _, pixel) in photo.enumerate_pixels_mut() {
+            *pixel = if x < 400 {
+                image::Rgb([230, 20, 20])
+            } else {
+                image::Rgb([20, 20, 230])
+            };
+        }
+        let source = Decoded {
+            image: DynamicImage::ImageRgb8(photo),
+            format: ImageFormat::Png,
+            width: 800,
+            height: 400,
+        };
+        let hash = previews(&source).unwrap().blurhash;
+        let preset = |mode, w, h| Preset {
+            name: "p".into(),
+            mode,
+            width: w,
+            height: h,
+            upscale: false,
+            quality: 80,
+            format: OutputFormat::Source,
+        };
+        let inset = placeholder_png(
+            &hash,
+            (800, 400),
+            &preset(crate::filter::Mode::Inset, 200, 200),
+            32,
+        )
+        .unwrap();
+        let square = placeholder_png(
+            &hash,
+            (800, 400),
+            &preset(crate::filter::Mode::Outbound, 300, 300),
+            32,
+        )
+        .unwrap();
+        for png in [&inset, &square] {
+            assert!(png.len() < 2048, "{} bytes", png.len());
+        }
+        let inset = image::load_from_memory(&inset).unwrap().to_rgb8();
+        assert_eq!(inset.dimensions(), (32, 16));
+        let square = image::load_from_memory(&square).unwrap().to_rgb8();
+        assert_eq!(square.dimensions(), (32, 32));
+        // The centre crop still has red on the left and blue on the right.
+        let (left, right) = (square.get_pixel(2, 16), square.get_pixel(29, 16));
+        assert!(
+            left[0] > left[2] + 40 && right[2] > right[0] + 40,
+            "{left:?} {right:?}"
+        );
+        // A variant smaller than max_side is not enlarged.
+        let tiny = placeholder_png(
+            &hash,
+            (800, 400),
+            &preset(crate::filter::Mode::Inset, 20, 20),
+            32,
+        )
+        .unwrap();
+        assert_eq!(image::load_from_memory(&tiny).unwrap().width(), 20);
+        assert!(placeholder_png(
+            "bad",
+            (800, 400),
+            &preset(crate::filter::Mode::Inset, 20, 20),
+            32
+        )
+        .is_err());
     }
 }

@@ -258,6 +258,10 @@ pub fn job_id() -> String {
     format!("{millis:x}-{:016x}", rand::random::<u64>())
 }
 
+/// Storage path of the `/ui` page's sample original, which each filter
+/// preset's sample rendering is made from.
+pub const UI_SAMPLE_PATH: &str = "kiln-ui/sample.png";
+
 /// Redis key names, all under one prefix. Keys that a Lua script touches
 /// together share a `{dedupe}` hash tag.
 #[derive(Debug, Clone)]
@@ -318,6 +322,11 @@ impl RedisKeys {
     /// until a render records the variant).
     pub fn variant_absent(&self, variant_path: &str) -> String {
         format!("{}absent:{variant_path}", self.prefix)
+    }
+
+    /// Capped list of recently finished jobs (JSON, newest first) for `/ui`.
+    pub fn recent_jobs(&self) -> String {
+        format!("{}jobs:recent", self.prefix)
     }
 
     pub fn variant_index(&self, variant_path: &str) -> String {

@@ -16,10 +16,12 @@ pub mod front;
 pub mod imaging;
 pub mod index;
 pub mod keys;
+pub mod metrics;
 pub mod queue;
 pub mod redis_conn;
 pub mod security;
 pub mod storage;
+pub mod ui;
 pub mod worker;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kiln::app::{self, Role};
-use kiln::config::Config;
+use kiln::config::{Config, LogFormat};
 use kiln::filter::FilterSet;
 
 /// kiln: an edge-cached image proxy. Thumbnails are served from storage when
@@ -184,12 +184,6 @@ impl Remote {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,pingora_core=warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,8 +194,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs as `[log]` says: text or JSON lines at its level, `RUST_LOG` first.
+fn init_logging(config: &kiln::config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
+    init_logging(&config.log);
     match cli.command {
         Command::Serve { upgrade } => app::run(config, Role::Serve, upgrade.upgrade, None)?,
         Command::Front { upgrade } => app::run(config, Role::Front, upgrade.upgrade, None)?,

@@ -3,7 +3,8 @@
 //! pool, store, index, update the media record, schedule the webhooks in the
 //! outbox, complete. Retryable failures wait out a doubling backoff in the
 //! queue; permanent ones and jobs out of attempts are dead-lettered with a
-//! failure webhook.
+//! failure webhook. Each attempt is counted in `metrics`, logged in one
+//! line, and (when finished) remembered for `/ui`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -20,8 +21,10 @@ use crate::filter::{FilterSet, Preset};
 use crate::imaging::{self, Limits};
 use crate::index::{Failure, Index, VariantInfo};
 use crate::keys;
+use crate::metrics::{JobOutcome, Metrics};
 use crate::queue::{Claimed, Job, Queue};
 use crate::storage::{now_secs, FailureSummary, MediaRecord, Storage, Thumb};
+use crate::ui::{RecentJob, RecentJobs};
 
 pub struct Worker {
     pub queue: Arc<dyn Queue>,
@@ -40,6 +43,10 @@ pub struct Worker {
     pub max_retry_backoff: Duration,
     pub shutdown_deadline: Duration,
     pub consumer: String,
+    /// This process's counters (jobs, renders, fetches).
+    pub metrics: Arc<Metrics>,
+    /// Where finished jobs are remembered for `/ui`, if anywhere.
+    pub recent: Option<Arc<RecentJobs>>,
 }
 
 impl Worker {
@@ -76,6 +83,8 @@ impl Worker {
                 std::process::id(),
                 rand::random::<u32>()
             ),
+            metrics: Arc::new(Metrics::new()),
+            recent: None,
         })
     }
 
@@ -134,7 +143,7 @@ impl Worker {
         let job = &claimed.job;
         if claimed.attempt > self.max_attempts {
             let error = Error::Internal(format!("gave up after {} attempts", self.max_attempts));
-            return self.fail(&claimed, &error).await;
+            return self.fail(&claimed, &error, started).await;
         }
         let record = match self.process(job).await {
             Ok(record) => record,
@@ -144,18 +153,40 @@ impl Worker {
                     self.max_retry_backoff,
                     claimed.attempt,
                 );
-                tracing::warn!(job = %job.id, attempt = claimed.attempt, retry_in_ms = delay.as_millis() as u64, error = %e, "job failed; will retry");
+                self.metrics.job(JobOutcome::Retry, e.code());
+                tracing::warn!(
+                    job = %job.id,
+                    filters = ?job.filters,
+                    outcome = "retry",
+                    code = e.code(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    attempt = claimed.attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %e,
+                    "job failed; will retry"
+                );
                 if let Err(park) = self.queue.retry_later(&claimed, delay).await {
                     // Still unacked: reclaimed after the visibility timeout instead.
                     tracing::warn!(job = %job.id, error = %park, "could not schedule the retry");
                 }
                 return;
             }
-            Err(e) => return self.fail(&claimed, &e).await,
+            Err(e) => return self.fail(&claimed, &e, started).await,
         };
         match self.settle(&claimed, Outcome::Done(&record)).await {
             Ok(()) => {
-                tracing::info!(job = %job.id, code = %job.code, ms = started.elapsed().as_millis() as u64, "job done")
+                let duration_ms = started.elapsed().as_millis() as u64;
+                self.metrics.job(JobOutcome::Done, "");
+                tracing::info!(
+                    job = %job.id,
+                    media = %job.code,
+                    filters = ?job.filters,
+                    outcome = "done",
+                    duration_ms,
+                    "job done"
+                );
+                let original = record.path.clone().unwrap_or_default();
+                self.remember(job, original, None, duration_ms).await;
             }
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "could not complete job; it will be retried")
@@ -183,9 +214,38 @@ impl Worker {
         Ok(())
     }
 
-    async fn fail(&self, claimed: &Claimed, error: &Error) {
+    /// Remembers a finished job for `/ui`.
+    async fn remember(&self, job: &Job, original: String, error: Option<&Error>, duration_ms: u64) {
+        let Some(recent) = &self.recent else { return };
+        recent
+            .record(RecentJob {
+                id: job.id.clone(),
+                code: job.code.clone(),
+                filters: job.filters.clone(),
+                original,
+                outcome: if error.is_some() { "failed" } else { "done" }.into(),
+                error_code: error.map(|e| e.code().to_string()),
+                reason: error.map(|e| e.to_string()),
+                duration_ms,
+                finished_at_ms: crate::queue::now_millis(),
+            })
+            .await;
+    }
+
+    async fn fail(&self, claimed: &Claimed, error: &Error, started: std::time::Instant) {
         let job = &claimed.job;
-        tracing::warn!(job = %job.id, code = error.code(), error = %error, "job failed for good");
+        let duration_ms = started.elapsed().as_millis() as u64;
+        self.metrics.job(JobOutcome::Failed, error.code());
+        tracing::warn!(
+            job = %job.id,
+            media = %job.code,
+            filters = ?job.filters,
+            outcome = "failed",
+            code = error.code(),
+            duration_ms,
+            error = %error,
+            "job failed for good"
+        );
         let record = match self.record_failure(job, error).await {
             Ok(record) => record,
             Err(e) => {
@@ -214,7 +274,10 @@ impl Worker {
             .await
         {
             tracing::warn!(job = %job.id, error = %e, "could not dead-letter job");
+            return;
         }
+        let original = record.path.clone().unwrap_or_else(|| job.original.clone());
+        self.remember(job, original, Some(error), duration_ms).await;
     }
 
     /// Renders what is missing; returns the updated media record.
@@ -314,18 +377,23 @@ impl Worker {
                 let variants = presets
                     .iter()
                     .map(|preset| {
-                        imaging::render(&source, preset).map(|r| (preset.name.clone(), r))
+                        let started = std::time::Instant::now();
+                        imaging::render(&source, preset)
+                            .map(|r| (preset.name.clone(), r, started.elapsed()))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok((source.width(), source.height(), previews, variants))
             })
             .await?;
+        for (filter, _, took) in &variants {
+            self.metrics.render(filter, *took);
+        }
         record.original_width = Some(width);
         record.original_height = Some(height);
         record.blurhash = Some(previews.blurhash);
         record.blur = Some(previews.thumbhash);
 
-        for (filter, variant) in variants {
+        for (filter, variant, _) in variants {
             let path = keys::variant_path(&filter, original);
             let bytes = Bytes::from(variant.bytes);
             // Storage first, index second: the index never points at missing bytes.
@@ -369,7 +437,7 @@ impl Worker {
         let (Some(url), Some(stem)) = (&job.source_url, &job.stem) else {
             return Err(Error::SourceNotFound(job.code.clone()));
         };
-        let fetched = self.fetcher.fetch(url).await?;
+        let fetched = self.fetch(url).await?;
         let path = format!("{stem}.{}", keys::extension_for_mime(fetched.mime));
         self.archive(&path, url, &fetched, record).await?;
         Ok((path, fetched.bytes))
@@ -388,9 +456,18 @@ impl Worker {
         let Some(url) = &job.source_url else {
             return Err(Error::SourceNotFound(path.to_string()));
         };
-        let fetched = self.fetcher.fetch(url).await?;
+        let fetched = self.fetch(url).await?;
         self.archive(path, url, &fetched, record).await?;
         Ok(fetched.bytes)
+    }
+
+    /// Downloads an original, counting its bytes and time.
+    async fn fetch(&self, url: &str) -> Result<crate::fetch::Fetched> {
+        let started = std::time::Instant::now();
+        let fetched = self.fetcher.fetch(url).await;
+        let bytes = fetched.as_ref().ok().map(|f| f.bytes.len() as u64);
+        self.metrics.fetch(bytes, started.elapsed());
+        fetched
     }
 
     async fn archive(

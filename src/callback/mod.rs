@@ -244,6 +244,8 @@ pub struct Deliverer {
     lease: Duration,
     concurrency: usize,
     slots: Arc<Semaphore>,
+    /// This process's counters (attempts, failures).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Deliverer {
@@ -269,6 +271,7 @@ impl Deliverer {
             lease: Duration::from_millis(config.timeout_ms.saturating_mul(2) + 1000),
             concurrency: config.concurrency.max(1),
             slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 
@@ -356,13 +359,16 @@ impl Deliverer {
         delivery.attempts += 1;
         let settled = match outcome {
             Ok(()) => {
+                self.metrics.callback(false, false);
                 tracing::debug!(id = delivery.id, url = delivery.url, "webhook delivered");
                 self.outbox.done(&delivery.id).await
             }
             Err(e) => {
                 delivery.last_error = Some(e.to_string());
                 // Refused addresses and bad URLs will not get better.
-                if e.is_retryable() && delivery.attempts < self.max_attempts {
+                let retry = e.is_retryable() && delivery.attempts < self.max_attempts;
+                self.metrics.callback(true, !retry);
+                if retry {
                     let delay = self.delay_after(delivery.attempts);
                     tracing::info!(id = delivery.id, url = delivery.url, attempts = delivery.attempts, error = %e, "webhook failed; retrying in {delay:?}");
                     self.outbox.retry(&delivery, delay).await

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::{Claimed, Depths, Job, Priority, Queue};
 use crate::config::QueueConfig;
 use crate::error::Result;
+use crate::metrics::StreamStats;
 
 struct Pending {
     job: Job,
@@ -232,6 +233,31 @@ impl Queue for EmbeddedQueue {
             delayed: state.delayed.len() as u64,
             dead: state.dead.len() as u64,
         })
+    }
+
+    /// A waiting job counts in its stream's length and lag, a claimed one
+    /// in its length and pending, as with Redis streams.
+    async fn streams(&self) -> Result<Vec<StreamStats>> {
+        let state = self.state.lock();
+        let claimed = |priority| {
+            state
+                .pending
+                .values()
+                .filter(|p| p.job.priority == priority)
+                .count() as u64
+        };
+        let (urgent_claimed, preheat_claimed) =
+            (claimed(Priority::Urgent), claimed(Priority::Preheat));
+        let depths = Depths {
+            urgent: state.urgent.len() as u64 + urgent_claimed,
+            preheat: state.preheat.len() as u64 + preheat_claimed,
+            delayed: state.delayed.len() as u64,
+            dead: state.dead.len() as u64,
+        };
+        Ok(depths.streams([
+            (state.urgent.len() as u64, urgent_claimed),
+            (state.preheat.len() as u64, preheat_claimed),
+        ]))
     }
 
     async fn ping(&self) -> Result<()> {

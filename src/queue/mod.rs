@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::metrics::StreamStats;
 
 pub use embedded::EmbeddedQueue;
 pub use redis_streams::RedisQueue;
@@ -112,6 +113,24 @@ pub struct Depths {
     pub dead: u64,
 }
 
+impl Depths {
+    /// The four streams, given each job stream's (lag, pending).
+    pub fn streams(&self, [urgent, preheat]: [(u64, u64); 2]) -> Vec<StreamStats> {
+        let stream = |stream, length, (lag, pending)| StreamStats {
+            stream,
+            length,
+            lag,
+            pending,
+        };
+        vec![
+            stream("urgent", self.urgent, urgent),
+            stream("preheat", self.preheat, preheat),
+            stream("delayed", self.delayed, (0, 0)),
+            stream("dead", self.dead, (0, 0)),
+        ]
+    }
+}
+
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Adds the job unless one with its dedupe key is in flight; attaches
@@ -141,6 +160,14 @@ pub trait Queue: Send + Sync {
 
     /// Jobs waiting per stream, backing off, and dead letters.
     async fn depths(&self) -> Result<Depths>;
+
+    /// Per stream (`urgent`, `preheat`, `delayed`, `dead`): its length, and
+    /// for the job streams the entries not yet delivered (lag) and delivered
+    /// but not acknowledged (pending). Read when metrics are scraped.
+    async fn streams(&self) -> Result<Vec<StreamStats>> {
+        let d = self.depths().await?;
+        Ok(Depths::streams(&d, [(d.urgent, 0), (d.preheat, 0)]))
+    }
 
     async fn ping(&self) -> Result<()>;
 }

@@ -17,6 +17,7 @@ use super::{Claimed, Depths, Job, Priority, Queue};
 use crate::config::{QueueConfig, RedisConfig};
 use crate::error::{Error, Result};
 use crate::keys::RedisKeys;
+use crate::metrics::StreamStats;
 use crate::redis_conn::{Guarded, RedisHandle};
 use redis::aio::MultiplexedConnection;
 
@@ -368,6 +369,34 @@ impl Queue for RedisQueue {
             delayed: delayed_urgent + delayed_preheat,
             dead,
         })
+    }
+
+    /// `XLEN` and the consumer group's `lag` and `pending` (XINFO GROUPS)
+    /// of each job stream, plus the delayed and dead-letter sizes.
+    async fn streams(&self) -> Result<Vec<StreamStats>> {
+        let depths = self.depths().await?;
+        let mut conn = self.handle.conn().await?;
+        let mut group_stats = [(0, 0); 2];
+        for (i, priority) in PRIORITIES.iter().enumerate() {
+            let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+                conn.xinfo_groups(self.keys.stream(priority.as_str())).await;
+            // No stream yet (nothing enqueued, no worker started): nothing waits.
+            let Ok(groups) = groups else { continue };
+            if let Some(group) = groups.groups.iter().find(|g| g.name == self.group) {
+                let length = match priority {
+                    Priority::Urgent => depths.urgent,
+                    Priority::Preheat => depths.preheat,
+                };
+                // Redis answers no lag when it cannot tell (entries deleted
+                // past the last delivered one): then all undelivered entries.
+                let lag = group.lag.map_or_else(
+                    || length.saturating_sub(group.pending as u64),
+                    |lag| lag as u64,
+                );
+                group_stats[i] = (lag, group.pending as u64);
+            }
+        }
+        Ok(depths.streams(group_stats))
     }
 
     async fn ping(&self) -> Result<()> {

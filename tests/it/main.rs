@@ -14,6 +14,8 @@ mod faults;
 mod fetch;
 mod flow;
 mod hostile;
+mod observability;
+mod placeholders;
 mod purge;
 mod queue_contract;
 mod resilience;
