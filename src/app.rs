@@ -249,7 +249,7 @@ pub fn run(
             Error::Config(format!("sais.default_filters: no filter named {name:?}"))
         })?;
     }
-    let storage = Storage::open(&config.storage.url)?;
+    let storage = Storage::from_config(&config.storage)?;
     let policy = config.network_policy()?;
 
     let front_backends = backends(&config)?;

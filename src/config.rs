@@ -134,6 +134,33 @@ pub struct StorageConfig {
     pub default_root: String,
     /// Estimated image count of the default root (sizes its bins). Default 1000.
     pub default_approx: u64,
+    /// S3 endpoint URL (MinIO, moto, another S3-compatible server); empty =
+    /// AWS, or `AWS_ENDPOINT_URL` when set. Default empty.
+    pub s3_endpoint: String,
+    /// S3 region; empty = `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`. Default empty.
+    pub s3_region: String,
+    /// Path-style requests (`<endpoint>/<bucket>/<key>`) instead of
+    /// virtual-hosted ones (`<bucket>.<endpoint>/<key>`); most S3-compatible
+    /// servers want path style. Default true.
+    pub s3_path_style: bool,
+    /// Allow a plain `http://` endpoint (a loopback test server). Default
+    /// false; `AWS_ALLOW_HTTP=true` also allows it.
+    pub s3_allow_http: bool,
+    /// Access key id; empty = from the environment as the AWS tools read it
+    /// (`AWS_ACCESS_KEY_ID`, then web identity or instance metadata). Default empty.
+    pub s3_access_key_id: String,
+    /// Secret access key; empty = from the environment (`AWS_SECRET_ACCESS_KEY`). Default empty.
+    pub s3_secret_access_key: String,
+    /// Milliseconds one S3 request may take, body included. Default 30 000.
+    pub s3_request_timeout_ms: u64,
+    /// Milliseconds to connect to S3. Default 5000.
+    pub s3_connect_timeout_ms: u64,
+    /// Retries of an S3 request that failed retryably (transport error,
+    /// 5xx, throttling). Default 3.
+    pub s3_max_retries: usize,
+    /// Milliseconds after the first attempt past which an S3 request is no
+    /// longer retried. Default 10 000.
+    pub s3_retry_timeout_ms: u64,
 }
 
 /// The body of a 202 busy answer.
@@ -206,8 +233,14 @@ pub struct IndexConfig {
     pub hot_bytes: u64,
     /// Largest variant kept hot, bytes. Default 1 MiB.
     pub hot_max_object_bytes: u64,
-    /// Seconds a negative answer (not stored / original missing) is remembered. Default 2.
+    /// Seconds a negative answer (original missing, variant just queued) is remembered. Default 2.
     pub negative_ttl_secs: u64,
+    /// Seconds "storage does not hold this variant, its render is queued"
+    /// is remembered (in Redis with that backend, so every front and worker
+    /// shares it), so misses never ask storage about it again; recording the
+    /// rendered variant clears it at once. Without a queued render, the
+    /// answer lives `negative_ttl_secs`. Default 3600.
+    pub absent_ttl_secs: u64,
     /// Seconds a variant whose job failed for good answers that failure
     /// instead of being queued again. Default 300.
     pub failure_ttl_secs: u64,
@@ -408,6 +441,20 @@ impl Config {
         }
         if self.storage.url.trim().is_empty() {
             return bad("storage.url", "must not be empty".into());
+        }
+        if self.storage.s3_request_timeout_ms == 0 || self.storage.s3_connect_timeout_ms == 0 {
+            return bad(
+                "storage.s3_request_timeout_ms / s3_connect_timeout_ms",
+                "must be positive".into(),
+            );
+        }
+        if !self.storage.s3_endpoint.is_empty()
+            && url::Url::parse(&self.storage.s3_endpoint).is_err()
+        {
+            return bad(
+                "storage.s3_endpoint",
+                format!("{:?} is not a URL", self.storage.s3_endpoint),
+            );
         }
         crate::keys::validate_root(&self.storage.default_root)
             .or_else(|e| bad("storage.default_root", e.to_string()))?;

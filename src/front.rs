@@ -415,6 +415,18 @@ impl Front {
         if let Some(failure) = index.failure(variant).await {
             return Ok(self.failed(&failure));
         }
+        // Concurrent misses of one variant share one look at its original
+        // (an S3 request on S3) and one enqueue.
+        index
+            .queue_once(variant, self.queue_miss_job(filter, path.clone()))
+            .await?;
+        Ok(self.busy(filter, &path, variant).await)
+    }
+
+    /// Enqueues a miss's job: of a stored original, or of one a pre-heat is
+    /// still downloading; `SourceNotFound` (remembered briefly) for neither.
+    async fn queue_miss_job(&self, filter: &str, path: String) -> Result<()> {
+        let index = &self.ctx.index;
         let original_absent = format!("original:{path}");
         if index.is_known_absent(&original_absent).await {
             return Err(Error::SourceNotFound(path));
@@ -433,8 +445,7 @@ impl Front {
         if self.ctx.enqueue_miss(filter, &path, source_url).await? {
             self.metrics.enqueued();
         }
-        index.remember_queued(variant).await;
-        Ok(self.busy(filter, &path, variant).await)
+        Ok(())
     }
 
     /// The bytes of a variant the index knows, from storage (kept hot when

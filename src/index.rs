@@ -1,8 +1,12 @@
 //! "Does this variant exist, with what size, ETag and type": moka in front of
 //! Redis hashes (embedded: moka only), plus a size-weighted moka cache of hot
-//! variant bytes, short-lived negative answers, and expiring failures of
-//! variants whose jobs failed for good. An index is a hint over
-//! storage: losing it costs a storage read, never a wrong answer.
+//! variant bytes, negative answers, and expiring failures of variants whose
+//! jobs failed for good. An index is a hint over storage: losing it costs a
+//! storage read, never a wrong answer. Storage is asked about a variant the
+//! index does not know once: concurrent askers share that one read, and an
+//! "absent" answer is kept (in Redis when there is one; while a render of
+//! the variant is queued, until that render records it), so misses never go
+//! to storage (an S3 request) again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,10 +100,35 @@ pub enum Source {
     Storage,
 }
 
+/// What the index alone says of a variant.
+enum Known {
+    Stored(Arc<VariantInfo>, Source),
+    /// Storage said it does not hold it, and nothing recorded it since.
+    Absent,
+    Unknown,
+}
+
+/// Storage's answer for a variant the index did not know, shared by the
+/// askers that waited on the same read.
+#[derive(Clone)]
+enum Probe {
+    Found(Arc<VariantInfo>, Bytes),
+    Absent,
+}
+
 pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
     hot: Cache<String, Arc<HotVariant>>,
     absent: Cache<String, ()>,
+    /// Variants storage did not hold whose render is queued (the embedded
+    /// backend's only record of it; with Redis the shared marker is the one
+    /// consulted).
+    absent_variants: Cache<String, ()>,
+    /// Storage reads in progress, one per variant (moka runs one init per
+    /// key and hands its result to every waiter); emptied as each ends.
+    probes: Cache<String, Probe>,
+    absent_ttl: Duration,
+    negative_ttl: Duration,
     queued: Cache<String, ()>,
     failed: Cache<String, Arc<Failure>>,
     failure_ttl: Duration,
@@ -124,6 +153,13 @@ impl Index {
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
                 .build(),
+            absent_variants: Cache::builder()
+                .max_capacity(config.max_entries)
+                .time_to_live(Duration::from_secs(config.absent_ttl_secs.max(1)))
+                .build(),
+            probes: Cache::builder().max_capacity(config.max_entries).build(),
+            absent_ttl: Duration::from_secs(config.absent_ttl_secs.max(1)),
+            negative_ttl: Duration::from_secs(config.negative_ttl_secs.max(1)),
             queued: Cache::builder()
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
@@ -141,38 +177,76 @@ impl Index {
     /// Memory, then Redis. A Redis failure is logged and answered as "not
     /// known", so the caller falls back to storage instead of failing.
     pub async fn lookup(&self, variant: &str) -> Option<(Arc<VariantInfo>, Source)> {
-        if let Some(info) = self.entries.get(variant).await {
-            return Some((info, Source::Memory));
+        match self.known(variant).await {
+            Known::Stored(info, source) => Some((info, source)),
+            Known::Absent | Known::Unknown => None,
         }
-        let (handle, keys) = self.redis.as_ref()?;
+    }
+
+    /// Memory, then Redis (the index hash and the absent marker in one
+    /// round trip); without Redis, the in-memory absent answer.
+    async fn known(&self, variant: &str) -> Known {
+        if let Some(info) = self.entries.get(variant).await {
+            return Known::Stored(info, Source::Memory);
+        }
+        let Some((handle, keys)) = self.redis.as_ref() else {
+            return if self.absent_variants.contains_key(variant)
+                || self.absent.contains_key(variant)
+            {
+                Known::Absent
+            } else {
+                Known::Unknown
+            };
+        };
         match Self::redis_get(handle, keys, variant).await {
-            Ok(Some(info)) => {
+            Ok((Some(info), _)) => {
                 let info = Arc::new(info);
                 self.entries.insert(variant.to_string(), info.clone()).await;
-                Some((info, Source::Redis))
+                Known::Stored(info, Source::Redis)
             }
-            Ok(None) => None,
+            Ok((None, true)) => Known::Absent,
+            Ok((None, false)) => Known::Unknown,
             Err(e) => {
                 tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
-                None
+                // Redis down: storage is asked at most once per negative_ttl_secs.
+                if self.absent.contains_key(variant) {
+                    Known::Absent
+                } else {
+                    Known::Unknown
+                }
             }
         }
     }
 
-    /// The index, then storage (the source of truth). A variant found only in
-    /// storage is recorded, its bytes kept hot and returned, and never
-    /// re-rendered. "Absent" answers are remembered briefly.
+    /// The index, then storage (the source of truth), asked once however
+    /// many ask at the same time. A variant found only in storage is
+    /// recorded, its bytes kept hot and returned, and never re-rendered. An
+    /// "absent" answer is kept until a render records the variant (or
+    /// `absent_ttl_secs`), so storage is not asked again.
     pub async fn locate(
         &self,
         storage: &Storage,
         variant: &str,
     ) -> Result<Option<(Arc<VariantInfo>, Source, Option<Bytes>)>> {
-        if let Some((info, source)) = self.lookup(variant).await {
-            return Ok(Some((info, source, None)));
+        match self.known(variant).await {
+            Known::Stored(info, source) => return Ok(Some((info, source, None))),
+            Known::Absent => return Ok(None),
+            Known::Unknown => {}
         }
-        if self.is_known_absent(variant).await {
-            return Ok(None);
+        let probed = self
+            .probes
+            .try_get_with_by_ref(variant, self.probe(storage, variant))
+            .await;
+        // Only the waiters of this read share it; the answer lives on in
+        // the index (entry, hot bytes or absent marker).
+        self.probes.invalidate(variant).await;
+        match probed.map_err(Arc::unwrap_or_clone)? {
+            Probe::Found(info, bytes) => Ok(Some((info, Source::Storage, Some(bytes)))),
+            Probe::Absent => Ok(None),
         }
+    }
+
+    async fn probe(&self, storage: &Storage, variant: &str) -> Result<Probe> {
         match storage.get(variant).await? {
             Some(object) => {
                 let info = Arc::new(VariantInfo::of_bytes(
@@ -182,32 +256,76 @@ impl Index {
                 self.remember(variant, (*info).clone()).await;
                 self.hot_put_known(variant, info.clone(), object.bytes.clone())
                     .await;
-                Ok(Some((info, Source::Storage, Some(object.bytes))))
+                Ok(Probe::Found(info, object.bytes))
             }
             None => {
-                self.remember_absent(variant).await;
-                Ok(None)
+                self.remember_variant_absent(variant).await;
+                Ok(Probe::Absent)
             }
         }
     }
 
+    /// Keeps "storage does not hold this variant" briefly
+    /// (`negative_ttl_secs`): in Redis when there is one (every front and
+    /// worker then knows), and in memory. Kept longer only once a render is
+    /// queued (`expect_render`), so paths nobody renders cost no lasting key.
+    async fn remember_variant_absent(&self, variant: &str) {
+        self.absent.insert(variant.to_string(), ()).await;
+        self.mark_absent(variant, self.negative_ttl).await;
+    }
+
+    /// A render of this variant is about to be queued, and storage did not
+    /// hold it: the index answers "absent" until the render records it (or
+    /// `absent_ttl_secs`), so misses meanwhile never ask storage. Call
+    /// before enqueueing, so the render's `mark` comes after.
+    pub async fn expect_render(&self, variant: &str) {
+        if self.redis.is_none() {
+            self.absent_variants.insert(variant.to_string(), ()).await;
+        }
+        self.mark_absent(variant, self.absent_ttl).await;
+    }
+
+    /// The Redis marker (none without Redis). A Redis failure only costs the
+    /// next asker another storage read.
+    async fn mark_absent(&self, variant: &str, ttl: Duration) {
+        let Some((handle, keys)) = &self.redis else {
+            return;
+        };
+        let marked: Result<()> = async {
+            let mut conn = handle.conn().await?;
+            let () = conn
+                .set_ex(keys.variant_absent(variant), 1, ttl.as_secs())
+                .await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, variant, "could not record an absent variant in the index");
+        }
+    }
+
+    /// The variant's index fields, and whether it is marked absent.
     async fn redis_get(
         handle: &RedisHandle,
         keys: &RedisKeys,
         variant: &str,
-    ) -> Result<Option<VariantInfo>> {
+    ) -> Result<(Option<VariantInfo>, bool)> {
         let mut conn = handle.conn().await?;
-        let fields: std::collections::HashMap<String, String> =
-            conn.hgetall(keys.variant_index(variant)).await?;
+        let (fields, absent): (std::collections::HashMap<String, String>, bool) = redis::pipe()
+            .hgetall(keys.variant_index(variant))
+            .exists(keys.variant_absent(variant))
+            .query_async(&mut conn)
+            .await?;
         let field = |name: &str| fields.get(name).cloned();
-        Ok((|| {
+        let info = (|| {
             Some(VariantInfo {
                 size: field("size")?.parse().ok()?,
                 etag: field("etag")?,
                 content_type: field("type")?,
                 last_modified: field("mtime")?.parse().ok()?,
             })
-        })())
+        })();
+        Ok((info, absent))
     }
 
     /// Records a stored variant. Call only after the bytes are in storage.
@@ -227,9 +345,12 @@ impl Index {
                 .ignore()
                 .del(keys.variant_failure(variant))
                 .ignore()
+                .del(keys.variant_absent(variant))
+                .ignore()
                 .query_async(&mut conn)
                 .await?;
         }
+        self.absent_variants.invalidate(variant).await;
         self.absent.invalidate(variant).await;
         self.queued.invalidate(variant).await;
         self.failed.invalidate(variant).await;
@@ -343,6 +464,20 @@ impl Index {
         self.queued.insert(variant.to_string(), ()).await;
     }
 
+    /// Runs `enqueue` once however many misses of the variant come at the
+    /// same time (the others wait for its answer), and remembers its success
+    /// as `remember_queued` does.
+    pub async fn queue_once(
+        &self,
+        variant: &str,
+        enqueue: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        self.queued
+            .try_get_with_by_ref(variant, enqueue)
+            .await
+            .map_err(Arc::unwrap_or_clone)
+    }
+
     pub fn is_recently_queued(&self, variant: &str) -> bool {
         self.queued.contains_key(variant)
     }
@@ -372,6 +507,7 @@ impl Index {
         self.entries.invalidate(key).await;
         self.hot.invalidate(key).await;
         self.absent.invalidate(key).await;
+        self.absent_variants.invalidate(key).await;
         self.queued.invalidate(key).await;
         self.failed.invalidate(key).await;
     }
@@ -382,6 +518,7 @@ impl Index {
         self.entries.invalidate_all();
         self.hot.invalidate_all();
         self.absent.invalidate_all();
+        self.absent_variants.invalidate_all();
         self.queued.invalidate_all();
         self.failed.invalidate_all();
     }

@@ -318,6 +318,12 @@ impl RedisKeys {
         format!("{}failed:{variant_path}", self.prefix)
     }
 
+    /// A variant storage was asked for and did not hold (set, expiring,
+    /// until a render records the variant).
+    pub fn variant_absent(&self, variant_path: &str) -> String {
+        format!("{}absent:{variant_path}", self.prefix)
+    }
+
     /// Capped list of recently finished jobs (JSON, newest first) for `/ui`.
     pub fn recent_jobs(&self) -> String {
         format!("{}jobs:recent", self.prefix)

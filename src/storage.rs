@@ -1,20 +1,27 @@
-//! Originals, variants and media records over `Arc<dyn ObjectStore>`: the
-//! source of truth. Backend errors are mapped to `Error` here; nothing above
-//! this module knows whether bytes live on disk or in S3. Reads from a local
-//! directory skip object_store's blocking-pool trips when the kernel's caches
-//! can answer (see `local_read`), as a static file server does.
+//! Originals, variants, media records and accounts over
+//! `Arc<dyn ObjectStore>` (a local directory, S3 or memory): the source of
+//! truth. Backend errors are mapped to `Error` here (absent = `None`, any
+//! other failure = the retryable `Error::Storage`); nothing above this module
+//! knows whether bytes live on disk or in S3. Reads from a local directory
+//! skip object_store's blocking-pool trips when the kernel's caches can
+//! answer (see `local_read`), as a static file server does; other backends
+//! never take that path.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, PutPayload};
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, PutPayload, RetryConfig};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::config::StorageConfig;
 use crate::error::{Error, Result};
 
 /// Size and time of a stored object.
@@ -47,14 +54,24 @@ impl std::fmt::Debug for Storage {
 }
 
 impl Storage {
-    /// Opens `storage.url`: a directory path, `file:///abs/dir`, or `memory://`.
+    /// Opens `storage.url` with the other `[storage]` settings: S3 for
+    /// `s3://bucket/prefix`, else as [`Storage::open`].
+    pub fn from_config(config: &StorageConfig) -> Result<Storage> {
+        match config.url.strip_prefix("s3://") {
+            Some(rest) => Self::open_s3(rest, config),
+            None => Self::open(&config.url),
+        }
+    }
+
+    /// Opens a directory path, `file:///abs/dir`, or `memory://`. S3 needs
+    /// its settings: [`Storage::from_config`].
     pub fn open(url: &str) -> Result<Storage> {
         if url == "memory://" {
             return Ok(Self::from_store(Arc::new(InMemory::new()), "memory"));
         }
         if url.starts_with("s3://") {
             return Err(Error::Config(format!(
-                "storage.url {url:?}: this build has no S3 backend yet"
+                "storage.url {url:?}: S3 is opened with its settings (Storage::from_config)"
             )));
         }
         let dir = match url.strip_prefix("file://") {
@@ -76,6 +93,63 @@ impl Storage {
         let mut storage = Self::from_store(store.clone(), &dir.display().to_string());
         storage.local = Some(store);
         Ok(storage)
+    }
+
+    /// `bucket[/prefix]`: the environment's AWS settings, then the file's.
+    fn open_s3(rest: &str, config: &StorageConfig) -> Result<Storage> {
+        let url = &config.url;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        if bucket.is_empty() {
+            return Err(Error::Config(format!(
+                "storage.url {url:?}: expected s3://bucket/prefix"
+            )));
+        }
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(!config.s3_path_style)
+            // Set key by key: replacing the client options would drop what
+            // the environment set in them (AWS_ALLOW_HTTP, a proxy).
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                format!("{}ms", config.s3_request_timeout_ms),
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                format!("{}ms", config.s3_connect_timeout_ms),
+            )
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: config.s3_max_retries,
+                retry_timeout: Duration::from_millis(config.s3_retry_timeout_ms),
+            });
+        // An empty or false setting leaves what the environment says.
+        if config.s3_allow_http {
+            builder = builder.with_allow_http(true);
+        }
+        if !config.s3_endpoint.is_empty() {
+            builder = builder.with_endpoint(&config.s3_endpoint);
+        }
+        if !config.s3_region.is_empty() {
+            builder = builder.with_region(&config.s3_region);
+        }
+        if !config.s3_access_key_id.is_empty() {
+            builder = builder.with_access_key_id(&config.s3_access_key_id);
+        }
+        if !config.s3_secret_access_key.is_empty() {
+            builder = builder.with_secret_access_key(&config.s3_secret_access_key);
+        }
+        let s3 = builder
+            .build()
+            .map_err(|e| Error::Config(format!("storage.url {url:?}: {e}")))?;
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            let root = StorePath::parse(prefix)
+                .map_err(|e| Error::Config(format!("storage.url {url:?}: prefix: {e}")))?;
+            Arc::new(PrefixStore::new(s3, root))
+        };
+        Ok(Self::from_store(store, &format!("s3://{bucket}/{prefix}")))
     }
 
     pub fn from_store(store: Arc<dyn ObjectStore>, description: &str) -> Storage {
@@ -617,6 +691,37 @@ mod tests {
             "invalid-path"
         );
         storage.ping().await.unwrap();
+    }
+
+    /// `s3://bucket/prefix` opens S3 (never the local fast path) with the
+    /// prefix as its root; a URL without a bucket is a config error.
+    #[test]
+    fn s3_urls_open_with_their_settings() {
+        let load = |storage: &str| {
+            crate::config::Config::load_from(crate::config::Sources {
+                extra_toml: Some(&format!(
+                    "[storage]\n{storage}\ns3_region = \"eu-west-1\"\n\
+                     s3_access_key_id = \"k\"\ns3_secret_access_key = \"s\""
+                )),
+                ..Default::default()
+            })
+            .unwrap()
+            .storage
+        };
+        let storage = Storage::from_config(&load("url = \"s3://media/a/b/\"")).unwrap();
+        assert_eq!(format!("{storage:?}"), "Storage(s3://media/a/b)");
+        assert!(storage.local.is_none());
+        let storage = Storage::from_config(&load("url = \"s3://media\"")).unwrap();
+        assert_eq!(format!("{storage:?}"), "Storage(s3://media/)");
+        for url in ["s3://", "s3:///prefix"] {
+            let err = Storage::from_config(&load(&format!("url = \"{url}\""))).unwrap_err();
+            assert_eq!(err.code(), "invalid-config", "{url}: {err}");
+        }
+        let err = Storage::open("s3://media/a").unwrap_err();
+        assert_eq!(err.code(), "invalid-config");
+        let dir = tempfile::tempdir().unwrap();
+        let local = Storage::from_config(&load(&format!("url = \"{}\"", dir.path().display())));
+        assert!(local.unwrap().local.is_some());
     }
 
     /// Local reads answer as object_store's local backend does.

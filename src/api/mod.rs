@@ -255,6 +255,10 @@ impl Context {
                 }
                 .encode()
             });
+            if !exists {
+                // Before the job exists, so its render's index entry comes after.
+                self.index.expect_render(&variant).await;
+            }
             self.queue.enqueue(&job, subscriber.as_deref()).await?
         };
         Ok(PreheatAnswer {
@@ -309,6 +313,10 @@ impl Context {
             &code,
             vec![filter.to_string()],
         );
+        // Before the job exists, so its render's index entry comes after.
+        self.index
+            .expect_render(&keys::variant_path(filter, original))
+            .await;
         self.queue.enqueue(&job, None).await
     }
 }

@@ -22,4 +22,6 @@ mod queue_contract;
 mod resilience;
 mod sais;
 mod sizes;
+mod storage_contract;
+mod storage_s3;
 mod upgrade;

@@ -1,5 +1,7 @@
 //! Test fixtures for the integration suite: a throwaway `redis-server`, a
-//! loopback origin, a callback sink, a caching nginx, a bounded `eventually`, and in-memory
+//! Test fixtures for the integration suite: a throwaway `redis-server`, a
+//! throwaway S3 (`moto_server`) with a counting proxy, a loopback origin, a
+//! callback sink, a caching nginx, a bounded `eventually`, and in-memory
 //! image generators plus assertion helpers.
 //!
 //! Owns only test scaffolding; it must never depend on kiln internals, so a
@@ -13,6 +15,7 @@ pub mod images;
 pub mod nginx;
 pub mod origin;
 pub mod redis;
+pub mod s3;
 pub mod sink;
 
 // Re-exports are used by some tests and not others.
@@ -31,6 +34,8 @@ pub use nginx::Nginx;
 pub use origin::{Origin, OriginRequest, OriginResponse};
 #[allow(unused_imports)]
 pub use redis::RedisServer;
+#[allow(unused_imports)]
+pub use s3::{CountingProxy, Moto};
 #[allow(unused_imports)]
 pub use sink::{CallbackSink, Received};
 
