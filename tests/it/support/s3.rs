@@ -34,10 +34,10 @@ pub const ACCESS_KEY_ID: &str = "kiln-test-key";
 pub const SECRET_ACCESS_KEY: &str = "kiln-test-secret";
 pub const REGION: &str = "us-east-1";
 
-/// The `moto_server` binary: `$KILN_TEST_MOTO_SERVER` (set by
+/// The `moto_server` binary: `$MOTO_SERVER` (set by
 /// `scripts/test`), else the venv `scripts/test` installs into.
 fn binary() -> PathBuf {
-    let path = std::env::var_os("KILN_TEST_MOTO_SERVER")
+    let path = std::env::var_os("MOTO_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/moto-venv/bin/moto_server")
@@ -45,7 +45,7 @@ fn binary() -> PathBuf {
     assert!(
         path.is_file(),
         "moto_server not found at {}: run scripts/test once (it installs moto[server] \
-         into target/moto-venv), or point KILN_TEST_MOTO_SERVER at a moto_server binary",
+         into target/moto-venv), or point MOTO_SERVER at a moto_server binary",
         path.display()
     );
     path
