@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
+use crate::kiln::{preheat, until_ready, Backend, Kiln};
 use crate::support::{dimensions, eventually, jpeg, CallbackSink, Origin, OriginResponse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,17 +31,13 @@ async fn eager_filters_render_along_with_the_one_asked_for() {
         "/p.jpg",
         OriginResponse::image("image/jpeg", jpeg(1600, 1200, [50, 90, 200])),
     );
-    let answer: serde_json::Value = reqwest::get(preheat_url(
+    let answer = preheat(
         &kiln.base,
         "small",
         &origin.url("/p.jpg"),
         Some(&sink.url("/hook")),
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    )
+    .await;
     let path = answer["path"].as_str().unwrap().to_string();
     let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(hooks[0].body["filter"], "small");

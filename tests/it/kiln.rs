@@ -202,6 +202,20 @@ pub async fn setup_account(base: &str, root: &str, approx: u64) -> serde_json::V
 
 /// A pre-heat URL with the admin key:
 /// `<base>/request/<filter>?url=…[&callback=…]&token=…`, encoded.
+/// Pre-heats `image_url` through `/request/<filter>` with the admin key;
+/// the JSON answer (code, path, url, status, record).
+pub async fn preheat(
+    base: &str,
+    filter: &str,
+    image_url: &str,
+    callback: Option<&str>,
+) -> serde_json::Value {
+    let response = reqwest::get(preheat_url(base, filter, image_url, callback))
+        .await
+        .expect("pre-heat request");
+    response.json().await.expect("pre-heat answer")
+}
+
 pub fn preheat_url(base: &str, filter: &str, image_url: &str, callback: Option<&str>) -> String {
     let mut query = url::form_urlencoded::Serializer::new(String::new());
     query.append_pair("token", ADMIN_KEY);

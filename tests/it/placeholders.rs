@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::kiln::{get_json, preheat_url, until_ready, Backend, Kiln, ADMIN_KEY};
+use crate::kiln::{get_json, preheat, until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::support::{decode, dimensions, eventually, jpeg, mean_rgb, Origin, OriginResponse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -15,17 +15,7 @@ async fn a_miss_of_a_known_original_shows_its_preview_at_the_variants_shape() {
         "/red.jpg",
         OriginResponse::image("image/jpeg", jpeg(1200, 800, [210, 30, 30])),
     );
-    let record: serde_json::Value = reqwest::get(preheat_url(
-        &kiln.base,
-        "small",
-        &origin.url("/red.jpg"),
-        None,
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let record = preheat(&kiln.base, "small", &origin.url("/red.jpg"), None).await;
     until_ready(record["url"].as_str().unwrap()).await;
     let path = record["path"].as_str().unwrap();
     // The record gets its BlurHash just after the variant is stored.

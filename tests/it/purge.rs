@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::kiln::{
-    preheat_url, setup_account, test_config_toml, until_ready, Backend, Kiln, ADMIN_KEY,
+    preheat, setup_account, test_config_toml, until_ready, Backend, Kiln, ADMIN_KEY,
 };
 use crate::support::{
     decode, dimensions, eventually, free_port, jpeg, mean_rgb, Origin, OriginResponse, RedisServer,
@@ -108,17 +108,7 @@ async fn purging_an_original_makes_its_variants_render_again(backend: Backend) {
         "/a.jpg",
         OriginResponse::image("image/jpeg", jpeg(640, 480, [10, 160, 10])),
     );
-    let record: serde_json::Value = reqwest::get(preheat_url(
-        &kiln.base,
-        "small",
-        &origin.url("/a.jpg"),
-        None,
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let record = preheat(&kiln.base, "small", &origin.url("/a.jpg"), None).await;
     let code = record["code"].as_str().unwrap().to_string();
     let variant = record["url"].as_str().unwrap().to_string();
     until_ready(&variant).await;
