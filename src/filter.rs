@@ -32,7 +32,15 @@ pub enum OutputFormat {
     /// Opt-in: 0.2-3 s per image, so the box is capped by
     /// `imaging.avif_max_pixels`.
     Avif,
+    /// Chosen per request from `Accept`: AVIF (when the box is within
+    /// `imaging.avif_max_pixels`), else WebP, else as `source`. Each format
+    /// asked for is its own variant, stored under `<filter>.<ext>`.
+    Auto,
 }
+
+/// The formats `auto` may pick beyond `source`, as the suffix of the
+/// variant's filter segment (`small.webp`).
+pub const NEGOTIATED_EXTENSIONS: [&str; 2] = ["avif", "webp"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +137,17 @@ impl Preset {
 
 fn scaled(side: f64, scale: f64) -> u32 {
     ((side * scale).round() as u32).max(1)
+}
+
+/// A filter segment of a stored variant: a filter name, or one with a
+/// negotiated format's suffix (`small.webp`).
+pub fn is_variant_filter_name(name: &str) -> bool {
+    match name.rsplit_once('.') {
+        Some((base, extension)) => {
+            is_identifier(base) && NEGOTIATED_EXTENSIONS.contains(&extension)
+        }
+        None => is_identifier(name),
+    }
 }
 
 /// 1-64 of `[A-Za-z0-9_-]`: safe as one URL and path segment.
@@ -251,6 +270,8 @@ impl SizeRules {
 pub struct FilterSet {
     presets: BTreeMap<String, Preset>,
     sizes: SizeRules,
+    /// Largest box an `auto` filter may render as AVIF.
+    avif_max_pixels: u64,
 }
 
 impl FilterSet {
@@ -276,6 +297,7 @@ impl FilterSet {
         Ok(FilterSet {
             presets,
             sizes: SizeRules::default(),
+            avif_max_pixels: 0,
         })
     }
 
@@ -292,6 +314,7 @@ impl FilterSet {
         };
         set.check_avif_boxes(config.imaging.avif_max_pixels)?;
         set.sizes = SizeRules::from_config(config)?;
+        set.avif_max_pixels = config.imaging.avif_max_pixels;
         Ok(set)
     }
 
@@ -310,10 +333,32 @@ impl FilterSet {
         Ok(())
     }
 
-    /// A configured preset, else a size URL's (when size URLs are on).
+    /// A configured preset, a negotiated format of an `auto` one
+    /// (`small.webp`), else a size URL's (when size URLs are on).
     pub fn get(&self, name: &str) -> Result<Cow<'_, Preset>> {
         if let Some(preset) = self.presets.get(name) {
             return Ok(Cow::Borrowed(preset));
+        }
+        if let Some((base, extension)) = name.rsplit_once('.') {
+            let negotiated = self
+                .presets
+                .get(base)
+                .filter(|preset| preset.format == OutputFormat::Auto)
+                .and_then(|preset| {
+                    let format = match extension {
+                        "webp" => OutputFormat::Webp,
+                        "avif" if self.avif_allowed(preset) => OutputFormat::Avif,
+                        _ => return None,
+                    };
+                    Some(Preset {
+                        name: name.to_string(),
+                        format,
+                        ..preset.clone()
+                    })
+                });
+            return negotiated
+                .map(Cow::Owned)
+                .ok_or_else(|| Error::UnknownFilter(name.chars().take(64).collect()));
         }
         match SizeName::parse(name) {
             Some(size) if self.sizes.enabled => self.sizes.preset(name, size).map(Cow::Owned),
@@ -324,6 +369,11 @@ impl FilterSet {
     /// The configured presets (not the size URLs).
     pub fn iter(&self) -> impl Iterator<Item = &Preset> {
         self.presets.values()
+    }
+
+    /// Whether an `auto` preset may answer with AVIF (its box is within the cap).
+    pub fn avif_allowed(&self, preset: &Preset) -> bool {
+        u64::from(preset.width) * u64::from(preset.height) <= self.avif_max_pixels
     }
 
     /// The presets rendered whenever another filter of an original is.

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{
     ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LAST_MODIFIED,
-    LOCATION, RETRY_AFTER,
+    LOCATION, RETRY_AFTER, VARY,
 };
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -22,6 +22,7 @@ use pingora_http::ResponseHeader;
 use crate::api::Context;
 use crate::config::MissBody;
 use crate::error::{Error, Result};
+use crate::filter::OutputFormat;
 use crate::index::{Failure, HotVariant, VariantInfo};
 use crate::keys;
 use crate::metrics::{HitSource, Metrics, Route};
@@ -94,6 +95,7 @@ impl Reply {
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const BYTES: HeaderValue = HeaderValue::from_static("bytes");
+const ACCEPT_VALUE: HeaderValue = HeaderValue::from_static("Accept");
 
 /// Prometheus text exposition format 0.0.4.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -367,7 +369,39 @@ impl Front {
         let (filter, raw_path) = rest
             .split_once('/')
             .ok_or_else(|| Error::InvalidPath("expected <filter>/<path>".into()))?;
-        self.ctx.filters.get(filter)?;
+        let preset = self.ctx.filters.get(filter)?;
+        if preset.format != OutputFormat::Auto {
+            return self
+                .cache_variant(filter, raw_path, as_stored, conditions, resolve)
+                .await;
+        }
+        // The variant of the format Accept picks; every answer says it varies.
+        let negotiated =
+            negotiated_extension(conditions.accept, self.ctx.filters.avif_allowed(&preset));
+        let reply = match negotiated {
+            Some(extension) => {
+                let qualified = format!("{filter}.{extension}");
+                self.cache_variant(&qualified, raw_path, None, conditions, resolve)
+                    .await?
+            }
+            None => {
+                self.cache_variant(filter, raw_path, as_stored, conditions, resolve)
+                    .await?
+            }
+        };
+        Ok(reply.header(VARY, ACCEPT_VALUE))
+    }
+
+    /// `cache` for one stored variant: `filter` is the variant's filter
+    /// segment (`small`, or `small.webp` when negotiated).
+    async fn cache_variant(
+        &self,
+        filter: &str,
+        raw_path: &str,
+        as_stored: Option<&str>,
+        conditions: &Conditions<'_>,
+        resolve: bool,
+    ) -> Result<Reply> {
         let path = normalize_path(raw_path, self.ctx.config.server.max_path_bytes)?;
         let variant = match (&path, as_stored) {
             // Nothing was decoded: the URL path spells the storage path.
@@ -630,6 +664,39 @@ fn etag_matches(header: &str, etag: &str) -> bool {
     })
 }
 
+/// The format an `auto` filter answers with, from `Accept`: AVIF when
+/// allowed and accepted, else WebP when accepted, else none (the source
+/// format). Only these three outcomes reach the variant key, so however
+/// varied clients' `Accept` headers are, an original has at most three
+/// stored variants per filter.
+fn negotiated_extension(accept: Option<&str>, avif_allowed: bool) -> Option<&'static str> {
+    let accept = accept?;
+    let accepts = |mime: &str| {
+        accept.split(',').any(|item| {
+            let mut parts = item.split(';');
+            let matches = parts
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case(mime));
+            // `q=0` means "not this one".
+            let refused = parts.any(|param| {
+                param
+                    .trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            matches && !refused
+        })
+    };
+    if avif_allowed && accepts("image/avif") {
+        Some("avif")
+    } else if accepts("image/webp") {
+        Some("webp")
+    } else {
+        None
+    }
+}
+
 /// The request headers that make a hit conditional or partial.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conditions<'a> {
@@ -637,6 +704,8 @@ pub struct Conditions<'a> {
     /// `Range`, for GET only.
     pub range: Option<&'a str>,
     pub if_range: Option<&'a str>,
+    /// `Accept`, which picks the format of an `auto` filter.
+    pub accept: Option<&'a str>,
 }
 
 impl Conditions<'_> {
@@ -752,6 +821,7 @@ impl<'a> Request<'a> {
                     .then(|| header_text(http::header::RANGE))
                     .flatten(),
                 if_range: header_text(http::header::IF_RANGE),
+                accept: header_text(http::header::ACCEPT),
             },
             bearer,
             content_type: header_text(CONTENT_TYPE),
@@ -989,6 +1059,32 @@ mod tests {
     }
 
     #[test]
+    fn accept_picks_one_of_three_formats() {
+        let cases = [
+            (
+                Some("image/avif,image/webp,image/apng,*/*;q=0.8"),
+                true,
+                Some("avif"),
+            ),
+            (Some("image/avif,image/webp,*/*"), false, Some("webp")),
+            (Some("image/webp,*/*"), true, Some("webp")),
+            (Some("IMAGE/WEBP"), true, Some("webp")),
+            (Some("image/avif;q=0, image/webp;q=0.5"), true, Some("webp")),
+            (Some("image/webp;q=0.0"), true, None),
+            (Some("image/png,image/*;q=0.8,*/*;q=0.5"), true, None),
+            (Some("*/*"), true, None),
+            (None, true, None),
+        ];
+        for (accept, avif_allowed, want) in cases {
+            assert_eq!(
+                negotiated_extension(accept, avif_allowed),
+                want,
+                "{accept:?}"
+            );
+        }
+    }
+
+    #[test]
     fn placeholder_is_a_png() {
         let png = transparent_pixel_png();
         let img = image::load_from_memory(&png).unwrap();
@@ -1125,6 +1221,7 @@ mod tests {
                         if_none_match: if_none_match.as_deref(),
                         range: Some(range),
                         if_range: if_range.as_deref(),
+                        accept: None,
                     },
                     ..get(url, None)
                 };

@@ -478,7 +478,8 @@ fn output_format(source: ImageFormat, wanted: OutputFormat) -> ImageFormat {
         OutputFormat::Png => ImageFormat::Png,
         OutputFormat::Webp => ImageFormat::WebP,
         OutputFormat::Avif => ImageFormat::Avif,
-        OutputFormat::Source => match source {
+        // `auto` without a negotiated format renders as `source`.
+        OutputFormat::Source | OutputFormat::Auto => match source {
             ImageFormat::Jpeg => ImageFormat::Jpeg,
             ImageFormat::WebP => ImageFormat::WebP,
             _ => ImageFormat::Png,

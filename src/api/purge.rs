@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{Caller, Context};
 use crate::error::{Error, Result};
-use crate::filter::is_identifier;
+use crate::filter::{is_variant_filter_name, OutputFormat, NEGOTIATED_EXTENSIONS};
 use crate::keys;
 
 /// What a purge removed.
@@ -95,22 +95,39 @@ impl Context {
             ));
         }
         let filter = checked_filter_name(filter)?;
+        // An `auto` filter's negotiated variants live beside it.
+        let mut segments = vec![filter.to_string()];
+        if self
+            .filters
+            .get(filter)
+            .is_ok_and(|preset| preset.format == OutputFormat::Auto)
+        {
+            segments.extend(NEGOTIATED_EXTENSIONS.map(|ext| format!("{filter}.{ext}")));
+        }
         let mut purged = Purged::default();
-        for variant in self.storage.list(&format!("media/cache/{filter}")).await? {
-            self.storage.delete(&variant).await?;
-            self.index.forget(&variant).await?;
-            purged.variants.push(variant);
+        for segment in segments {
+            for variant in self.storage.list(&format!("media/cache/{segment}")).await? {
+                self.storage.delete(&variant).await?;
+                self.index.forget(&variant).await?;
+                purged.variants.push(variant);
+            }
         }
         Ok(purged)
     }
 
     /// The configured filters and any other whose variants are in storage.
     async fn filter_names(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = self.filters.iter().map(|p| p.name.clone()).collect();
+        let mut names: Vec<String> = Vec::new();
+        for preset in self.filters.iter() {
+            names.push(preset.name.clone());
+            if preset.format == OutputFormat::Auto {
+                names.extend(NEGOTIATED_EXTENSIONS.map(|ext| format!("{}.{ext}", preset.name)));
+            }
+        }
         names.extend(self.storage.child_dirs("media/cache").await?);
         names.sort_unstable();
         names.dedup();
-        names.retain(|name| is_identifier(name));
+        names.retain(|name| is_variant_filter_name(name));
         Ok(names)
     }
 
@@ -133,7 +150,7 @@ impl Context {
 /// A filter named in a purge: any valid name, since a filter removed from
 /// the config may still have variants stored.
 fn checked_filter_name(name: &str) -> Result<&str> {
-    if is_identifier(name) {
+    if is_variant_filter_name(name) {
         Ok(name)
     } else {
         Err(Error::UnknownFilter(name.chars().take(64).collect()))

@@ -15,6 +15,7 @@ mod faults;
 mod fetch;
 mod flow;
 mod hostile;
+mod negotiate;
 mod observability;
 mod placeholders;
 mod purge;

@@ -128,6 +128,7 @@ pub fn format_of(bytes: &[u8]) -> &'static str {
         [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => "png",
         [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "webp",
         [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => "gif",
+        [_, _, _, _, b'f', b't', b'y', b'p', b'a', b'v', b'i', b'f', ..] => "avif",
         _ => "unknown",
     }
 }
