@@ -88,7 +88,23 @@ pub struct ResizePlan {
     pub height: u32,
 }
 
+/// The filter segment an `auto` filter's variant in a negotiated format is
+/// stored under (`small.webp`).
+pub fn negotiated_segment(filter: &str, extension: &str) -> String {
+    format!("{filter}.{extension}")
+}
+
 impl Preset {
+    /// The filter segments this preset's variants are stored under: its
+    /// name, and for an `auto` filter each negotiated format's too.
+    pub fn stored_segments(&self) -> Vec<String> {
+        let mut segments = vec![self.name.clone()];
+        if self.format == OutputFormat::Auto {
+            segments.extend(NEGOTIATED_EXTENSIONS.map(|ext| negotiated_segment(&self.name, ext)));
+        }
+        segments
+    }
+
     pub fn plan(&self, src_width: u32, src_height: u32) -> ResizePlan {
         let full = Rect {
             x: 0,

@@ -378,17 +378,17 @@ impl Front {
         // The variant of the format Accept picks; every answer says it varies.
         let negotiated =
             negotiated_extension(conditions.accept, self.ctx.filters.avif_allowed(&preset));
-        let reply = match negotiated {
+        let qualified;
+        let (filter, as_stored) = match negotiated {
             Some(extension) => {
-                let qualified = format!("{filter}.{extension}");
-                self.cache_variant(&qualified, raw_path, None, conditions, resolve)
-                    .await?
+                qualified = crate::filter::negotiated_segment(filter, extension);
+                (qualified.as_str(), None)
             }
-            None => {
-                self.cache_variant(filter, raw_path, as_stored, conditions, resolve)
-                    .await?
-            }
+            None => (filter, as_stored),
         };
+        let reply = self
+            .cache_variant(filter, raw_path, as_stored, conditions, resolve)
+            .await?;
         Ok(reply.header(VARY, ACCEPT_VALUE))
     }
 

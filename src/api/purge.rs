@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{Caller, Context};
 use crate::error::{Error, Result};
-use crate::filter::{is_variant_filter_name, OutputFormat, NEGOTIATED_EXTENSIONS};
+use crate::filter::{is_variant_filter_name, Preset};
 use crate::keys;
 
 /// What a purge removed.
@@ -95,15 +95,12 @@ impl Context {
             ));
         }
         let filter = checked_filter_name(filter)?;
-        // An `auto` filter's negotiated variants live beside it.
-        let mut segments = vec![filter.to_string()];
-        if self
-            .filters
-            .get(filter)
-            .is_ok_and(|preset| preset.format == OutputFormat::Auto)
-        {
-            segments.extend(NEGOTIATED_EXTENSIONS.map(|ext| format!("{filter}.{ext}")));
-        }
+        // An `auto` filter's negotiated variants live beside it; a filter no
+        // longer configured has only its own.
+        let segments = match self.filters.get(filter) {
+            Ok(preset) => preset.stored_segments(),
+            Err(_) => vec![filter.to_string()],
+        };
         let mut purged = Purged::default();
         for segment in segments {
             for variant in self.storage.list(&format!("media/cache/{segment}")).await? {
@@ -117,13 +114,11 @@ impl Context {
 
     /// The configured filters and any other whose variants are in storage.
     async fn filter_names(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = Vec::new();
-        for preset in self.filters.iter() {
-            names.push(preset.name.clone());
-            if preset.format == OutputFormat::Auto {
-                names.extend(NEGOTIATED_EXTENSIONS.map(|ext| format!("{}.{ext}", preset.name)));
-            }
-        }
+        let mut names: Vec<String> = self
+            .filters
+            .iter()
+            .flat_map(Preset::stored_segments)
+            .collect();
         names.extend(self.storage.child_dirs("media/cache").await?);
         names.sort_unstable();
         names.dedup();
