@@ -86,15 +86,20 @@ pub(crate) struct Deployment {
 }
 
 pub(crate) fn deployment(redis: &RedisServer, extra: &str) -> Deployment {
+    deployment_on(Some(redis), extra)
+}
+
+/// A deployment on the embedded backend: one `kiln serve` process.
+pub(crate) fn embedded_deployment(extra: &str) -> Deployment {
+    deployment_on(None, extra)
+}
+
+fn deployment_on(redis: Option<&RedisServer>, extra: &str) -> Deployment {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let storage = dir.path().join("storage");
     let config = dir.path().join("kiln.toml");
-    std::fs::write(
-        &config,
-        test_config_toml(port, &storage, Some(redis), extra),
-    )
-    .unwrap();
+    std::fs::write(&config, test_config_toml(port, &storage, redis, extra)).unwrap();
     Deployment {
         base: format!("http://127.0.0.1:{port}"),
         dir,

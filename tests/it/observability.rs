@@ -449,15 +449,8 @@ async fn status_page_in_headless_chromium() {
 /// object; a request gives one access line, a job one line with its outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_have_a_line_per_request_and_per_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let storage = dir.path().join("storage");
-    let config = dir.path().join("kiln.toml");
-    std::fs::write(
-        &config,
-        crate::kiln::test_config_toml(port, &storage, None, "[log]\nformat = \"json\"\n"),
-    )
-    .unwrap();
+    let d = crate::distributed::embedded_deployment("[log]\nformat = \"json\"\n");
+    let (dir, config, storage) = (&d.dir, &d.config, d.dir.path().join("storage"));
     let original = storage.join("default/j.png");
     std::fs::create_dir_all(original.parent().unwrap()).unwrap();
     std::fs::write(&original, png_rgba(50, 50, [90, 90, 90, 255])).unwrap();
@@ -471,7 +464,7 @@ async fn json_logs_have_a_line_per_request_and_per_job() {
             .stdout(log_file)
             .stderr(Stdio::null()),
     );
-    let base = format!("http://127.0.0.1:{port}");
+    let base = &d.base;
     let url = format!("{base}/media/cache/small/default/j.png");
     // On failure, the process's log says why.
     let served = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {

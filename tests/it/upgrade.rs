@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::distributed::Process;
-use crate::kiln::{test_config_toml, until_ready};
-use crate::support::{eventually, free_port, jpeg};
+use crate::distributed::{embedded_deployment, Process};
+use crate::kiln::until_ready;
+use crate::support::{eventually, jpeg};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -59,20 +59,16 @@ fn load(url: String, tally: Arc<Tally>) -> Vec<tokio::task::JoinHandle<Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_under_load_fails_no_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let storage = dir.path().join("storage");
-    let config = dir.path().join("kiln.toml");
-    let extra = format!(
+    let sockets = tempfile::tempdir().unwrap();
+    let d = embedded_deployment(&format!(
         "[server]\ngrace_period_secs = 1\nupgrade_sock = \"{}\"\n",
-        dir.path().join("upgrade.sock").display()
-    );
-    std::fs::write(&config, test_config_toml(port, &storage, None, &extra)).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let log = |name: &str| dir.path().join(format!("{name}.log"));
+        sockets.path().join("upgrade.sock").display()
+    ));
+    let (base, config, storage) = (&d.base, &d.config, d.dir.path().join("storage"));
+    let log = |name: &str| d.dir.path().join(format!("{name}.log"));
     let read_log = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default();
 
-    let mut old = Process::start("serve", &config, &log("old"));
+    let mut old = Process::start("serve", config, &log("old"));
     until_ready(&format!("{base}/healthz")).await;
     std::fs::create_dir_all(storage.join("a/0")).unwrap();
     std::fs::write(storage.join("a/0/p.jpg"), jpeg(600, 400, [90, 30, 160])).unwrap();
@@ -96,7 +92,7 @@ async fn an_upgrade_under_load_fails_no_request() {
     })
     .await;
 
-    let new = Process::start_with_args(&["serve", "--upgrade"], &config, &log("new"));
+    let new = Process::start_with_args(&["serve", "--upgrade"], config, &log("new"));
     old.signal("QUIT");
     let status = old.wait_exit(WAIT).await;
     assert!(
