@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use kiln::filter::{Mode as FitMode, OutputFormat, Preset};
+use kiln::filter::{Mode as FitMode, Preset};
 use kiln::imaging::{self, Limits};
 use serde_json::{json, Value};
 
@@ -138,16 +138,7 @@ fn main() -> ExitCode {
 fn presets(sizes: &[u32]) -> Vec<Preset> {
     sizes
         .iter()
-        .map(|&side| Preset {
-            name: format!("box{side}"),
-            mode: FitMode::Inset,
-            width: side,
-            height: side,
-            upscale: false,
-            quality: 80,
-            format: OutputFormat::Source,
-            eager: false,
-        })
+        .map(|&side| Preset::thumbnail(&format!("box{side}"), FitMode::Inset, side, side, 80))
         .collect()
 }
 

@@ -25,19 +25,16 @@ fn limits() -> Limits {
         max_pixels: 50_000_000,
         max_alloc_bytes: 512 << 20,
         max_jpeg_scans: 100,
+        max_output_pixels: 40_000_000,
+        max_animation_frames: 200,
+        max_animation_pixels: 50_000_000,
     }
 }
 
 fn preset(side: u32, format: OutputFormat) -> Preset {
     Preset {
-        name: format!("s{side}"),
-        mode: Mode::Inset,
-        width: side,
-        height: side,
-        upscale: false,
-        quality: 80,
         format,
-        eager: false,
+        ..Preset::thumbnail(&format!("s{side}"), Mode::Inset, side, side, 80)
     }
 }
 

@@ -325,6 +325,12 @@ pub struct ImagingConfig {
     /// Largest box (width x height) a filter with `format = "avif"` may
     /// have: AVIF encodes take 0.2-3 s. Default 640 000 (800x800).
     pub avif_max_pixels: u64,
+    /// Largest variant a filter chain may make, pixels. Default 40 MP.
+    pub max_output_pixels: u64,
+    /// Frames an `animated` GIF filter keeps; more: its first frame. Default 200.
+    pub max_animation_frames: u32,
+    /// Pixels over all frames of an animation; more: its first frame. Default 50 M.
+    pub max_animation_pixels: u64,
     /// Threads of the blocking render pool per worker process. Default 2.
     pub render_threads: usize,
 }
@@ -346,6 +352,12 @@ pub struct NetworkConfig {
 pub struct FiltersConfig {
     /// TOML file of filter presets; empty = the embedded `config/filters.toml`.
     pub file: String,
+    /// A LiipImagineBundle YAML (`liip_imagine:`) whose filter sets are the
+    /// presets; the alternative to `file`. Default empty.
+    pub liip_yaml: String,
+    /// Lay out as Liip literally does: EXIF orientation only at an
+    /// `auto_rotate` step, `allow_upscale` ignored. Default false.
+    pub liip_literal: bool,
     /// Whether `w500`, `x600` and `300x400` work as filter names. Default true.
     pub size_urls: bool,
     /// Widest size a size URL may ask for, pixels (over: 406). Default 2048.

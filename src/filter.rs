@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
+pub mod liip;
+pub mod steps;
+
+pub use steps::Step;
+use steps::{rotated_size, Thumbnail};
+
 /// The presets embedded in the binary.
 pub const DEFAULT_FILTERS_TOML: &str = include_str!("../config/filters.toml");
 
@@ -24,11 +30,14 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
-    /// Keep JPEG, PNG and WebP; GIF becomes PNG.
+    /// Keep the source's format (JPEG, PNG, WebP, GIF).
     Source,
+    #[serde(alias = "jpg")]
     Jpeg,
     Png,
     Webp,
+    /// The first frame, or the animation when the preset says `animated`.
+    Gif,
     /// Opt-in: 0.2-3 s per image, so the box is capped by
     /// `imaging.avif_max_pixels`.
     Avif,
@@ -42,32 +51,79 @@ pub enum OutputFormat {
 /// variant's filter segment (`small.webp`).
 pub const NEGOTIATED_EXTENSIONS: [&str; 2] = ["avif", "webp"];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A preset as written in a filters file: either kiln's shorthand
+/// (`mode`, `width`, `height`, `upscale`) or Liip's chain (`filters`, run
+/// in order), plus how the result is encoded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Preset {
-    #[serde(skip_deserializing)]
-    pub name: String,
-    pub mode: Mode,
-    pub width: u32,
-    pub height: u32,
-    #[serde(default)]
-    pub upscale: bool,
-    #[serde(default = "default_quality")]
+pub struct PresetSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscale: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u8>,
+    /// JPEG quality; `quality` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jpeg_quality: Option<u8>,
+    /// PNG zlib level 0-9; kiln's fast setting when absent (Liip would
+    /// derive one from `quality`, uncompressed at its default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub png_compression_level: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<OutputFormat>,
+    /// WebP output without loss (photos grow several times; for graphics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webp_lossless: Option<bool>,
+    /// A GIF stays animated (within `imaging.max_animation_frames`) when
+    /// the output is GIF; otherwise its first frame is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub animated: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eager: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Step>,
+}
+
+/// How a preset's pixels become bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoding {
     pub quality: u8,
-    #[serde(default = "default_format")]
+    pub jpeg_quality: Option<u8>,
+    pub png_compression_level: Option<u8>,
+    pub webp_lossless: bool,
+    pub animated: bool,
+}
+
+impl Encoding {
+    pub fn jpeg_quality(&self) -> u8 {
+        self.jpeg_quality.unwrap_or(self.quality)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    pub name: String,
+    /// The filters, in order. kiln's shorthand is one `thumbnail`.
+    pub steps: Vec<Step>,
     pub format: OutputFormat,
+    pub encoding: Encoding,
     /// Rendered along with any other filter of the same original (from the
     /// same decode), so it is there before a page asks for it.
-    #[serde(default)]
     pub eager: bool,
+    /// `filters.liip_literal`: lay out as Liip does, EXIF orientation only
+    /// at an `auto_rotate` step (and lost after a thumbnail or strip), and
+    /// `allow_upscale` ignored. Otherwise kiln turns every source upright
+    /// before any geometry and honours `allow_upscale`.
+    pub liip_literal: bool,
 }
 
 fn default_quality() -> u8 {
     82
-}
-
-fn default_format() -> OutputFormat {
-    OutputFormat::Source
 }
 
 /// Pixel rectangle in source coordinates.
@@ -94,7 +150,92 @@ pub fn negotiated_segment(filter: &str, extension: &str) -> String {
     format!("{filter}.{extension}")
 }
 
+fn check_quality(name: &str, key: &str, quality: Option<u8>) -> Result<()> {
+    match quality {
+        Some(q) if !(1..=100).contains(&q) => Err(Error::Config(format!(
+            "filters.{name}: {key} must be 1-100"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl PresetSpec {
+    /// Checks the spec and makes the preset it describes.
+    pub fn compile(&self, name: &str) -> Result<Preset> {
+        if !is_identifier(name) {
+            return Err(Error::Config(format!("filters: bad name {name:?}")));
+        }
+        let bad = |what: String| Error::Config(format!("filters.{name}: {what}"));
+        let shorthand = [
+            self.mode.is_some(),
+            self.width.is_some(),
+            self.height.is_some(),
+        ];
+        let steps = match (shorthand, self.filters.is_empty()) {
+            ([false, false, false], _) => {
+                if self.upscale.is_some() {
+                    return Err(bad("upscale goes with mode, width and height".into()));
+                }
+                self.filters.clone()
+            }
+            ([true, true, true], true) => {
+                let (width, height) = (self.width.unwrap_or(0), self.height.unwrap_or(0));
+                if width == 0 || height == 0 {
+                    return Err(bad("width and height must be positive".into()));
+                }
+                vec![Step::Thumbnail(Thumbnail {
+                    size: [Some(width), Some(height)],
+                    mode: self.mode.unwrap_or(Mode::Inset),
+                    allow_upscale: self.upscale.unwrap_or(false),
+                    filter: None,
+                })]
+            }
+            (_, true) => return Err(bad("give mode, width and height together".into())),
+            (_, false) => {
+                return Err(bad(
+                    "give either mode/width/height or filters, not both".into()
+                ))
+            }
+        };
+        for step in &steps {
+            step.validate().map_err(|e| bad(e.to_string()))?;
+        }
+        check_quality(name, "quality", self.quality)?;
+        check_quality(name, "jpeg_quality", self.jpeg_quality)?;
+        if self.png_compression_level.is_some_and(|level| level > 9) {
+            return Err(bad("png_compression_level must be 0-9".into()));
+        }
+        Ok(Preset {
+            name: name.to_string(),
+            steps,
+            format: self.format.unwrap_or(OutputFormat::Source),
+            encoding: Encoding {
+                quality: self.quality.unwrap_or_else(default_quality),
+                jpeg_quality: self.jpeg_quality,
+                png_compression_level: self.png_compression_level,
+                webp_lossless: self.webp_lossless.unwrap_or(false),
+                animated: self.animated.unwrap_or(false),
+            },
+            eager: self.eager.unwrap_or(false),
+            liip_literal: false,
+        })
+    }
+}
+
 impl Preset {
+    /// kiln's shorthand: one thumbnail of the box.
+    pub fn thumbnail(name: &str, mode: Mode, width: u32, height: u32, quality: u8) -> Preset {
+        PresetSpec {
+            mode: Some(mode),
+            width: Some(width),
+            height: Some(height),
+            quality: Some(quality),
+            ..PresetSpec::default()
+        }
+        .compile(name)
+        .expect("a positive box and quality make a valid preset")
+    }
+
     /// The filter segments this preset's variants are stored under: its
     /// name, and for an `auto` filter each negotiated format's too.
     pub fn stored_segments(&self) -> Vec<String> {
@@ -105,54 +246,132 @@ impl Preset {
         segments
     }
 
-    pub fn plan(&self, src_width: u32, src_height: u32) -> ResizePlan {
-        let full = Rect {
-            x: 0,
-            y: 0,
-            width: src_width,
-            height: src_height,
-        };
-        let (sw, sh) = (f64::from(src_width), f64::from(src_height));
-        let (bw, bh) = (f64::from(self.width), f64::from(self.height));
-        match self.mode {
-            Mode::Inset => {
-                let mut scale = (bw / sw).min(bh / sh);
-                if !self.upscale {
-                    scale = scale.min(1.0);
-                }
-                ResizePlan {
-                    crop: full,
-                    width: scaled(sw, scale),
-                    height: scaled(sh, scale),
-                }
+    fn upscale_honoured(&self) -> bool {
+        !self.liip_literal
+    }
+
+    /// The index of the step that meets the source's pixels first: the
+    /// steps before it only change how bytes are written (and, upright,
+    /// `auto_rotate`, which decoding already did).
+    fn first_pixel_step(&self) -> usize {
+        self.steps
+            .iter()
+            .position(|step| {
+                !(step.is_metadata_only()
+                    || (!self.liip_literal && matches!(step, Step::AutoRotate(_))))
+            })
+            .unwrap_or(self.steps.len())
+    }
+
+    /// The crop + resize the chain starts with on a source of this size,
+    /// which a decoder may do part of (shrink-on-load); `None` when the
+    /// first step needs every source pixel as it is.
+    pub fn first_plan(&self, width: u32, height: u32) -> Option<ResizePlan> {
+        let first = self.steps.get(self.first_pixel_step())?;
+        first.resize_plan((width, height), self.upscale_honoured())
+    }
+
+    /// The size the whole chain gives a source of `width` x `height`
+    /// (upright, unless `liip_literal`, where it is the stored size and
+    /// `exif_swaps_axes` says whether its EXIF orientation turns it 90°).
+    pub fn output_size(&self, width: u32, height: u32, exif_swaps_axes: bool) -> (u32, u32) {
+        let mut exif_kept = true;
+        self.steps.iter().fold((width, height), |size, step| {
+            let swaps = self.liip_literal && exif_kept && exif_swaps_axes;
+            let next = step.output_size(size, self.upscale_honoured(), swaps);
+            if matches!(
+                step,
+                Step::Thumbnail(_) | Step::Strip(_) | Step::AutoRotate(_)
+            ) {
+                exif_kept = false;
             }
-            Mode::Outbound => {
-                let mut scale = (bw / sw).max(bh / sh);
-                if !self.upscale {
-                    scale = scale.min(1.0);
-                }
-                // Output is the box, shrunk to the scaled source when it cannot cover it.
-                let width = self.width.min(scaled(sw, scale));
-                let height = self.height.min(scaled(sh, scale));
-                let crop_w = ((f64::from(width) / scale).round() as u32).clamp(1, src_width);
-                let crop_h = ((f64::from(height) / scale).round() as u32).clamp(1, src_height);
-                ResizePlan {
-                    crop: Rect {
-                        x: (src_width - crop_w) / 2,
-                        y: (src_height - crop_h) / 2,
-                        width: crop_w,
-                        height: crop_h,
-                    },
+            next
+        })
+    }
+
+    /// What a preview of the variant shows of an upright original: the
+    /// first step's crop when nothing after it changes the size, else the
+    /// whole image, at the chain's output size.
+    pub fn preview_plan(&self, width: u32, height: u32) -> ResizePlan {
+        let (out_w, out_h) = self.output_size(width, height, false);
+        match self.first_plan(width, height) {
+            Some(plan) if (plan.width, plan.height) == (out_w, out_h) => plan,
+            _ => ResizePlan {
+                crop: Rect {
+                    x: 0,
+                    y: 0,
                     width,
                     height,
-                }
-            }
+                },
+                width: out_w,
+                height: out_h,
+            },
         }
     }
-}
 
-fn scaled(side: f64, scale: f64) -> u32 {
-    ((side * scale).round() as u32).max(1)
+    /// The largest output the chain can make whatever the source, when it
+    /// has one (the box of its last bounding step, as later steps leave it).
+    pub fn output_bound(&self) -> Option<(u32, u32)> {
+        let mut bound: Option<(u32, u32)> = None;
+        for step in &self.steps {
+            bound = match step {
+                Step::Thumbnail(t) => match (t.size, t.allow_upscale, t.mode) {
+                    ([Some(w), Some(h)], _, _) => Some((w, h)),
+                    _ => None,
+                },
+                Step::Fixed(f) => Some((f.width, f.height)),
+                Step::Resize(r) => Some((r.size[0], r.size[1])),
+                Step::Crop(c) => Some(bound.map_or((c.size[0], c.size[1]), |(w, h)| {
+                    (w.min(c.size[0]), h.min(c.size[1]))
+                })),
+                Step::Downscale(d) => match (bound, d.max) {
+                    (Some(b), _) => Some(b),
+                    (None, Some([Some(w), Some(h)])) => Some((w, h)),
+                    _ => None,
+                },
+                Step::Background(b) => match (b.size, bound) {
+                    (None, bound) => bound,
+                    (Some([w, h]), Some((bw, bh))) => Some((w.max(bw), h.max(bh))),
+                    (Some(_), None) => None,
+                },
+                Step::Rotate(r) => bound.map(|b| {
+                    let (w, h) = rotated_size(b, r.angle);
+                    (w.max(h), w.max(h))
+                }),
+                Step::AutoRotate(_) if self.liip_literal => {
+                    bound.map(|(w, h)| (w.max(h), w.max(h)))
+                }
+                Step::Scale(_) | Step::RelativeResize(_) | Step::Upscale(_) => None,
+                _ => bound,
+            };
+        }
+        bound
+    }
+
+    /// One line: the format, quality and steps with their options.
+    pub fn describe(&self) -> String {
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|step| match serde_json::to_value(step) {
+                Ok(serde_json::Value::Object(map)) => map
+                    .into_iter()
+                    .map(|(name, options)| format!("{name} {options}"))
+                    .collect(),
+                _ => step.name().to_string(),
+            })
+            .collect();
+        let steps = if steps.is_empty() {
+            "re-encode".to_string()
+        } else {
+            steps.join(" → ")
+        };
+        format!(
+            "{steps}; format {}, quality {}",
+            format!("{:?}", self.format).to_lowercase(),
+            self.encoding.quality
+        )
+    }
 }
 
 /// A filter segment of a stored variant: a filter name, or one with a
@@ -269,16 +488,7 @@ impl SizeRules {
             SizeName::Square(edge) => (Mode::Outbound, edge, edge),
             SizeName::Box(width, height) => (Mode::Outbound, width, height),
         };
-        Ok(Preset {
-            name: name.to_string(),
-            mode,
-            width,
-            height,
-            upscale: false,
-            quality: self.quality,
-            format: OutputFormat::Source,
-            eager: false,
-        })
+        Ok(Preset::thumbnail(name, mode, width, height, self.quality))
     }
 }
 
@@ -292,57 +502,91 @@ pub struct FilterSet {
 
 impl FilterSet {
     pub fn from_toml(text: &str) -> Result<FilterSet> {
-        let mut presets: BTreeMap<String, Preset> =
+        let specs: toml::Table =
             toml::from_str(text).map_err(|e| Error::Config(format!("filters: {e}")))?;
-        for (name, preset) in presets.iter_mut() {
-            if !is_identifier(name) {
-                return Err(Error::Config(format!("filters: bad name {name:?}")));
-            }
-            if preset.width == 0 || preset.height == 0 {
-                return Err(Error::Config(format!(
-                    "filters.{name}: width and height must be positive"
-                )));
-            }
-            if !(1..=100).contains(&preset.quality) {
-                return Err(Error::Config(format!(
-                    "filters.{name}: quality must be 1-100"
-                )));
-            }
-            preset.name = name.clone();
+        let mut presets = BTreeMap::new();
+        for (name, spec) in specs {
+            let spec: PresetSpec = spec
+                .try_into()
+                .map_err(|e| Error::Config(format!("filters.{name}: {e}")))?;
+            presets.insert(name.clone(), spec.compile(&name)?);
         }
-        Ok(FilterSet {
+        Ok(FilterSet::of(presets))
+    }
+
+    fn of(presets: BTreeMap<String, Preset>) -> FilterSet {
+        FilterSet {
             presets,
             sizes: SizeRules::default(),
             avif_max_pixels: 0,
-        })
+        }
     }
 
-    /// The presets named by `[filters] file`, or the embedded ones, with
-    /// the size URLs `[filters]` allows.
+    /// The presets named by `[filters] file` or `liip_yaml`, or the
+    /// embedded ones, with the size URLs `[filters]` allows.
     pub fn from_config(config: &Config) -> Result<FilterSet> {
-        let mut set = if config.filters.file.is_empty() {
-            Self::from_toml(DEFAULT_FILTERS_TOML)?
-        } else {
-            let text = std::fs::read_to_string(&config.filters.file).map_err(|e| {
-                Error::Config(format!("filters.file {:?}: {e}", config.filters.file))
-            })?;
-            Self::from_toml(&text)?
+        let filters = &config.filters;
+        let read = |key: &str, path: &str| {
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("filters.{key} {path:?}: {e}")))
         };
+        let mut set = match (filters.file.is_empty(), filters.liip_yaml.is_empty()) {
+            (true, true) => Self::from_toml(DEFAULT_FILTERS_TOML)?,
+            (false, true) => Self::from_toml(&read("file", &filters.file)?)?,
+            (true, false) => {
+                let yaml = read("liip_yaml", &filters.liip_yaml)?;
+                let specs = liip::read_yaml(&yaml, std::path::Path::new(&filters.liip_yaml))
+                    .map_err(|e| Error::Config(format!("filters.liip_yaml: {e}")))?;
+                let mut presets = BTreeMap::new();
+                for (name, spec) in specs.sets {
+                    presets.insert(name.clone(), spec.compile(&name)?);
+                }
+                Self::of(presets)
+            }
+            (false, false) => {
+                return Err(Error::Config(
+                    "filters.file and filters.liip_yaml are alternatives: set one".into(),
+                ))
+            }
+        };
+        for preset in set.presets.values_mut() {
+            preset.liip_literal = filters.liip_literal;
+        }
+        set.check_watermarks()?;
         set.check_avif_boxes(config.imaging.avif_max_pixels)?;
         set.sizes = SizeRules::from_config(config)?;
         set.avif_max_pixels = config.imaging.avif_max_pixels;
         Ok(set)
     }
 
+    /// A watermark file that is not there fails at start, not per render.
+    fn check_watermarks(&self) -> Result<()> {
+        for preset in self.iter() {
+            for step in &preset.steps {
+                if let Step::WatermarkImage(mark) = step {
+                    if !std::path::Path::new(&mark.image).is_file() {
+                        return Err(Error::Config(format!(
+                            "filters.{}: watermark image {:?} is not a file",
+                            preset.name, mark.image
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// AVIF encodes cost seconds for large outputs: a filter may opt in only
-    /// with a box of at most `max_pixels`.
+    /// with a bounded output of at most `max_pixels`.
     pub fn check_avif_boxes(&self, max_pixels: u64) -> Result<()> {
         for preset in self.iter() {
-            let area = u64::from(preset.width) * u64::from(preset.height);
-            if preset.format == OutputFormat::Avif && area > max_pixels {
+            if preset.format == OutputFormat::Avif && !within(preset, max_pixels) {
                 return Err(Error::Config(format!(
-                    "filters.{}: an AVIF box of {}x{} is over imaging.avif_max_pixels ({max_pixels})",
-                    preset.name, preset.width, preset.height
+                    "filters.{}: an AVIF output of {} is over imaging.avif_max_pixels ({max_pixels})",
+                    preset.name,
+                    preset
+                        .output_bound()
+                        .map_or("unbounded size".to_string(), |(w, h)| format!("{w}x{h}"))
                 )));
             }
         }
@@ -389,7 +633,7 @@ impl FilterSet {
 
     /// Whether an `auto` preset may answer with AVIF (its box is within the cap).
     pub fn avif_allowed(&self, preset: &Preset) -> bool {
-        u64::from(preset.width) * u64::from(preset.height) <= self.avif_max_pixels
+        within(preset, self.avif_max_pixels)
     }
 
     /// The presets rendered whenever another filter of an original is.
@@ -398,20 +642,38 @@ impl FilterSet {
     }
 }
 
+/// Whether every output of the preset is at most `max_pixels`.
+fn within(preset: &Preset, max_pixels: u64) -> bool {
+    preset
+        .output_bound()
+        .is_some_and(|(w, h)| u64::from(w) * u64::from(h) <= max_pixels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn preset(mode: Mode, w: u32, h: u32, upscale: bool) -> Preset {
-        Preset {
-            name: "t".into(),
-            mode,
-            width: w,
-            height: h,
-            upscale,
-            quality: 80,
-            format: OutputFormat::Source,
-            eager: false,
+        PresetSpec {
+            mode: Some(mode),
+            width: Some(w),
+            height: Some(h),
+            upscale: Some(upscale),
+            ..PresetSpec::default()
+        }
+        .compile("t")
+        .unwrap()
+    }
+
+    fn first(preset: &Preset, w: u32, h: u32) -> ResizePlan {
+        preset.first_plan(w, h).unwrap()
+    }
+
+    /// The (mode, box, upscale) of a one-thumbnail preset.
+    fn thumbnail(preset: &Preset) -> (Mode, [Option<u32>; 2], bool) {
+        match preset.steps.as_slice() {
+            [Step::Thumbnail(t)] => (t.mode, t.size, t.allow_upscale),
+            other => panic!("not one thumbnail: {other:?}"),
         }
     }
 
@@ -419,17 +681,20 @@ mod tests {
     fn inset_fits_inside_and_never_upscales_by_default() {
         let p = preset(Mode::Inset, 200, 200, false);
         assert_eq!(
-            (p.plan(4000, 3000).width, p.plan(4000, 3000).height),
+            (first(&p, 4000, 3000).width, first(&p, 4000, 3000).height),
             (200, 150)
         );
         assert_eq!(
-            (p.plan(3000, 4000).width, p.plan(3000, 4000).height),
+            (first(&p, 3000, 4000).width, first(&p, 3000, 4000).height),
             (150, 200)
         );
-        assert_eq!((p.plan(100, 50).width, p.plan(100, 50).height), (100, 50));
+        assert_eq!(
+            (first(&p, 100, 50).width, first(&p, 100, 50).height),
+            (100, 50)
+        );
         let up = preset(Mode::Inset, 200, 200, true);
         assert_eq!(
-            (up.plan(100, 50).width, up.plan(100, 50).height),
+            (first(&up, 100, 50).width, first(&up, 100, 50).height),
             (200, 100)
         );
     }
@@ -437,7 +702,7 @@ mod tests {
     #[test]
     fn outbound_covers_and_centre_crops() {
         let p = preset(Mode::Outbound, 300, 300, false);
-        let plan = p.plan(4000, 3000);
+        let plan = first(&p, 4000, 3000);
         assert_eq!((plan.width, plan.height), (300, 300));
         assert_eq!(
             plan.crop,
@@ -449,7 +714,7 @@ mod tests {
             }
         );
         // Smaller than the box: crop to what it has, never enlarge.
-        let plan = p.plan(200, 400);
+        let plan = first(&p, 200, 400);
         assert_eq!((plan.width, plan.height), (200, 300));
         assert_eq!(
             plan.crop,
@@ -503,25 +768,26 @@ mod tests {
     fn size_urls_become_presets_within_their_limits() {
         let set = with_sizes("[filters]\nsize_max_width = 1000\nsize_max_height = 800\n");
         let w = set.get("w500").unwrap();
-        assert_eq!((w.mode, w.width, w.upscale), (Mode::Inset, 500, false));
+        assert_eq!(thumbnail(&w).0, Mode::Inset);
+        assert_eq!(thumbnail(&w).1[0], Some(500));
         // At most 500 wide, whatever the height.
-        let plan = w.plan(1000, 4000);
+        let plan = first(&w, 1000, 4000);
         assert_eq!((plan.width, plan.height), (500, 2000));
-        let plan = w.plan(300, 200);
+        let plan = first(&w, 300, 200);
         assert_eq!((plan.width, plan.height), (300, 200), "never enlarged");
         let square = set.get("x600").unwrap();
-        let plan = square.plan(4000, 3000);
+        let plan = first(&square, 4000, 3000);
         assert_eq!((plan.width, plan.height), (600, 600));
         assert_eq!(plan.crop.x, 500, "centre crop");
         let boxed = set.get("300x400").unwrap();
-        let plan = boxed.plan(4000, 3000);
+        let plan = first(&boxed, 4000, 3000);
         assert_eq!((plan.width, plan.height), (300, 400));
 
         assert_eq!(set.get("w1001").unwrap_err().status(), 406);
         assert_eq!(set.get("900x801").unwrap_err().code(), "size-too-large");
-        assert_eq!(set.get("w1000").unwrap().width, 1000);
+        assert_eq!(thumbnail(&set.get("w1000").unwrap()).1[0], Some(1000));
         // A configured preset wins over the grammar.
-        assert_eq!(set.get("small").unwrap().width, 200);
+        assert_eq!(thumbnail(&set.get("small").unwrap()).1[0], Some(200));
 
         let listed = with_sizes("[filters]\nsize_allowed = [\"w500\", \"300x400\"]\n");
         assert!(listed.get("w500").is_ok());
@@ -555,11 +821,11 @@ mod tests {
         ] {
             let p = set.get(name).unwrap();
             assert_eq!(
-                (p.mode, p.width, p.height, p.upscale),
-                (Mode::Inset, side, side, false)
+                thumbnail(&p),
+                (Mode::Inset, [Some(side), Some(side)], false)
             );
         }
-        assert_eq!(set.get("square").unwrap().mode, Mode::Outbound);
+        assert_eq!(thumbnail(&set.get("square").unwrap()).0, Mode::Outbound);
         assert_eq!(set.get("nope").unwrap_err().code(), "unknown-filter");
     }
 }

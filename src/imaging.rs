@@ -7,12 +7,15 @@
 use std::io::Cursor;
 
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::config::ImagingConfig;
 use crate::error::{Error, Result};
-use crate::filter::{OutputFormat, Preset};
+use crate::filter::{Encoding, OutputFormat, Preset};
+
+mod ops;
 
 /// Decoder limits, from `[imaging]`.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +25,9 @@ pub struct Limits {
     pub max_pixels: u64,
     pub max_alloc_bytes: u64,
     pub max_jpeg_scans: u32,
+    pub max_output_pixels: u64,
+    pub max_animation_frames: u32,
+    pub max_animation_pixels: u64,
 }
 
 impl From<&ImagingConfig> for Limits {
@@ -32,6 +38,9 @@ impl From<&ImagingConfig> for Limits {
             max_pixels: c.max_pixels,
             max_alloc_bytes: c.max_alloc_bytes,
             max_jpeg_scans: c.max_jpeg_scans,
+            max_output_pixels: c.max_output_pixels,
+            max_animation_frames: c.max_animation_frames,
+            max_animation_pixels: c.max_animation_pixels,
         }
     }
 }
@@ -86,12 +95,29 @@ pub fn sniff_mime(bytes: &[u8]) -> &'static str {
 /// A decoded, upright source. Its pixels may be smaller than the original
 /// (shrink-on-load); `width()` and `height()` are always the original's
 /// upright size, which plans and records use.
-#[derive(Debug)]
 pub struct Decoded {
     pub image: DynamicImage,
     pub format: ImageFormat,
     width: u32,
     height: u32,
+    /// The EXIF orientation decoding applied (Liip's literal layout undoes it).
+    pub orientation: Orientation,
+    /// Every frame of an animated GIF, when a preset keeps animations and
+    /// the animation is within the frame limits.
+    pub animation: Option<Vec<image::Frame>>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoded")
+            .field("format", &self.format)
+            .field("size", &(self.width, self.height))
+            .field("pixels", &(self.image.width(), self.image.height()))
+            .field("orientation", &self.orientation)
+            .field("frames", &self.animation.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 impl Decoded {
@@ -103,12 +129,20 @@ impl Decoded {
         self.height
     }
 
-    fn full(image: DynamicImage, format: ImageFormat) -> Decoded {
+    fn full(
+        image: DynamicImage,
+        format: ImageFormat,
+        orientation: Orientation,
+        limits: Limits,
+    ) -> Decoded {
         Decoded {
             width: image.width(),
             height: image.height(),
             image,
             format,
+            orientation,
+            animation: None,
+            limits,
         }
     }
 }
@@ -124,19 +158,62 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Decoded> {
 /// A still WebP is scaled by libwebp while it decodes, to the same need;
 /// other formats decode at full size.
 pub fn decode_for(bytes: &[u8], limits: Limits, presets: &[Preset]) -> Result<Decoded> {
-    decode_scaled(bytes, limits, |width, height| {
+    let needed = |preset: &Preset, width: u32, height: u32| match preset.first_plan(width, height) {
+        Some(plan) => {
+            let x = f64::from(plan.width) / f64::from(plan.crop.width);
+            let y = f64::from(plan.height) / f64::from(plan.crop.height);
+            x.max(y) * SHRINK_ON_LOAD_HEADROOM
+        }
+        // The chain starts with a step that needs every pixel.
+        None => 1.0,
+    };
+    let mut decoded = decode_scaled(bytes, limits, |width, height| {
         // Previews are box-filtered: they need no headroom.
         let previews = f64::from(PREVIEW_SIDE) / f64::from(width.max(height));
         presets
             .iter()
             .map(|preset| {
-                let plan = preset.plan(width, height);
-                let x = f64::from(plan.width) / f64::from(plan.crop.width);
-                let y = f64::from(plan.height) / f64::from(plan.crop.height);
-                x.max(y) * SHRINK_ON_LOAD_HEADROOM
+                let upright = needed(preset, width, height);
+                // Liip's literal layout may see the stored, turned size.
+                if preset.liip_literal {
+                    upright.max(needed(preset, height, width))
+                } else {
+                    upright
+                }
             })
             .fold(previews, f64::max)
-    })
+    })?;
+    let keeps_animation = presets.iter().any(|preset| {
+        preset.encoding.animated && output_format(decoded.format, preset.format) == ImageFormat::Gif
+    });
+    if decoded.format == ImageFormat::Gif && keeps_animation {
+        decoded.animation = gif_frames(bytes, limits)?;
+    }
+    Ok(decoded)
+}
+
+/// Every frame of a GIF (composited on its canvas), or `None` when it has
+/// one frame or more than the limits allow (its first frame is used).
+fn gif_frames(bytes: &[u8], limits: Limits) -> Result<Option<Vec<image::Frame>>> {
+    use image::AnimationDecoder as _;
+    let decoder = GifDecoder::new(Cursor::new(bytes)).map_err(decode_error)?;
+    let (width, height) = decoder.dimensions();
+    let frame_pixels = u64::from(width) * u64::from(height);
+    let mut frames = Vec::new();
+    for frame in decoder.into_frames() {
+        frames.push(frame.map_err(decode_error)?);
+        let total = frame_pixels * frames.len() as u64;
+        if frames.len() as u64 > u64::from(limits.max_animation_frames)
+            || total > limits.max_animation_pixels
+        {
+            tracing::info!(
+                frames = frames.len(),
+                "animation over imaging.max_animation_frames/pixels: first frame only"
+            );
+            return Ok(None);
+        }
+    }
+    Ok((frames.len() > 1).then_some(frames))
 }
 
 /// `needed_scale(upright width, upright height)` is the smallest fraction of
@@ -237,6 +314,9 @@ fn decode_jpeg(
         format: ImageFormat::Jpeg,
         width: upright_w,
         height: upright_h,
+        orientation,
+        animation: None,
+        limits,
     }))
 }
 
@@ -310,6 +390,9 @@ fn decode_webp(
         format: ImageFormat::WebP,
         width,
         height,
+        orientation: Orientation::NoTransforms,
+        animation: None,
+        limits,
     }))
 }
 
@@ -349,7 +432,7 @@ fn decode_generic(bytes: &[u8], format: ImageFormat, limits: Limits) -> Result<D
             other => DynamicImage::ImageRgb8(other.to_rgb8()),
         }
     };
-    Ok(Decoded::full(image, format))
+    Ok(Decoded::full(image, format, orientation, limits))
 }
 
 /// The header segments of a JPEG, up to and including its first scan
@@ -444,44 +527,78 @@ pub struct Rendered {
     pub height: u32,
 }
 
-/// Resizes and encodes one preset from a decoded source.
+/// Runs one preset's filter chain on a decoded source and encodes it.
 pub fn render(source: &Decoded, preset: &Preset) -> Result<Rendered> {
-    let plan = preset.plan(source.width(), source.height());
-    // The plan is in original pixels; the decoded image may be shrunk.
-    let scale_x = f64::from(source.image.width()) / f64::from(source.width());
-    let scale_y = f64::from(source.image.height()) / f64::from(source.height());
-    let mut resized = DynamicImage::new(plan.width, plan.height, source.image.color());
-    let options = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
-        .crop(
-            f64::from(plan.crop.x) * scale_x,
-            f64::from(plan.crop.y) * scale_y,
-            f64::from(plan.crop.width) * scale_x,
-            f64::from(plan.crop.height) * scale_y,
-        );
-    Resizer::new()
-        .resize(&source.image, &mut resized, &options)
-        .map_err(|e| Error::Internal(format!("resize: {e}")))?;
     let format = output_format(source.format, preset.format);
-    let bytes = encode(&resized, format, preset.quality)?;
+    if let Some(frames) = source
+        .animation
+        .as_ref()
+        .filter(|_| format == ImageFormat::Gif && preset.encoding.animated)
+    {
+        return render_animation(source, frames, preset);
+    }
+    let chained = ops::run_chain(source, preset, source.limits.max_output_pixels)?;
+    let bytes = encode_with(&chained.image, format, &preset.encoding, chained.interlace)?;
     Ok(Rendered {
         bytes,
         format,
-        width: plan.width,
-        height: plan.height,
+        width: chained.image.width(),
+        height: chained.image.height(),
     })
 }
+
+/// Every frame through the chain, re-encoded as a looping GIF with the
+/// source's frame delays.
+fn render_animation(
+    source: &Decoded,
+    frames: &[image::Frame],
+    preset: &Preset,
+) -> Result<Rendered> {
+    let failed = |e: image::ImageError| Error::EncodeFailed(format!("GIF: {e}"));
+    let mut out = Vec::new();
+    let (mut width, mut height) = (0, 0);
+    {
+        let mut encoder = GifEncoder::new_with_speed(&mut out, GIF_SPEED);
+        encoder.set_repeat(Repeat::Infinite).map_err(failed)?;
+        for frame in frames {
+            let canvas = Decoded::full(
+                DynamicImage::ImageRgba8(frame.buffer().clone()),
+                ImageFormat::Gif,
+                Orientation::NoTransforms,
+                source.limits,
+            );
+            let chained = ops::run_chain(&canvas, preset, source.limits.max_output_pixels)?;
+            (width, height) = (chained.image.width(), chained.image.height());
+            let pixels = chained.image.to_rgba8();
+            encoder
+                .encode_frame(image::Frame::from_parts(pixels, 0, 0, frame.delay()))
+                .map_err(failed)?;
+        }
+    }
+    Ok(Rendered {
+        bytes: out,
+        format: ImageFormat::Gif,
+        width,
+        height,
+    })
+}
+
+/// NeuQuant's sampling step, 1 (best, slowest) to 30: 10 is the `gif`
+/// crate's recommended speed for near-identical palettes.
+const GIF_SPEED: i32 = 10;
 
 fn output_format(source: ImageFormat, wanted: OutputFormat) -> ImageFormat {
     match wanted {
         OutputFormat::Jpeg => ImageFormat::Jpeg,
         OutputFormat::Png => ImageFormat::Png,
         OutputFormat::Webp => ImageFormat::WebP,
+        OutputFormat::Gif => ImageFormat::Gif,
         OutputFormat::Avif => ImageFormat::Avif,
         // `auto` without a negotiated format renders as `source`.
         OutputFormat::Source | OutputFormat::Auto => match source {
             ImageFormat::Jpeg => ImageFormat::Jpeg,
             ImageFormat::WebP => ImageFormat::WebP,
+            ImageFormat::Gif => ImageFormat::Gif,
             _ => ImageFormat::Png,
         },
     }
@@ -492,12 +609,46 @@ fn output_format(source: ImageFormat, wanted: OutputFormat) -> ImageFormat {
 /// WebP, `image`'s PNG encoder at its fast setting, rav1e (through `ravif`)
 /// for the filters that opt into AVIF.
 pub fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<Vec<u8>> {
+    let encoding = Encoding {
+        quality,
+        jpeg_quality: None,
+        png_compression_level: None,
+        webp_lossless: false,
+        animated: false,
+    };
+    encode_with(image, format, &encoding, false)
+}
+
+/// Encodes per a preset's settings: `jpeg_quality` (else `quality`) and
+/// progressive when interlaced for JPEG, lossy or lossless WebP, the PNG
+/// zlib level when one is given, a GIF's first frame.
+pub fn encode_with(
+    image: &DynamicImage,
+    format: ImageFormat,
+    encoding: &Encoding,
+    interlace: bool,
+) -> Result<Vec<u8>> {
     match format {
-        ImageFormat::Jpeg => encode_jpeg(&flatten_on_white(image), quality, true),
-        ImageFormat::WebP => encode_webp(image, quality),
-        ImageFormat::Avif => encode_avif(image, quality),
-        _ => encode_png(image),
+        ImageFormat::Jpeg => encode_jpeg_with(
+            &flatten_on_white(image),
+            encoding.jpeg_quality(),
+            true,
+            interlace,
+        ),
+        ImageFormat::WebP => encode_webp(image, encoding.quality, encoding.webp_lossless),
+        ImageFormat::Avif => encode_avif(image, encoding.quality),
+        ImageFormat::Gif => encode_gif(image),
+        _ => encode_png(image, encoding.png_compression_level),
     }
+}
+
+fn encode_gif(image: &DynamicImage) -> Result<Vec<u8>> {
+    let failed = |e: image::ImageError| Error::EncodeFailed(format!("GIF: {e}"));
+    let mut out = Vec::new();
+    GifEncoder::new_with_speed(&mut out, GIF_SPEED)
+        .encode_frame(image::Frame::new(image.to_rgba8()))
+        .map_err(failed)?;
+    Ok(out)
 }
 
 /// rav1e's speed, 1 (slowest) to 10: 8 costs a fraction of the default's
@@ -521,6 +672,15 @@ fn encode_avif(image: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
 /// quality 90); without it (4:4:4) is the `image` crate's like-for-like,
 /// which `benches/stages.rs` measures.
 pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8, subsample_chroma: bool) -> Result<Vec<u8>> {
+    encode_jpeg_with(rgb, quality, subsample_chroma, false)
+}
+
+fn encode_jpeg_with(
+    rgb: &image::RgbImage,
+    quality: u8,
+    subsample_chroma: bool,
+    progressive: bool,
+) -> Result<Vec<u8>> {
     use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
     let failed = |e: turbojpeg::Error| Error::EncodeFailed(format!("JPEG: {e}"));
     let mut compressor = Compressor::new().map_err(failed)?;
@@ -533,6 +693,7 @@ pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8, subsample_chroma: bool) -
         Subsamp::None
     };
     compressor.set_subsamp(subsampling).map_err(failed)?;
+    compressor.set_progressive(progressive).map_err(failed)?;
     compressor
         .compress_to_vec(Image {
             pixels: rgb.as_raw().as_slice(),
@@ -544,7 +705,7 @@ pub fn encode_jpeg(rgb: &image::RgbImage, quality: u8, subsample_chroma: bool) -
         .map_err(failed)
 }
 
-fn encode_webp(image: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
+fn encode_webp(image: &DynamicImage, quality: u8, lossless: bool) -> Result<Vec<u8>> {
     let encoder = match image {
         DynamicImage::ImageRgba8(rgba) => {
             webp::Encoder::from_rgba(rgba.as_raw(), rgba.width(), rgba.height())
@@ -552,19 +713,32 @@ fn encode_webp(image: &DynamicImage, quality: u8) -> Result<Vec<u8>> {
         DynamicImage::ImageRgb8(rgb) => {
             webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height())
         }
-        other => return encode_webp(&DynamicImage::ImageRgba8(other.to_rgba8()), quality),
+        other => {
+            return encode_webp(
+                &DynamicImage::ImageRgba8(other.to_rgba8()),
+                quality,
+                lossless,
+            )
+        }
     };
     encoder
-        .encode_simple(false, f32::from(quality.min(100)))
+        .encode_simple(lossless, f32::from(quality.min(100)))
         .map(|memory| memory.to_vec())
         .map_err(|e| Error::EncodeFailed(format!("WebP: {e:?}")))
 }
 
-fn encode_png(image: &DynamicImage) -> Result<Vec<u8>> {
+/// `level` 0-9 is zlib's; without one, the fast setting `benches/stages.rs`
+/// measured. (Liip derives a level from `quality`, which makes its default
+/// quality 100 write uncompressed PNGs; kiln does not.)
+fn encode_png(image: &DynamicImage, level: Option<u8>) -> Result<Vec<u8>> {
     use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
     let mut out = Vec::with_capacity(64 * 1024);
-    let encoder =
-        PngEncoder::new_with_quality(&mut out, CompressionType::Fast, PngFilter::Adaptive);
+    let compression = match level {
+        None => CompressionType::Fast,
+        Some(0) => CompressionType::Uncompressed,
+        Some(level) => CompressionType::Level(level.min(9)),
+    };
+    let encoder = PngEncoder::new_with_quality(&mut out, compression, PngFilter::Adaptive);
     image
         .write_with_encoder(encoder)
         .map_err(|e| Error::EncodeFailed(e.to_string()))?;
@@ -638,7 +812,7 @@ pub fn placeholder_png(
     if original_width == 0 || original_height == 0 {
         return Err(Error::BadRequest("placeholder of an empty image".into()));
     }
-    let plan = preset.plan(original_width, original_height);
+    let plan = preset.preview_plan(original_width, original_height);
     let crop = plan.crop;
     let scale = (f64::from(max_side.max(1)) / f64::from(plan.width.max(plan.height))).min(1.0);
     let side = |v: u32| ((f64::from(v) * scale).round() as u32).max(1);
@@ -701,6 +875,9 @@ mod tests {
             max_pixels: 10_000_000,
             max_alloc_bytes: 512 << 20,
             max_jpeg_scans: 100,
+            max_output_pixels: 40_000_000,
+            max_animation_frames: 200,
+            max_animation_pixels: 50_000_000,
         }
     }
 
@@ -717,14 +894,8 @@ mod tests {
     fn decodes_renders_and_hashes() {
         let source = decode(&png(400, 200), limits()).unwrap();
         let preset = Preset {
-            name: "p".into(),
-            mode: Mode::Inset,
-            width: 100,
-            height: 100,
-            upscale: false,
-            quality: 80,
             format: OutputFormat::Jpeg,
-            eager: false,
+            ..Preset::thumbnail("p", Mode::Inset, 100, 100, 80)
         };
         let out = render(&source, &preset).unwrap();
         assert_eq!(
@@ -763,17 +934,13 @@ mod tests {
     #[test]
     fn every_input_format_renders_to_its_output_format() {
         let preset = |format| Preset {
-            name: "p".into(),
-            mode: Mode::Outbound,
-            width: 50,
-            height: 50,
-            upscale: false,
-            quality: 80,
             format,
-            eager: false,
+            ..Preset::thumbnail("p", Mode::Outbound, 50, 50, 80)
         };
         for (input, wanted, expected) in [
-            (ImageFormat::Gif, OutputFormat::Source, ImageFormat::Png),
+            (ImageFormat::Gif, OutputFormat::Source, ImageFormat::Gif),
+            (ImageFormat::Gif, OutputFormat::Png, ImageFormat::Png),
+            (ImageFormat::Png, OutputFormat::Gif, ImageFormat::Gif),
             (ImageFormat::WebP, OutputFormat::Source, ImageFormat::WebP),
             (ImageFormat::Png, OutputFormat::Webp, ImageFormat::WebP),
             (ImageFormat::Jpeg, OutputFormat::Png, ImageFormat::Png),
@@ -810,14 +977,8 @@ mod tests {
 
     fn preset(mode: Mode, width: u32, height: u32) -> Preset {
         Preset {
-            name: "p".into(),
-            mode,
-            width,
-            height,
-            upscale: false,
-            quality: 80,
             format: OutputFormat::Jpeg,
-            eager: false,
+            ..Preset::thumbnail("p", mode, width, height, 80)
         }
     }
 
@@ -898,7 +1059,12 @@ mod tests {
                 image::Rgb([20, 20 + n as u8 / 2, 190 + n as u8])
             }
         });
-        let photo = Decoded::full(DynamicImage::ImageRgb8(textured), ImageFormat::Png);
+        let photo = Decoded::full(
+            DynamicImage::ImageRgb8(textured),
+            ImageFormat::Png,
+            Orientation::NoTransforms,
+            limits(),
+        );
         let lossy = encode(&photo.image, ImageFormat::WebP, 75).unwrap();
         let mut lossless_bytes = Vec::new();
         image::codecs::webp::WebPEncoder::new_lossless(&mut lossless_bytes)
@@ -1030,23 +1196,14 @@ mod tests {
                 image::Rgb([20, 20, 230])
             };
         }
-        let source = Decoded {
-            image: DynamicImage::ImageRgb8(photo),
-            format: ImageFormat::Png,
-            width: 800,
-            height: 400,
-        };
+        let source = Decoded::full(
+            DynamicImage::ImageRgb8(photo),
+            ImageFormat::Png,
+            Orientation::NoTransforms,
+            limits(),
+        );
         let hash = previews(&source).unwrap().blurhash;
-        let preset = |mode, w, h| Preset {
-            name: "p".into(),
-            mode,
-            width: w,
-            height: h,
-            upscale: false,
-            quality: 80,
-            format: OutputFormat::Source,
-            eager: false,
-        };
+        let preset = |mode, w, h| Preset::thumbnail("p", mode, w, h, 80);
         let inset = placeholder_png(
             &hash,
             (800, 400),

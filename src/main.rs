@@ -1,6 +1,8 @@
 //! The `kiln` command: parses the CLI and calls into the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -81,8 +83,11 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
-    /// List the filter presets.
-    Filters,
+    /// List the filter presets, or import a LiipImagineBundle YAML.
+    Filters {
+        #[command(subcommand)]
+        action: Option<FiltersAction>,
+    },
     /// Exit 0 when a running kiln is live (/healthz), or ready with --ready
     /// (/readyz: storage and Redis reachable); for container health checks.
     Health {
@@ -209,6 +214,44 @@ fn init_logging(config: &kiln::config::LogConfig) {
     }
 }
 
+#[derive(Subcommand)]
+enum FiltersAction {
+    /// Print the kiln TOML equivalent of a LiipImagineBundle YAML
+    /// (`liip_imagine:` filter_sets and default_filter_set_settings).
+    Import {
+        /// The Liip YAML file.
+        yaml: PathBuf,
+        /// Write the TOML here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Reads a Liip YAML, checks every set compiles, and writes its TOML; the
+/// settings kiln does not use are reported on standard error.
+fn import_liip(yaml: &Path, output: Option<&Path>) -> anyhow::Result<()> {
+    use kiln::filter::liip;
+    let text =
+        std::fs::read_to_string(yaml).with_context(|| format!("reading {}", yaml.display()))?;
+    let import = liip::read_yaml(&text, yaml)?;
+    for (name, spec) in &import.sets {
+        spec.compile(name)?;
+    }
+    for note in &import.notes {
+        eprintln!("note: {note}");
+    }
+    let toml = liip::to_toml(&import, &yaml.display().to_string())?;
+    // What was written must load as the same presets.
+    kiln::filter::FilterSet::from_toml(&toml).context("the imported TOML does not load")?;
+    match output {
+        Some(path) => {
+            std::fs::write(path, toml).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{toml}"),
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     init_logging(&config.log);
@@ -216,20 +259,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve { upgrade } => app::run(config, Role::Serve, upgrade.upgrade, None)?,
         Command::Front { upgrade } => app::run(config, Role::Front, upgrade.upgrade, None)?,
         Command::Worker => app::run(config, Role::Worker, false, None)?,
-        Command::Filters => {
+        Command::Filters { action: None } => {
             for preset in FilterSet::from_config(&config)?.iter() {
-                println!(
-                    "{:<12} {:<9} {}x{}  upscale={} quality={} format={:?}",
-                    preset.name,
-                    format!("{:?}", preset.mode).to_lowercase(),
-                    preset.width,
-                    preset.height,
-                    preset.upscale,
-                    preset.quality,
-                    preset.format
-                );
+                println!("{:<12} {}", preset.name, preset.describe());
             }
         }
+        Command::Filters {
+            action: Some(FiltersAction::Import { yaml, output }),
+        } => import_liip(&yaml, output.as_deref())?,
         Command::Request {
             filter,
             url,

@@ -218,15 +218,10 @@ impl Ui {
             let _ = writeln!(
                 o,
                 "<section class=\"preset\" id=\"preset-{name}\" data-filter=\"{name}\"><h3>{name}</h3>\
-                 <p>{mode} {w}&times;{h}, {format}, quality {q}{up}</p>\
+                 <p>{describe}</p>\
                  <img src=\"{src}\" alt=\"{name} sample\"></section>",
                 name = esc(&preset.name),
-                mode = esc(&format!("{:?}", preset.mode).to_lowercase()),
-                w = preset.width,
-                h = preset.height,
-                format = esc(&format!("{:?}", preset.format).to_lowercase()),
-                q = preset.quality,
-                up = if preset.upscale { ", upscale" } else { "" },
+                describe = esc(&preset.describe()),
                 src = esc(&src),
             );
         }
