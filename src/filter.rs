@@ -13,7 +13,7 @@ pub mod liip;
 pub mod steps;
 
 pub use steps::Step;
-use steps::{rotated_size, Thumbnail};
+use steps::{rotated_size, Sides, Thumbnail};
 
 /// The presets embedded in the binary.
 pub const DEFAULT_FILTERS_TOML: &str = include_str!("../config/filters.toml");
@@ -184,7 +184,7 @@ impl PresetSpec {
                     return Err(bad("width and height must be positive".into()));
                 }
                 vec![Step::Thumbnail(Thumbnail {
-                    size: [Some(width), Some(height)],
+                    size: Sides([Some(width), Some(height)]),
                     mode: self.mode.unwrap_or(Mode::Inset),
                     allow_upscale: self.upscale.unwrap_or(false),
                     filter: None,
@@ -315,8 +315,8 @@ impl Preset {
         let mut bound: Option<(u32, u32)> = None;
         for step in &self.steps {
             bound = match step {
-                Step::Thumbnail(t) => match (t.size, t.allow_upscale, t.mode) {
-                    ([Some(w), Some(h)], _, _) => Some((w, h)),
+                Step::Thumbnail(t) => match t.size.0 {
+                    [Some(w), Some(h)] => Some((w, h)),
                     _ => None,
                 },
                 Step::Fixed(f) => Some((f.width, f.height)),
@@ -326,7 +326,7 @@ impl Preset {
                 })),
                 Step::Downscale(d) => match (bound, d.max) {
                     (Some(b), _) => Some(b),
-                    (None, Some([Some(w), Some(h)])) => Some((w, h)),
+                    (None, Some(Sides([Some(w), Some(h)]))) => Some((w, h)),
                     _ => None,
                 },
                 Step::Background(b) => match (b.size, bound) {
@@ -353,8 +353,18 @@ impl Preset {
         let steps: Vec<String> = self
             .steps
             .iter()
-            .map(|step| match serde_json::to_value(step) {
-                Ok(serde_json::Value::Object(map)) => map
+            .map(|step| match (step, serde_json::to_value(step)) {
+                (Step::Thumbnail(t), _) => {
+                    let side = |s: Option<u32>| s.map_or("auto".to_string(), |n| n.to_string());
+                    format!(
+                        "thumbnail {} {}x{}{}",
+                        format!("{:?}", t.mode).to_lowercase(),
+                        side(t.size.0[0]),
+                        side(t.size.0[1]),
+                        if t.allow_upscale { " upscale" } else { "" }
+                    )
+                }
+                (_, Ok(serde_json::Value::Object(map))) => map
                     .into_iter()
                     .map(|(name, options)| format!("{name} {options}"))
                     .collect(),
@@ -672,7 +682,7 @@ mod tests {
     /// The (mode, box, upscale) of a one-thumbnail preset.
     fn thumbnail(preset: &Preset) -> (Mode, [Option<u32>; 2], bool) {
         match preset.steps.as_slice() {
-            [Step::Thumbnail(t)] => (t.mode, t.size, t.allow_upscale),
+            [Step::Thumbnail(t)] => (t.mode, t.size.0, t.allow_upscale),
             other => panic!("not one thumbnail: {other:?}"),
         }
     }

@@ -17,6 +17,9 @@ use crate::filter::{Encoding, OutputFormat, Preset};
 
 mod ops;
 
+#[cfg(test)]
+mod chain_tests;
+
 /// Decoder limits, from `[imaging]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -868,7 +871,7 @@ mod tests {
     use super::*;
     use crate::filter::Mode;
 
-    fn limits() -> Limits {
+    pub(super) fn limits() -> Limits {
         Limits {
             max_width: 10_000,
             max_height: 10_000,
@@ -960,7 +963,7 @@ mod tests {
     }
 
     /// A JPEG whose left half is red and right half blue.
-    fn halves_jpeg(w: u32, h: u32) -> Vec<u8> {
+    pub(super) fn halves_jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, _| {
             if x < w / 2 {
                 image::Rgb([220, 20, 20])
@@ -1016,7 +1019,7 @@ mod tests {
     }
 
     /// Inserts an EXIF APP1 segment with `orientation` after SOI.
-    fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+    pub(super) fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
         let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
         tiff.extend_from_slice(&1u16.to_be_bytes()); // one IFD entry
         tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation

@@ -202,7 +202,10 @@ fn steps(name: &str, filters: &Value, base_dir: &Path) -> Result<Vec<Step>> {
         };
         let mut tagged = Mapping::new();
         tagged.insert(Value::String(filter.to_string()), options);
-        let mut step: Step = serde_yaml::from_value(Value::Mapping(tagged))
+        // serde_yaml reads enums from YAML tags; Liip writes `name: options`,
+        // which is serde's usual externally tagged shape: read it as JSON.
+        let mut step: Step = serde_json::to_value(Value::Mapping(tagged))
+            .and_then(serde_json::from_value)
             .map_err(|e| bad(format!("{filter}: {e}")))?;
         if let Step::WatermarkImage(mark) = &mut step {
             mark.image = resolve(&mark.image, base_dir);
@@ -252,4 +255,142 @@ pub fn to_toml(import: &LiipImport, source: &str) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::{FilterSet, OutputFormat};
+
+    /// SAIS's configuration (Feb 2025) with a few more Liip features.
+    const SAIS_YAML: &str = r#"
+liip_imagine:
+    driver: imagick
+    default_filter_set_settings:
+        format: webp
+        quality: 68
+        filters:
+            strip: ~
+            thumbnail: { size: [100, 100], mode: inset }
+    filter_sets:
+        auto_rotate: ~
+        tiny:
+            filters:
+                thumbnail: { size: [125, 125], mode: inset }
+        small:
+            quality: 80
+            filters:
+                thumbnail: { size: [200, 200], allow_upscale: true }
+                background: { color: '#000', size: [220, 220], position: bottomright }
+        framed:
+            format: png
+            png_compression_level: 9
+            cache: default
+            filters:
+                relative_resize: { widen: 300 }
+                watermark_image: { image: '%kernel.project_dir%/marks/logo.png', size: 50%, position: multiple }
+"#;
+
+    fn import() -> LiipImport {
+        read_yaml(SAIS_YAML, Path::new("/srv/app/config/liip_imagine.yaml")).unwrap()
+    }
+
+    fn spec<'a>(import: &'a LiipImport, name: &str) -> &'a PresetSpec {
+        &import.sets.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    #[test]
+    fn defaults_merge_into_each_set_as_liip_merges_them() {
+        let import = import();
+        let names: Vec<&str> = import.sets.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["auto_rotate", "tiny", "small", "framed"],
+            "file order"
+        );
+
+        // An empty set (SAIS's `auto_rotate: ~`) is the defaults alone.
+        let empty = spec(&import, "auto_rotate");
+        assert_eq!(empty.format, Some(OutputFormat::Webp));
+        assert_eq!(empty.quality, Some(68));
+        assert_eq!(
+            empty.filters.iter().map(Step::name).collect::<Vec<_>>(),
+            ["strip", "thumbnail"]
+        );
+
+        // Default filters first; a set's filter of the same name replaces
+        // its options key by key (mode kept from the defaults); new ones after.
+        let small = spec(&import, "small");
+        assert_eq!(small.quality, Some(80));
+        let names: Vec<&str> = small.filters.iter().map(Step::name).collect();
+        assert_eq!(names, ["strip", "thumbnail", "background"]);
+        let Step::Thumbnail(thumb) = &small.filters[1] else {
+            panic!("{:?}", small.filters)
+        };
+        assert_eq!(thumb.size.0, [Some(200), Some(200)]);
+        assert_eq!(thumb.mode, crate::filter::Mode::Inset);
+        assert!(thumb.allow_upscale);
+
+        let framed = spec(&import, "framed");
+        assert_eq!(framed.format, Some(OutputFormat::Png));
+        assert_eq!(framed.png_compression_level, Some(9));
+        let Some(Step::WatermarkImage(mark)) = framed.filters.last() else {
+            panic!("{:?}", framed.filters)
+        };
+        assert_eq!(mark.image, "/srv/app/config/marks/logo.png");
+        assert!(import.notes.iter().any(|n| n.contains("framed.cache")));
+    }
+
+    #[test]
+    fn the_written_toml_loads_as_the_same_presets() {
+        let import = import();
+        let toml = to_toml(&import, "liip_imagine.yaml").unwrap();
+        assert!(toml.contains("[small]"), "{toml}");
+        assert!(toml.contains("# note:"), "{toml}");
+        let from_toml = FilterSet::from_toml(&toml).unwrap();
+        for (name, spec) in &import.sets {
+            let preset = from_toml.get(name).unwrap();
+            assert_eq!(*preset, spec.compile(name).unwrap(), "{name}:\n{toml}");
+        }
+        // Liip's default quality is 100, written out, not left to kiln's 82.
+        let bare = read_yaml(
+            "filter_sets:\n  plain:\n    filters:\n      grayscale: ~\n",
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        assert_eq!(bare.sets[0].1.quality, Some(100));
+        assert!(to_toml(&bare, "x.yaml").unwrap().contains("quality = 100"));
+    }
+
+    #[test]
+    fn what_kiln_cannot_run_is_refused_with_its_place() {
+        for (yaml, expected) in [
+            (
+                "filter_sets:\n  a:\n    filters:\n      paste_image: { image: x.png }\n",
+                "filter_sets.a.filters: kiln has no filter \"paste_image\"",
+            ),
+            (
+                "filter_sets:\n  a:\n    filters:\n      thumbnail: { size: [1, 1], sharpen: 2 }\n",
+                "unknown field `sharpen`",
+            ),
+            (
+                "filter_sets:\n  a:\n    jpeg_quality: high\n",
+                "jpeg_quality must be a whole number",
+            ),
+            (
+                "filter_sets:\n  a:\n    colour: red\n",
+                "unknown setting \"colour\"",
+            ),
+            ("liip_imagine:\n  driver: gd\n", ""),
+            ("just: text\n", "no liip_imagine"),
+        ] {
+            match read_yaml(yaml, Path::new("x.yaml")) {
+                Ok(import) => assert!(expected.is_empty() && import.sets.is_empty(), "{yaml}"),
+                Err(e) => assert!(
+                    !expected.is_empty() && e.to_string().contains(expected),
+                    "{yaml}: {e}"
+                ),
+            }
+        }
+    }
 }

@@ -37,11 +37,29 @@ pub enum Step {
 #[serde(deny_unknown_fields)]
 pub struct NoOptions {}
 
+/// `[w, h]` where a side may be left to the aspect ratio: null in Liip's
+/// YAML, 0 in kiln's TOML (which has no null).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sides(pub [Option<u32>; 2]);
+
+impl Serialize for Sides {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.map(|side| side.unwrap_or(0)).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sides {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let sides = <[Option<u32>; 2]>::deserialize(d)?;
+        Ok(Sides(sides.map(|side| side.filter(|&n| n > 0))))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thumbnail {
-    /// `[w, h]`; one may be null (derived from the aspect ratio).
-    pub size: [Option<u32>; 2],
+    /// `[w, h]`; one may be null/0 (derived from the aspect ratio).
+    pub size: Sides,
     /// Liip: anything but `inset` is outbound, and outbound is the default.
     #[serde(default = "outbound", deserialize_with = "liip_mode")]
     pub mode: Mode,
@@ -98,7 +116,7 @@ pub struct RelativeResize {
 #[serde(deny_unknown_fields)]
 pub struct Scale {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dim: Option<[Option<u32>; 2]>,
+    pub dim: Option<Sides>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<f64>,
 }
@@ -108,7 +126,7 @@ pub struct Scale {
 #[serde(deny_unknown_fields)]
 pub struct Downscale {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<[Option<u32>; 2]>,
+    pub max: Option<Sides>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<f64>,
 }
@@ -118,7 +136,7 @@ pub struct Downscale {
 #[serde(deny_unknown_fields)]
 pub struct Upscale {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min: Option<[Option<u32>; 2]>,
+    pub min: Option<Sides>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<f64>,
 }
@@ -204,21 +222,17 @@ pub enum Ratio {
 }
 
 impl Ratio {
-    fn value(&self) -> Result<f64> {
+    fn value(&self) -> std::result::Result<f64, String> {
         let value = match self {
             Ratio::Fraction(f) => *f,
             Ratio::Percent(text) => text
                 .strip_suffix('%')
                 .and_then(|n| n.trim().parse::<f64>().ok())
                 .map(|n| n / 100.0)
-                .ok_or_else(|| {
-                    Error::Config(format!("watermark size {text:?} is not a ratio or NN%"))
-                })?,
+                .ok_or_else(|| format!("watermark size {text:?} is not a ratio or NN%"))?,
         };
         if !(value.is_finite() && value > 0.0 && value <= 1.0) {
-            return Err(Error::Config(format!(
-                "watermark size {value} must be in (0, 1]"
-            )));
+            return Err(format!("watermark size {value} must be in (0, 1]"));
         }
         Ok(value)
     }
@@ -242,7 +256,7 @@ impl Watermark {
     /// larger than the image). Sides truncate, as Imagine's Box does.
     pub fn fitted(&self, image: (u32, u32), mark: (u32, u32)) -> Result<(u32, u32)> {
         let ratio = match &self.size {
-            Some(size) => Some(size.value()?),
+            Some(size) => Some(size.value().map_err(Error::Config)?),
             None if mark.0 > image.0 || mark.1 > image.1 => Some(1.0),
             None => None,
         };
@@ -354,7 +368,7 @@ fn cover_then_crop(size: (u32, u32), ratio: f64, boxed: (u32, u32)) -> ResizePla
 
 /// Ratio of Liip's ScaleFilterLoader family for `[w, h]` with nulls: a
 /// null side yields the other's ratio; else `pick` of the two.
-fn dim_ratio(size: (u32, u32), dim: [Option<u32>; 2], pick: fn(f64, f64) -> f64) -> f64 {
+fn dim_ratio(size: (u32, u32), Sides(dim): Sides, pick: fn(f64, f64) -> f64) -> f64 {
     let rw = dim[0].map(|w| f64::from(w) / f64::from(size.0));
     let rh = dim[1].map(|h| f64::from(h) / f64::from(size.1));
     match (rw, rh) {
@@ -388,8 +402,8 @@ fn positive_box(name: &str, size: [u32; 2]) -> Result<()> {
     Ok(())
 }
 
-fn some_positive_side(name: &str, size: [Option<u32>; 2]) -> Result<()> {
-    if size.contains(&Some(0)) || size == [None, None] {
+fn some_positive_side(name: &str, Sides(size): Sides) -> Result<()> {
+    if size == [None, None] {
         return Err(Error::Config(format!(
             "{name}: give a positive width, height or both"
         )));
@@ -398,19 +412,17 @@ fn some_positive_side(name: &str, size: [Option<u32>; 2]) -> Result<()> {
 }
 
 /// `#rgb`, `#rrggbb` (the `#` optional), as Imagine's palette reads them.
-pub fn parse_color(text: &str) -> Result<[u8; 3]> {
+pub fn parse_color(text: &str) -> std::result::Result<[u8; 3], String> {
     let hex = text.strip_prefix('#').unwrap_or(text);
     let digits: Vec<u8> = hex
         .chars()
         .map(|c| c.to_digit(16).map(|d| d as u8))
         .collect::<Option<_>>()
-        .ok_or_else(|| Error::Config(format!("colour {text:?} is not #rgb or #rrggbb")))?;
+        .ok_or_else(|| format!("colour {text:?} is not #rgb or #rrggbb"))?;
     match digits.as_slice() {
         [r, g, b] => Ok([r * 17, g * 17, b * 17]),
         [r1, r2, g1, g2, b1, b2] => Ok([r1 * 16 + r2, g1 * 16 + g2, b1 * 16 + b2]),
-        _ => Err(Error::Config(format!(
-            "colour {text:?} is not #rgb or #rrggbb"
-        ))),
+        _ => Err(format!("colour {text:?} is not #rgb or #rrggbb")),
     }
 }
 
@@ -486,7 +498,7 @@ impl Step {
             }
             Step::Crop(c) => positive_box(name, c.size),
             Step::Background(b) => {
-                parse_color(&b.color)?;
+                parse_color(&b.color).map_err(|e| Error::Config(format!("{name}: {e}")))?;
                 if b.transparency > 100 {
                     return Err(Error::Config(format!(
                         "{name}: transparency is 0 (opaque) to 100"
@@ -503,7 +515,11 @@ impl Step {
                 if w.image.is_empty() {
                     return Err(Error::Config(format!("{name}: image is required")));
                 }
-                w.size.as_ref().map_or(Ok(()), |s| s.value().map(drop))
+                w.size.as_ref().map_or(Ok(()), |s| {
+                    s.value()
+                        .map(drop)
+                        .map_err(|e| Error::Config(format!("{name}: {e}")))
+                })
             }
             Step::Rotate(r) if !r.angle.is_finite() => {
                 Err(Error::Config(format!("{name}: angle must be a number")))
@@ -524,7 +540,7 @@ impl Step {
                 let derived = |given: u32, from: u32, to: u32| {
                     ((f64::from(given) / f64::from(from) * f64::from(to)) as u32).max(1)
                 };
-                let (w, h) = match t.size {
+                let (w, h) = match t.size.0 {
                     [Some(w), Some(h)] => (w, h),
                     [Some(w), None] => (w, derived(w, ow, oh)),
                     [None, Some(h)] => (derived(h, oh, ow), h),
@@ -684,4 +700,334 @@ pub fn rotated_size(size: (u32, u32), angle: f64) -> (u32, u32) {
         bound(w * cos.abs(), h * sin.abs()),
         bound(w * sin.abs(), h * cos.abs()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step from its TOML, as a filters file writes it.
+    fn step(toml_text: &str) -> Step {
+        #[derive(Deserialize)]
+        struct One {
+            step: Step,
+        }
+        let one: One = toml::from_str(&format!("step = {toml_text}")).unwrap();
+        one.step.validate().unwrap();
+        one.step
+    }
+
+    const LANDSCAPE: (u32, u32) = (4000, 3000);
+    const PORTRAIT: (u32, u32) = (3000, 4000);
+    const SQUARE: (u32, u32) = (2000, 2000);
+    const SMALL: (u32, u32) = (100, 50);
+
+    /// Every filter against landscape, portrait, square and smaller-than-
+    /// the-box sources; each expected size worked out by hand from Liip's
+    /// rules (liip/LiipImagineBundle's loaders and Imagine's Box maths).
+    #[test]
+    fn each_filter_gives_the_size_liip_gives() {
+        let table: &[(&str, [(u32, u32); 4])] = &[
+            // inset: ratio min(w/ow, h/oh), sides rounded.
+            (
+                r#"{ thumbnail = { size = [200, 200], mode = "inset" } }"#,
+                [(200, 150), (150, 200), (200, 200), (100, 50)],
+            ),
+            // outbound is the default: cover, centre-crop to the box; a
+            // source inside the box is left alone.
+            (
+                r#"{ thumbnail = { size = [200, 200] } }"#,
+                [(200, 200), (200, 200), (200, 200), (100, 50)],
+            ),
+            (
+                r#"{ thumbnail = { size = [200, 200], mode = "anything" } }"#,
+                [(200, 200), (200, 200), (200, 200), (100, 50)],
+            ),
+            // A null side: 100 / 3000 × 4000 = 133 (truncated), then inset.
+            (
+                r#"{ thumbnail = { size = [0, 100], mode = "inset" } }"#,
+                [(133, 100), (75, 100), (100, 100), (100, 50)],
+            ),
+            // kiln honours allow_upscale: 100x50 into 200x200 → ×2.
+            (
+                r#"{ thumbnail = { size = [200, 200], mode = "inset", allow_upscale = true } }"#,
+                [(200, 150), (150, 200), (200, 200), (200, 100)],
+            ),
+            (
+                r#"{ thumbnail = { size = [200, 200], mode = "outbound", allow_upscale = true } }"#,
+                [(200, 200), (200, 200), (200, 200), (200, 200)],
+            ),
+            // fixed: always exactly the box, upscaling when needed.
+            (
+                r#"{ fixed = { width = 300, height = 200 } }"#,
+                [(300, 200), (300, 200), (300, 200), (300, 200)],
+            ),
+            (
+                r#"{ resize = { size = [120, 80] } }"#,
+                [(120, 80), (120, 80), (120, 80), (120, 80)],
+            ),
+            // heighten 60: ratio 60 / oh.
+            (
+                r#"{ relative_resize = { heighten = 60 } }"#,
+                [(80, 60), (45, 60), (60, 60), (120, 60)],
+            ),
+            (
+                r#"{ relative_resize = { widen = 32 } }"#,
+                [(32, 24), (32, 43), (32, 32), (32, 16)],
+            ),
+            (
+                r#"{ relative_resize = { increase = 10 } }"#,
+                [(4010, 3010), (3010, 4010), (2010, 2010), (110, 60)],
+            ),
+            (
+                r#"{ relative_resize = { scale = 0.25 } }"#,
+                [(1000, 750), (750, 1000), (500, 500), (25, 13)],
+            ),
+            // scale dim: ratio min of both, up or down.
+            (
+                r#"{ scale = { dim = [400, 300] } }"#,
+                [(400, 300), (225, 300), (300, 300), (400, 200)],
+            ),
+            (
+                r#"{ scale = { to = 0.5 } }"#,
+                [(2000, 1500), (1500, 2000), (1000, 1000), (50, 25)],
+            ),
+            // downscale: only when the ratio is under 1.
+            (
+                r#"{ downscale = { max = [800, 800] } }"#,
+                [(800, 600), (600, 800), (800, 800), (100, 50)],
+            ),
+            (
+                r#"{ downscale = { by = 0.6 } }"#,
+                [(1600, 1200), (1200, 1600), (800, 800), (40, 20)],
+            ),
+            // upscale: ratio max of both, only when over 1.
+            (
+                r#"{ upscale = { min = [800, 800] } }"#,
+                [(4000, 3000), (3000, 4000), (2000, 2000), (1600, 800)],
+            ),
+            (
+                r#"{ upscale = { by = 0.5 } }"#,
+                [(6000, 4500), (4500, 6000), (3000, 3000), (150, 75)],
+            ),
+            // crop keeps what lies inside the image.
+            (
+                r#"{ crop = { start = [10, 20], size = [50, 30] } }"#,
+                [(50, 30), (50, 30), (50, 30), (50, 30)],
+            ),
+            (
+                r#"{ crop = { start = [60, 0], size = [200, 200] } }"#,
+                [(200, 200), (200, 200), (200, 200), (40, 50)],
+            ),
+            (
+                r##"{ background = { color = "#000", size = [300, 300] } }"##,
+                [(300, 300), (300, 300), (300, 300), (300, 300)],
+            ),
+            (
+                r##"{ background = { color = "#fff" } }"##,
+                [LANDSCAPE, PORTRAIT, SQUARE, SMALL],
+            ),
+            (
+                r#"{ rotate = { angle = 90 } }"#,
+                [PORTRAIT, LANDSCAPE, SQUARE, (50, 100)],
+            ),
+            (
+                r#"{ rotate = { angle = -180 } }"#,
+                [LANDSCAPE, PORTRAIT, SQUARE, SMALL],
+            ),
+            // 100x50 at 45°: 100·cos + 50·sin = 106.07 each way.
+            (
+                r#"{ rotate = { angle = 45 } }"#,
+                [(4950, 4950), (4950, 4950), (2828, 2828), (106, 106)],
+            ),
+            (
+                r#"{ flip = { axis = "x" } }"#,
+                [LANDSCAPE, PORTRAIT, SQUARE, SMALL],
+            ),
+            (
+                r#"{ grayscale = {} }"#,
+                [LANDSCAPE, PORTRAIT, SQUARE, SMALL],
+            ),
+            (r#"{ strip = {} }"#, [LANDSCAPE, PORTRAIT, SQUARE, SMALL]),
+            (
+                r#"{ interlace = {} }"#,
+                [LANDSCAPE, PORTRAIT, SQUARE, SMALL],
+            ),
+            (
+                r#"{ auto_rotate = {} }"#,
+                [LANDSCAPE, PORTRAIT, SQUARE, SMALL],
+            ),
+        ];
+        for (spec, expected) in table {
+            let step = step(spec);
+            for (source, want) in [LANDSCAPE, PORTRAIT, SQUARE, SMALL]
+                .into_iter()
+                .zip(expected)
+            {
+                assert_eq!(
+                    step.output_size(source, true, false),
+                    *want,
+                    "{spec} on {source:?}"
+                );
+                if let Some(plan) = step.resize_plan(source, true) {
+                    let crop = plan.crop;
+                    assert!(
+                        crop.x + crop.width <= source.0 && crop.y + crop.height <= source.1,
+                        "{spec} on {source:?}: crop {crop:?} outside the source"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn liips_own_examples_hold() {
+        // From Liip's filter docs, on a 50x40 source.
+        let source = (50, 40);
+        for (spec, want) in [
+            (
+                r#"{ thumbnail = { size = [32, 32], mode = "outbound" } }"#,
+                (32, 32),
+            ),
+            (
+                r#"{ thumbnail = { size = [32, 32], mode = "inset" } }"#,
+                (32, 26),
+            ),
+            (r#"{ relative_resize = { heighten = 60 } }"#, (75, 60)),
+            (r#"{ relative_resize = { widen = 32 } }"#, (32, 26)),
+            (r#"{ relative_resize = { increase = 10 } }"#, (60, 50)),
+            (r#"{ relative_resize = { scale = 2.5 } }"#, (125, 100)),
+        ] {
+            assert_eq!(step(spec).output_size(source, true, false), want, "{spec}");
+        }
+        // The protocol notes' downscale example.
+        assert_eq!(
+            step(r#"{ downscale = { by = 0.6 } }"#).output_size((1980, 1280), true, false),
+            (792, 512)
+        );
+    }
+
+    #[test]
+    fn liips_literal_layout_ignores_allow_upscale() {
+        let up =
+            step(r#"{ thumbnail = { size = [200, 200], mode = "inset", allow_upscale = true } }"#);
+        assert_eq!(up.output_size(SMALL, true, false), (200, 100));
+        assert_eq!(up.output_size(SMALL, false, false), SMALL);
+    }
+
+    #[test]
+    fn outbound_crops_the_centre_in_source_pixels() {
+        let plan = step(r#"{ thumbnail = { size = [300, 300] } }"#)
+            .resize_plan((4000, 3000), true)
+            .unwrap();
+        assert_eq!(
+            plan.crop,
+            Rect {
+                x: 500,
+                y: 0,
+                width: 3000,
+                height: 3000
+            }
+        );
+        // Narrower than the box, taller than it: no scaling, centred crop.
+        let plan = step(r#"{ thumbnail = { size = [300, 300] } }"#)
+            .resize_plan((200, 400), true)
+            .unwrap();
+        assert_eq!((plan.width, plan.height), (200, 300));
+        assert_eq!(plan.crop.y, 50);
+    }
+
+    #[test]
+    fn positions_place_as_liip_does() {
+        let outer = (200, 100);
+        let inner = (50, 30);
+        for (position, want) in [
+            (Position::Topleft, (0, 0)),
+            (Position::Top, (75, 0)),
+            (Position::Topright, (150, 0)),
+            (Position::Left, (0, 35)),
+            (Position::Center, (75, 35)),
+            (Position::Right, (150, 35)),
+            (Position::Bottomleft, (0, 70)),
+            (Position::Bottom, (75, 70)),
+            (Position::Bottomright, (150, 70)),
+        ] {
+            assert_eq!(position.place(outer, inner), want, "{position:?}");
+        }
+    }
+
+    #[test]
+    fn watermarks_fit_as_liip_fits_them() {
+        let mark = |size: Option<Ratio>| Watermark {
+            image: "w.png".into(),
+            size,
+            position: Position::Center,
+        };
+        // No size: left alone when it fits, shrunk to fit when it does not.
+        assert_eq!(mark(None).fitted((200, 100), (20, 20)).unwrap(), (20, 20));
+        assert_eq!(
+            mark(None).fitted((200, 100), (400, 100)).unwrap(),
+            (200, 50)
+        );
+        // A ratio of the limiting side: 0.5 × min(200/20, 100/20) = 2.5.
+        assert_eq!(
+            mark(Some(Ratio::Fraction(0.5)))
+                .fitted((200, 100), (20, 20))
+                .unwrap(),
+            (50, 50)
+        );
+        assert_eq!(
+            mark(Some(Ratio::Percent("50%".into())))
+                .fitted((200, 100), (20, 20))
+                .unwrap(),
+            (50, 50)
+        );
+        assert!(mark(Some(Ratio::Percent("lots".into())))
+            .fitted((1, 1), (1, 1))
+            .is_err());
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_the_filter_named() {
+        for spec in [
+            r#"{ thumbnail = { size = [0, 0] } }"#,
+            r#"{ relative_resize = { heighten = 10, widen = 10 } }"#,
+            r#"{ relative_resize = {} }"#,
+            r#"{ scale = { to = -1.0 } }"#,
+            r#"{ downscale = { by = 1.5 } }"#,
+            r##"{ background = { color = "#12" } }"##,
+            r#"{ background = { color = "red" } }"#,
+            r#"{ background = { transparency = 101 } }"#,
+            r#"{ background = { position = "multiple" } }"#,
+            r#"{ watermark_image = { image = "" } }"#,
+        ] {
+            #[derive(Deserialize)]
+            struct One {
+                step: Step,
+            }
+            let one: One = toml::from_str(&format!("step = {spec}")).unwrap();
+            let err = one.step.validate().unwrap_err().to_string();
+            assert!(err.contains(one.step.name()), "{spec}: {err}");
+        }
+        // Unknown options and filters do not parse at all.
+        for spec in [
+            r#"{ thumbnail = { size = [1, 1], colour = 1 } }"#,
+            r#"{ paste_image = {} }"#,
+        ] {
+            assert!(
+                toml::from_str::<toml::Table>(&format!("step = {spec}"))
+                    .ok()
+                    .and_then(|t| t["step"].clone().try_into::<Step>().ok())
+                    .is_none(),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn colours_parse_as_imagine_reads_them() {
+        assert_eq!(parse_color("#fff").unwrap(), [255, 255, 255]);
+        assert_eq!(parse_color("00ff80").unwrap(), [0, 255, 128]);
+        assert_eq!(parse_color("#1A2b3C").unwrap(), [0x1a, 0x2b, 0x3c]);
+    }
 }

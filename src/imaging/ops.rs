@@ -196,7 +196,7 @@ fn settle(image: RgbaImage, had_alpha: bool) -> DynamicImage {
 /// `background`: a canvas of the colour (of `size`, the image pasted at
 /// `position`; else the image's own size, filling its transparency).
 fn fill(image: DynamicImage, background: &Background) -> Result<DynamicImage> {
-    let [r, g, b] = parse_color(&background.color)?;
+    let [r, g, b] = parse_color(&background.color).map_err(Error::Config)?;
     let alpha = (f64::from(100 - background.transparency.min(100)) * 2.55).round() as u8;
     let (canvas_w, canvas_h) = background.size.map_or(image.dimensions(), |[w, h]| (w, h));
     let mut canvas = RgbaImage::from_pixel(canvas_w, canvas_h, Rgba([r, g, b, alpha]));
