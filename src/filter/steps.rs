@@ -916,28 +916,6 @@ mod tests {
     }
 
     #[test]
-    fn outbound_crops_the_centre_in_source_pixels() {
-        let plan = step(r#"{ thumbnail = { size = [300, 300] } }"#)
-            .resize_plan((4000, 3000), true)
-            .unwrap();
-        assert_eq!(
-            plan.crop,
-            Rect {
-                x: 500,
-                y: 0,
-                width: 3000,
-                height: 3000
-            }
-        );
-        // Narrower than the box, taller than it: no scaling, centred crop.
-        let plan = step(r#"{ thumbnail = { size = [300, 300] } }"#)
-            .resize_plan((200, 400), true)
-            .unwrap();
-        assert_eq!((plan.width, plan.height), (200, 300));
-        assert_eq!(plan.crop.y, 50);
-    }
-
-    #[test]
     fn positions_place_as_liip_does() {
         let outer = (200, 100);
         let inner = (50, 30);

@@ -6,7 +6,8 @@ use crate::distributed::Process;
 use crate::kiln::{until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::support::{free_port, png_rgba, Origin, OriginResponse};
 
-fn kiln_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+/// Runs the `kiln` binary: whether it succeeded, and its stdout + stderr.
+pub fn kiln_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .envs(env.iter().copied())

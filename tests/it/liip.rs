@@ -3,8 +3,7 @@
 //! WebP bytes WebP whatever the path's extension, and `kiln filters
 //! import` writes the same sets as kiln TOML.
 
-use std::process::Command;
-
+use crate::cli::kiln_cli;
 use crate::kiln::{preheat, until_ready, Backend, Kiln};
 use crate::support::{
     decode, dimensions, format_of, jpeg_with_orientation, mean_rgb, Origin, OriginResponse,
@@ -91,20 +90,10 @@ fn kiln_filters_import_writes_toml_that_loads_as_the_same_sets() {
     let yaml = dir.path().join("liip_imagine.yaml");
     std::fs::write(&yaml, LIIP_YAML).unwrap();
     let toml = dir.path().join("filters.toml");
-    let kiln = |args: &[&str], env: &[(&str, String)]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env_remove("KILN_CONFIG")
-            .output()
-            .expect("run kiln");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert!(output.status.success(), "kiln {args:?}: {text}");
-        String::from_utf8_lossy(&output.stdout).into_owned()
+    let kiln = |args: &[&str], env: &[(&str, &str)]| {
+        let (ok, text) = kiln_cli(args, env);
+        assert!(ok, "kiln {args:?}: {text}");
+        text
     };
     kiln(
         &[
@@ -124,11 +113,11 @@ fn kiln_filters_import_writes_toml_that_loads_as_the_same_sets() {
     // `kiln filters` lists the same presets from the YAML and from the TOML.
     let from_yaml = kiln(
         &["filters"],
-        &[("KILN_FILTERS__LIIP_YAML", yaml.display().to_string())],
+        &[("KILN_FILTERS__LIIP_YAML", yaml.to_str().unwrap())],
     );
     let from_toml = kiln(
         &["filters"],
-        &[("KILN_FILTERS__FILE", toml.display().to_string())],
+        &[("KILN_FILTERS__FILE", toml.to_str().unwrap())],
     );
     assert_eq!(from_yaml, from_toml);
     for set in ["auto_rotate", "small", "framed"] {
@@ -142,15 +131,10 @@ fn kiln_filters_import_writes_toml_that_loads_as_the_same_sets() {
         "liip_imagine:\n  filter_sets:\n    odd:\n      filters:\n        paste_image: { image: a.png }\n",
     )
     .unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["filters", "import", yaml.to_str().unwrap()])
-        .env_remove("KILN_CONFIG")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (ok, text) = kiln_cli(&["filters", "import", yaml.to_str().unwrap()], &[]);
+    assert!(!ok, "{text}");
     assert!(
-        stderr.contains("filter_sets.odd") && stderr.contains("paste_image"),
-        "{stderr}"
+        text.contains("filter_sets.odd") && text.contains("paste_image"),
+        "{text}"
     );
 }
