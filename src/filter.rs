@@ -542,7 +542,11 @@ impl FilterSet {
         };
         let mut set = match (filters.file.is_empty(), filters.liip_yaml.is_empty()) {
             (true, true) => Self::from_toml(DEFAULT_FILTERS_TOML)?,
-            (false, true) => Self::from_toml(&read("file", &filters.file)?)?,
+            (false, true) => {
+                let mut set = Self::from_toml(&read("file", &filters.file)?)?;
+                set.resolve_watermarks(std::path::Path::new(&filters.file));
+                set
+            }
             (true, false) => {
                 let yaml = read("liip_yaml", &filters.liip_yaml)?;
                 let specs = liip::read_yaml(&yaml, std::path::Path::new(&filters.liip_yaml))
@@ -567,6 +571,18 @@ impl FilterSet {
         set.sizes = SizeRules::from_config(config)?;
         set.avif_max_pixels = config.imaging.avif_max_pixels;
         Ok(set)
+    }
+
+    /// Relative watermark images are read from the filters file's directory.
+    fn resolve_watermarks(&mut self, file: &std::path::Path) {
+        let base_dir = file.parent().unwrap_or(std::path::Path::new("."));
+        for preset in self.presets.values_mut() {
+            for step in &mut preset.steps {
+                if let Step::WatermarkImage(mark) = step {
+                    mark.image = liip::resolve(&mark.image, base_dir);
+                }
+            }
+        }
     }
 
     /// A watermark file that is not there fails at start, not per render.
@@ -807,6 +823,42 @@ mod tests {
 
         let off = with_sizes("[filters]\nsize_urls = false\n");
         assert_eq!(off.get("w500").unwrap_err().code(), "unknown-filter");
+    }
+
+    #[test]
+    fn watermarks_are_read_from_the_filters_files_directory_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("marks")).unwrap();
+        std::fs::write(dir.path().join("marks/logo.png"), b"png").unwrap();
+        let file = dir.path().join("filters.toml");
+        let load = |image: &str| {
+            std::fs::write(
+                &file,
+                format!(
+                    "[marked]\nfilters = [{{ watermark_image = {{ image = \"{image}\" }} }}]\n"
+                ),
+            )
+            .unwrap();
+            let config = crate::config::Config::load_from(crate::config::Sources {
+                extra_toml: Some(&format!("[filters]\nfile = \"{}\"\n", file.display())),
+                ..Default::default()
+            })
+            .unwrap();
+            FilterSet::from_config(&config)
+        };
+        let set = load("marks/logo.png").unwrap();
+        let Step::WatermarkImage(mark) = &set.get("marked").unwrap().steps[0] else {
+            panic!("not a watermark");
+        };
+        assert_eq!(
+            std::path::Path::new(&mark.image),
+            dir.path().join("marks/logo.png")
+        );
+        let err = load("marks/gone.png").unwrap_err().to_string();
+        assert!(
+            err.contains("filters.marked") && err.contains("gone.png"),
+            "{err}"
+        );
     }
 
     #[test]

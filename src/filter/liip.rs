@@ -217,7 +217,7 @@ fn steps(name: &str, filters: &Value, base_dir: &Path) -> Result<Vec<Step>> {
 
 /// Liip's watermark paths are under the project directory, often spelled
 /// `%kernel.project_dir%/…`; kiln reads them from the YAML's directory.
-fn resolve(image: &str, base_dir: &Path) -> String {
+pub(crate) fn resolve(image: &str, base_dir: &Path) -> String {
     let image = image.strip_prefix("%kernel.project_dir%/").unwrap_or(image);
     let path = Path::new(image);
     if path.is_absolute() {
