@@ -165,17 +165,22 @@ pub fn resize(
     if identity {
         return Ok(pixels.clone());
     }
-    let scale_x = f64::from(pixels.width()) / f64::from(logical.0);
-    let scale_y = f64::from(pixels.height()) / f64::from(logical.1);
+    // The crop in decoded pixels. Scaling can overshoot the edge by a
+    // rounding error, which the resizer refuses: clamp to the pixels.
+    let to_pixels = |start: u32, length: u32, logical: u32, pixels: u32| {
+        let scale = f64::from(pixels) / f64::from(logical);
+        let start = (f64::from(start) * scale).min(f64::from(pixels));
+        (
+            start,
+            (f64::from(length) * scale).min(f64::from(pixels) - start),
+        )
+    };
+    let (x, width) = to_pixels(plan.crop.x, plan.crop.width, logical.0, pixels.width());
+    let (y, height) = to_pixels(plan.crop.y, plan.crop.height, logical.1, pixels.height());
     let mut resized = DynamicImage::new(plan.width, plan.height, pixels.color());
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
-        .crop(
-            f64::from(plan.crop.x) * scale_x,
-            f64::from(plan.crop.y) * scale_y,
-            f64::from(plan.crop.width) * scale_x,
-            f64::from(plan.crop.height) * scale_y,
-        );
+        .crop(x, y, width, height);
     Resizer::new()
         .resize(pixels, &mut resized, &options)
         .map_err(|e| Error::Internal(format!("resize: {e}")))?;
@@ -328,5 +333,42 @@ fn grayscale(image: DynamicImage) -> DynamicImage {
         DynamicImage::ImageRgba8(image.grayscale().to_rgba8())
     } else {
         DynamicImage::ImageRgb8(image.grayscale().to_rgb8())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::Rect;
+
+    /// Whole-image crops of shrunk decodes: `w × (pw / w)` can come out a
+    /// hair over `pw`, which the resizer refuses (found by worker_e2e).
+    #[test]
+    fn a_crop_scaled_to_a_shrunk_decode_stays_inside_it() {
+        let mut overshoots = 0;
+        for width in 1000..1600u32 {
+            let pixels = width.div_ceil(8);
+            let scale = f64::from(pixels) / f64::from(width);
+            if f64::from(width) * scale > f64::from(pixels) {
+                overshoots += 1;
+                let shrunk = DynamicImage::new_rgb8(pixels, 10);
+                let plan = ResizePlan {
+                    crop: Rect {
+                        x: 0,
+                        y: 0,
+                        width,
+                        height: 80,
+                    },
+                    width: 100,
+                    height: 8,
+                };
+                let out = resize(&shrunk, (width, 80), plan).unwrap();
+                assert_eq!((out.width(), out.height()), (100, 8));
+            }
+        }
+        assert!(
+            overshoots > 0,
+            "no width overshoots: the case is not exercised"
+        );
     }
 }
