@@ -550,7 +550,10 @@ impl FilterSet {
             (true, false) => {
                 let yaml = read("liip_yaml", &filters.liip_yaml)?;
                 let specs = liip::read_yaml(&yaml, std::path::Path::new(&filters.liip_yaml))
-                    .map_err(|e| Error::Config(format!("filters.liip_yaml: {e}")))?;
+                    .map_err(|e| match e {
+                        Error::Config(why) => Error::Config(format!("filters.liip_yaml: {why}")),
+                        other => other,
+                    })?;
                 let mut presets = BTreeMap::new();
                 for (name, spec) in specs.sets {
                     presets.insert(name.clone(), spec.compile(&name)?);
@@ -857,6 +860,31 @@ mod tests {
         let err = load("marks/gone.png").unwrap_err().to_string();
         assert!(
             err.contains("filters.marked") && err.contains("gone.png"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_liip_yaml_that_cannot_run_stops_kiln_naming_the_set_and_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("liip.yaml");
+        std::fs::write(
+            &yaml,
+            "filter_sets:\n  odd:\n    filters:\n      paste_image: {}\n",
+        )
+        .unwrap();
+        let config = crate::config::Config::load_from(crate::config::Sources {
+            extra_toml: Some(&format!("[filters]\nliip_yaml = \"{}\"\n", yaml.display())),
+            ..Default::default()
+        })
+        .unwrap();
+        let err = FilterSet::from_config(&config).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid configuration: filters.liip_yaml: filter_sets.odd.filters:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("paste_image") && err.matches("invalid configuration").count() == 1,
             "{err}"
         );
     }
