@@ -144,6 +144,22 @@ pub struct ResizePlan {
     pub height: u32,
 }
 
+impl ResizePlan {
+    /// The whole of a `size` source resized to `width` x `height`.
+    pub fn whole(size: (u32, u32), width: u32, height: u32) -> ResizePlan {
+        ResizePlan {
+            crop: Rect {
+                x: 0,
+                y: 0,
+                width: size.0,
+                height: size.1,
+            },
+            width,
+            height,
+        }
+    }
+}
+
 /// The filter segment an `auto` filter's variant in a negotiated format is
 /// stored under (`small.webp`).
 pub fn negotiated_segment(filter: &str, extension: &str) -> String {
@@ -279,12 +295,7 @@ impl Preset {
         self.steps.iter().fold((width, height), |size, step| {
             let swaps = self.liip_literal && exif_kept && exif_swaps_axes;
             let next = step.output_size(size, self.upscale_honoured(), swaps);
-            if matches!(
-                step,
-                Step::Thumbnail(_) | Step::Strip(_) | Step::AutoRotate(_)
-            ) {
-                exif_kept = false;
-            }
+            exif_kept &= !step.drops_exif();
             next
         })
     }
@@ -296,16 +307,7 @@ impl Preset {
         let (out_w, out_h) = self.output_size(width, height, false);
         match self.first_plan(width, height) {
             Some(plan) if (plan.width, plan.height) == (out_w, out_h) => plan,
-            _ => ResizePlan {
-                crop: Rect {
-                    x: 0,
-                    y: 0,
-                    width,
-                    height,
-                },
-                width: out_w,
-                height: out_h,
-            },
+            _ => ResizePlan::whole((width, height), out_w, out_h),
         }
     }
 
@@ -514,22 +516,29 @@ impl FilterSet {
     pub fn from_toml(text: &str) -> Result<FilterSet> {
         let specs: toml::Table =
             toml::from_str(text).map_err(|e| Error::Config(format!("filters: {e}")))?;
-        let mut presets = BTreeMap::new();
-        for (name, spec) in specs {
-            let spec: PresetSpec = spec
-                .try_into()
-                .map_err(|e| Error::Config(format!("filters.{name}: {e}")))?;
-            presets.insert(name.clone(), spec.compile(&name)?);
-        }
-        Ok(FilterSet::of(presets))
+        let specs = specs
+            .into_iter()
+            .map(|(name, spec)| {
+                let spec: PresetSpec = spec
+                    .try_into()
+                    .map_err(|e| Error::Config(format!("filters.{name}: {e}")))?;
+                Ok((name, spec))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::compiled(specs)
     }
 
-    fn of(presets: BTreeMap<String, Preset>) -> FilterSet {
-        FilterSet {
+    /// The presets the specs describe, each checked.
+    fn compiled(specs: Vec<(String, PresetSpec)>) -> Result<FilterSet> {
+        let presets = specs
+            .into_iter()
+            .map(|(name, spec)| Ok((name.clone(), spec.compile(&name)?)))
+            .collect::<Result<_>>()?;
+        Ok(FilterSet {
             presets,
             sizes: SizeRules::default(),
             avif_max_pixels: 0,
-        }
+        })
     }
 
     /// The presets named by `[filters] file` or `liip_yaml`, or the
@@ -554,11 +563,7 @@ impl FilterSet {
                         Error::Config(why) => Error::Config(format!("filters.liip_yaml: {why}")),
                         other => other,
                     })?;
-                let mut presets = BTreeMap::new();
-                for (name, spec) in specs.sets {
-                    presets.insert(name.clone(), spec.compile(&name)?);
-                }
-                Self::of(presets)
+                Self::compiled(specs.sets)?
             }
             (false, false) => {
                 return Err(Error::Config(

@@ -326,24 +326,6 @@ fn scaled(side: u32, ratio: f64) -> u32 {
     ((f64::from(side) * ratio).round() as u32).max(1)
 }
 
-fn whole(width: u32, height: u32) -> Rect {
-    Rect {
-        x: 0,
-        y: 0,
-        width,
-        height,
-    }
-}
-
-/// A plain resize of the whole image.
-fn resize_to(size: (u32, u32), width: u32, height: u32) -> ResizePlan {
-    ResizePlan {
-        crop: whole(size.0, size.1),
-        width,
-        height,
-    }
-}
-
 /// Scale by `ratio` (both sides rounded), then centre-crop to `box`:
 /// the crop in source pixels, offset `floor((scaled − box) / 2)`.
 fn cover_then_crop(size: (u32, u32), ratio: f64, boxed: (u32, u32)) -> ResizePlan {
@@ -534,7 +516,7 @@ impl Step {
     /// `allow_upscale`; Liip ignores it (false keeps Liip's layout).
     pub fn resize_plan(&self, size: (u32, u32), upscale_honoured: bool) -> Option<ResizePlan> {
         let (ow, oh) = size;
-        let same = resize_to(size, ow, oh);
+        let same = ResizePlan::whole(size, ow, oh);
         let plan = match self {
             Step::Thumbnail(t) => {
                 let derived = |given: u32, from: u32, to: u32| {
@@ -557,7 +539,7 @@ impl Step {
                         } else {
                             rw.min(rh).min(1.0)
                         };
-                        resize_to(size, scaled(ow, ratio), scaled(oh, ratio))
+                        ResizePlan::whole(size, scaled(ow, ratio), scaled(oh, ratio))
                     }
                     Mode::Outbound if upscale || (ow >= w && oh >= h) => {
                         cover_then_crop(size, rw.max(rh), (w, h))
@@ -575,20 +557,20 @@ impl Step {
                 (plan.width, plan.height) = (f.width, f.height);
                 plan
             }
-            Step::Resize(r) => resize_to(size, r.size[0], r.size[1]),
+            Step::Resize(r) => ResizePlan::whole(size, r.size[0], r.size[1]),
             Step::RelativeResize(r) => {
                 if let Some(h) = r.heighten {
                     let ratio = f64::from(h) / f64::from(oh);
-                    resize_to(size, scaled(ow, ratio), h)
+                    ResizePlan::whole(size, scaled(ow, ratio), h)
                 } else if let Some(w) = r.widen {
                     let ratio = f64::from(w) / f64::from(ow);
-                    resize_to(size, w, scaled(oh, ratio))
+                    ResizePlan::whole(size, w, scaled(oh, ratio))
                 } else if let Some(n) = r.increase {
                     let grow = |side: u32| (i64::from(side) + i64::from(n)).max(1) as u32;
-                    resize_to(size, grow(ow), grow(oh))
+                    ResizePlan::whole(size, grow(ow), grow(oh))
                 } else {
                     let ratio = r.scale.unwrap_or(1.0);
-                    resize_to(size, scaled(ow, ratio), scaled(oh, ratio))
+                    ResizePlan::whole(size, scaled(ow, ratio), scaled(oh, ratio))
                 }
             }
             Step::Scale(s) => {
@@ -597,7 +579,7 @@ impl Step {
                     (None, Some(dim)) => dim_ratio(size, dim, f64::min),
                     (None, None) => 1.0,
                 };
-                resize_to(size, scaled(ow, ratio), scaled(oh, ratio))
+                ResizePlan::whole(size, scaled(ow, ratio), scaled(oh, ratio))
             }
             Step::Downscale(d) => {
                 let ratio = match (d.by, d.max) {
@@ -606,7 +588,7 @@ impl Step {
                     (None, None) => 1.0,
                 };
                 if ratio < 1.0 {
-                    resize_to(size, scaled(ow, ratio), scaled(oh, ratio))
+                    ResizePlan::whole(size, scaled(ow, ratio), scaled(oh, ratio))
                 } else {
                     same
                 }
@@ -618,7 +600,7 @@ impl Step {
                     (None, None) => 1.0,
                 };
                 if ratio > 1.0 {
-                    resize_to(size, scaled(ow, ratio), scaled(oh, ratio))
+                    ResizePlan::whole(size, scaled(ow, ratio), scaled(oh, ratio))
                 } else {
                     same
                 }
@@ -674,6 +656,15 @@ impl Step {
             Step::Rotate(r) => rotated_size(size, r.angle),
             _ => size,
         }
+    }
+
+    /// After this step the source's EXIF is gone: Imagine's thumbnail and
+    /// `strip` drop it, and `auto_rotate` has used it.
+    pub fn drops_exif(&self) -> bool {
+        matches!(
+            self,
+            Step::Thumbnail(_) | Step::Strip(_) | Step::AutoRotate(_)
+        )
     }
 
     /// Changes only how the bytes are written, never the pixels.

@@ -62,11 +62,10 @@ pub fn run_chain(source: &Decoded, preset: &Preset, max_output_pixels: u64) -> R
     let mut interlace = false;
     for step in &preset.steps {
         step.check_against(size)?;
+        let exif_was_kept = exif_kept;
+        exif_kept &= !step.drops_exif();
         match step {
-            Step::Strip(_) => {
-                exif_kept = false;
-                continue;
-            }
+            Step::Strip(_) => continue,
             Step::Interlace(mode) => {
                 interlace = mode.mode != InterlaceMode::None;
                 continue;
@@ -74,13 +73,12 @@ pub fn run_chain(source: &Decoded, preset: &Preset, max_output_pixels: u64) -> R
             // Upright sources were turned by decoding; Liip's literal
             // layout turns here, unless a thumbnail or strip dropped the EXIF.
             Step::AutoRotate(_) => {
-                if literal && exif_kept && orientation != Orientation::NoTransforms {
+                if literal && exif_was_kept && orientation != Orientation::NoTransforms {
                     let mut image = at_size(pixels, size)?;
                     image.apply_orientation(orientation);
                     size = image.dimensions();
                     pixels = Cow::Owned(image);
                 }
-                exif_kept = false;
                 continue;
             }
             _ => {}
@@ -89,9 +87,6 @@ pub fn run_chain(source: &Decoded, preset: &Preset, max_output_pixels: u64) -> R
             check((plan.width, plan.height))?;
             pixels = Cow::Owned(resize(&pixels, size, plan)?);
             size = (plan.width, plan.height);
-            if matches!(step, Step::Thumbnail(_)) {
-                exif_kept = false;
-            }
             continue;
         }
         check(step.output_size(size, !literal, false))?;
@@ -137,17 +132,7 @@ fn at_size(pixels: Cow<'_, DynamicImage>, size: (u32, u32)) -> Result<DynamicIma
     if pixels.dimensions() == size {
         return Ok(pixels.into_owned());
     }
-    let whole = ResizePlan {
-        crop: crate::filter::Rect {
-            x: 0,
-            y: 0,
-            width: size.0,
-            height: size.1,
-        },
-        width: size.0,
-        height: size.1,
-    };
-    resize(&pixels, size, whole)
+    resize(&pixels, size, ResizePlan::whole(size, size.0, size.1))
 }
 
 /// Crops and resizes per `plan`, given in `logical` pixels, from `pixels`
@@ -241,25 +226,16 @@ fn watermark(image: DynamicImage, mark: &Watermark) -> Result<DynamicImage> {
     let size = image.dimensions();
     let (mark_w, mark_h) = mark.fitted(size, source.dimensions())?;
     let fitted = if (mark_w, mark_h) == source.dimensions() {
-        DynamicImage::ImageRgba8((*source).clone())
+        (*source).clone()
     } else {
         let source = DynamicImage::ImageRgba8((*source).clone());
         resize(
             &source,
             source.dimensions(),
-            ResizePlan {
-                crop: crate::filter::Rect {
-                    x: 0,
-                    y: 0,
-                    width: source.width(),
-                    height: source.height(),
-                },
-                width: mark_w,
-                height: mark_h,
-            },
+            ResizePlan::whole(source.dimensions(), mark_w, mark_h),
         )?
-    }
-    .to_rgba8();
+        .into_rgba8()
+    };
     let had_alpha = image.color().has_alpha();
     let mut canvas = image.to_rgba8();
     if mark.position == Position::Multiple {
