@@ -6,7 +6,7 @@
 
 use std::io::Cursor;
 
-use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions};
 use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::filter::{Encoding, OutputFormat, Preset};
 
 mod ops;
+mod scratch;
 
 #[cfg(test)]
 mod chain_tests;
@@ -120,6 +121,16 @@ impl std::fmt::Debug for Decoded {
             .field("orientation", &self.orientation)
             .field("frames", &self.animation.as_ref().map(Vec::len))
             .finish()
+    }
+}
+
+/// The pixels go back to this thread's spares for the next job's decode.
+impl Drop for Decoded {
+    fn drop(&mut self) {
+        scratch::recycle(std::mem::replace(
+            &mut self.image,
+            DynamicImage::new_rgb8(0, 0),
+        ));
     }
 }
 
@@ -295,7 +306,7 @@ fn decode_jpeg(
         .set_scaling_factor(scale)
         .map_err(turbo_error)?;
     let scaled = header.scaled(scale);
-    let mut pixels = vec![0; 3 * scaled.width * scaled.height];
+    let mut pixels = scratch::zeroed(3 * scaled.width * scaled.height);
     decompressor
         .decompress(
             bytes,
@@ -358,7 +369,7 @@ fn decode_webp(
     let (out_w, out_h) = (scaled(width), scaled(height));
     let alpha = config.input.has_alpha != 0;
     let channels: u32 = if alpha { 4 } else { 3 };
-    let mut pixels = vec![0u8; (channels * out_w * out_h) as usize];
+    let mut pixels = scratch::zeroed((channels * out_w * out_h) as usize);
     if (out_w, out_h) != (width, height) {
         config.options.use_scaling = 1;
         config.options.scaled_width = out_w as i32;
@@ -542,11 +553,13 @@ pub fn render(source: &Decoded, preset: &Preset) -> Result<Rendered> {
     }
     let chained = ops::run_chain(source, preset, source.limits.max_output_pixels)?;
     let bytes = encode_with(&chained.image, format, &preset.encoding, chained.interlace)?;
+    let (width, height) = (chained.image.width(), chained.image.height());
+    scratch::recycle(chained.image);
     Ok(Rendered {
         bytes,
         format,
-        width: chained.image.width(),
-        height: chained.image.height(),
+        width,
+        height,
     })
 }
 
@@ -782,13 +795,12 @@ pub fn previews(source: &Decoded) -> Result<Previews> {
     let tw = ((f64::from(w) * scale).round() as u32).max(1);
     let th = ((f64::from(h) * scale).round() as u32).max(1);
     let mut small = DynamicImage::new(tw, th, source.image.color());
-    Resizer::new()
-        .resize(
-            &source.image,
-            &mut small,
-            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Box)),
-        )
-        .map_err(|e| Error::Internal(format!("resize: {e}")))?;
+    scratch::resize(
+        &source.image,
+        &mut small,
+        &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Box)),
+    )
+    .map_err(|e| Error::Internal(format!("resize: {e}")))?;
     let rgba = small.to_rgba8();
     // More components along the longer side keep the preview's shape.
     let (cx, cy) = if w >= h { (4, 3) } else { (3, 4) };

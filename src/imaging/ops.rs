@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions};
 use image::metadata::Orientation;
 use image::{DynamicImage, GenericImageView, Rgba, RgbaImage};
 use parking_lot::Mutex;
@@ -162,12 +162,11 @@ pub fn resize(
     };
     let (x, width) = to_pixels(plan.crop.x, plan.crop.width, logical.0, pixels.width());
     let (y, height) = to_pixels(plan.crop.y, plan.crop.height, logical.1, pixels.height());
-    let mut resized = DynamicImage::new(plan.width, plan.height, pixels.color());
+    let mut resized = super::scratch::blank(plan.width, plan.height, pixels.color());
     let options = ResizeOptions::new()
         .resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3))
         .crop(x, y, width, height);
-    Resizer::new()
-        .resize(pixels, &mut resized, &options)
+    super::scratch::resize(pixels, &mut resized, &options)
         .map_err(|e| Error::Internal(format!("resize: {e}")))?;
     Ok(resized)
 }
