@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::callback::{self, Delivery, Outbox, Subscriber};
 use crate::config::Config;
@@ -26,6 +26,9 @@ use crate::queue::{Claimed, Job, Queue};
 use crate::storage::{now_secs, FailureSummary, MediaRecord, Storage, Thumb};
 use crate::ui::{RecentJob, RecentJobs};
 
+mod render_pool;
+pub use render_pool::RenderPool;
+
 pub struct Worker {
     pub queue: Arc<dyn Queue>,
     pub storage: Storage,
@@ -34,7 +37,7 @@ pub struct Worker {
     pub fetcher: Fetcher,
     pub outbox: Arc<dyn Outbox>,
     pub limits: Limits,
-    pub render_slots: Arc<Semaphore>,
+    pub render_pool: Arc<RenderPool>,
     pub public_base: String,
     pub concurrency: usize,
     pub claim_wait: Duration,
@@ -67,7 +70,10 @@ impl Worker {
             fetcher: Fetcher::new(&config.fetch, policy)?,
             outbox,
             limits: Limits::from(&config.imaging),
-            render_slots: Arc::new(Semaphore::new(config.imaging.render_threads)),
+            render_pool: Arc::new(
+                RenderPool::new(config.imaging.render_threads)
+                    .map_err(|e| Error::Internal(format!("cannot start render threads: {e}")))?,
+            ),
             public_base: config.public_base(),
             concurrency: config.queue.worker_concurrency,
             claim_wait: Duration::from_millis(config.queue.claim_block_ms),
@@ -531,31 +537,12 @@ impl Worker {
         Ok(record)
     }
 
-    /// Runs CPU work on the blocking pool, at most `render_threads` at once;
-    /// a panic fails this job only.
+    /// Runs CPU work on the render pool; a panic fails this job only.
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        run_contained(&self.render_slots, work).await
-    }
-}
-
-/// Runs `work` on the blocking pool once a slot is free; a panic inside it
-/// (a codec bug) becomes this job's error instead of taking the worker down.
-async fn run_contained<T: Send + 'static>(
-    slots: &Arc<Semaphore>,
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let _slot = slots
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| Error::ShuttingDown)?;
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => Err(Error::RenderPanicked(panic_message(e.into_panic()))),
-        Err(e) => Err(Error::Internal(e.to_string())),
+        self.render_pool.run(work).await
     }
 }
 
@@ -597,14 +584,6 @@ fn note_thumb(record: &mut MediaRecord, filter: &str, thumb: Thumb) {
     record.thumb_data.insert(filter.to_string(), thumb);
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
 /// Width and height from an encoded image's header.
 fn dimensions(bytes: &[u8]) -> (u32, u32) {
     image::ImageReader::new(std::io::Cursor::new(bytes))
@@ -630,18 +609,5 @@ mod tests {
             [2000, 4000, 8000, 16000, 32000, 64000, 128000, 256000, 300000, 300000]
         );
         assert_eq!(callback::doubling_backoff(first, cap, u32::MAX), cap);
-    }
-
-    #[tokio::test]
-    async fn a_panicking_codec_fails_its_job_only() {
-        let slots = Arc::new(Semaphore::new(1));
-        let err = run_contained(&slots, || -> Result<()> { panic!("codec bug") })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), "render-panicked");
-        assert!(err.to_string().contains("codec bug"), "{err}");
-        assert!(!err.is_retryable());
-        // The slot came back and the pool still works.
-        assert_eq!(run_contained(&slots, || Ok(7)).await.unwrap(), 7);
     }
 }
