@@ -286,22 +286,52 @@ impl Worker {
         self.remember(job, original, Some(error), duration_ms).await;
     }
 
-    /// Renders what is missing; returns the updated media record.
+    /// Renders what is missing; returns the updated media record, written
+    /// once at the end. A job that fails after archiving its original still
+    /// writes the record, so the download is not forgotten.
     async fn process(&self, job: &Job) -> Result<MediaRecord> {
         let presets: Vec<Preset> = job
             .filters
             .iter()
             .map(|name| self.filters.get(name).map(Cow::into_owned))
             .collect::<Result<_>>()?;
-        let mut record = self.load_record(job).await?;
+        let loaded = self.load_record(job).await?;
+        let mut record = loaded.clone();
+        match self.render_missing(job, presets, &mut record).await {
+            Ok(original) => {
+                record.path = Some(original);
+                record.marking = "resized".into();
+                record.error = None;
+                record.updated_at = now_secs();
+                self.storage.put_media_record(&record).await?;
+                Ok(record)
+            }
+            Err(e) => {
+                if record != loaded {
+                    if let Err(lost) = self.storage.put_media_record(&record).await {
+                        tracing::warn!(job = %job.id, error = %lost, "could not record the archived original");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
 
+    /// Loads or downloads the original and renders every preset not stored
+    /// yet into `record`; returns the original's path.
+    async fn render_missing(
+        &self,
+        job: &Job,
+        presets: Vec<Preset>,
+        record: &mut MediaRecord,
+    ) -> Result<String> {
         // The original's path is known from the job or the record, or fixed
         // now by downloading it: its extension comes from the sniffed type.
         let mut downloaded = None;
         let original = match (job.original.as_str(), &record.path) {
             ("", Some(path)) => path.clone(),
             ("", None) => {
-                let (path, bytes) = self.download_new(job, &mut record).await?;
+                let (path, bytes) = self.download_new(job, record).await?;
                 downloaded = Some(bytes);
                 path
             }
@@ -336,7 +366,7 @@ impl Worker {
                         (width, height),
                         &info.content_type,
                     );
-                    note_thumb(&mut record, &preset.name, thumb);
+                    note_thumb(record, &preset.name, thumb);
                 }
                 None => to_render.push(preset),
             }
@@ -356,7 +386,7 @@ impl Worker {
         if !to_render.is_empty() || needs_previews {
             let bytes = match downloaded {
                 Some(bytes) => Some(bytes),
-                None => match self.load_original(job, &original, &mut record).await {
+                None => match self.load_original(job, &original, record).await {
                     Ok(bytes) => Some(bytes),
                     // Only previews were missing: the stored variants still stand.
                     Err(Error::SourceNotFound(_)) if to_render.is_empty() => None,
@@ -364,16 +394,10 @@ impl Worker {
                 },
             };
             if let Some(bytes) = bytes {
-                self.render(&original, bytes, to_render, &mut record)
-                    .await?;
+                self.render(&original, bytes, to_render, record).await?;
             }
         }
-        record.path = Some(original);
-        record.marking = "resized".into();
-        record.error = None;
-        record.updated_at = now_secs();
-        self.storage.put_media_record(&record).await?;
-        Ok(record)
+        Ok(original)
     }
 
     /// Decodes once, computes the previews, renders every preset, and
@@ -486,6 +510,8 @@ impl Worker {
         fetched
     }
 
+    /// Stores a downloaded original and notes it in the record, which
+    /// `process` writes.
     async fn archive(
         &self,
         path: &str,
@@ -501,7 +527,7 @@ impl Worker {
         record.status_code = Some(fetched.status);
         record.marking = "downloaded".into();
         record.updated_at = now_secs();
-        self.storage.put_media_record(record).await
+        Ok(())
     }
 
     /// The job's media record, or a new one.

@@ -418,6 +418,52 @@ async fn wait_true_answers_finished_records_and_failures() {
     assert_eq!((status, &answer["error"]), (422, &json!("invalid-payload")));
 }
 
+/// The worker writes a media record once per job. A render that fails after
+/// the download must still record the archived original, so the record
+/// says what was fetched and the next try renders from the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_render_keeps_the_archived_original_in_the_record() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let origin = Origin::start().await;
+    // Sniffs as a JPEG, fails to decode: a permanent failure after the download.
+    let broken = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hostile/truncated-scan.jpg"),
+    )
+    .unwrap();
+    origin.serve(
+        "/broken.jpg",
+        OriginResponse::image("image/jpeg", broken.clone()),
+    );
+    let account = setup_account(&kiln.base, "broken", 100).await;
+    let key = account["apiKey"].as_str().unwrap();
+    let dispatch = || async {
+        let (status, rows) = post_json(
+            &kiln.url("/dispatch_process"),
+            Some(key),
+            &json!({"root": "broken", "images": [origin.url("/broken.jpg")],
+                    "filters": ["small"], "wait": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{rows}");
+        rows[0].clone()
+    };
+    let row = dispatch().await;
+    assert_eq!(row["marking"], "failed", "{row}");
+    assert_eq!(row["error"]["code"], "decode-failed", "{row}");
+    assert_eq!(row["statusCode"], 200, "{row}");
+    assert_eq!(row["mimeType"], "image/jpeg", "{row}");
+    assert_eq!(row["size"], broken.len(), "{row}");
+    let path = row["path"].as_str().expect("the archived original's path");
+    assert_eq!(std::fs::read(kiln.storage_path(path)).unwrap(), broken);
+
+    // Another try renders from the archive: no second download.
+    let again = dispatch().await;
+    assert_eq!(again["error"]["code"], "decode-failed", "{again}");
+    assert_eq!(again["path"], row["path"]);
+    assert_eq!(origin.hits("/broken.jpg"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_retried_with_backoff_until_accepted() {
     let kiln = Kiln::start(Backend::Embedded).await;
