@@ -310,30 +310,109 @@ impl Index {
         keys: &RedisKeys,
         variant: &str,
     ) -> Result<(Option<VariantInfo>, bool)> {
+        let mut found = Self::redis_get_all(handle, keys, &[variant]).await?;
+        Ok(found.pop().unwrap_or((None, false)))
+    }
+
+    /// `redis_get` of several variants in one round trip.
+    async fn redis_get_all(
+        handle: &RedisHandle,
+        keys: &RedisKeys,
+        variants: &[&str],
+    ) -> Result<Vec<(Option<VariantInfo>, bool)>> {
         let mut conn = handle.conn().await?;
-        let (fields, absent): (std::collections::HashMap<String, String>, bool) = redis::pipe()
-            .hgetall(keys.variant_index(variant))
-            .exists(keys.variant_absent(variant))
-            .query_async(&mut conn)
-            .await?;
-        let field = |name: &str| fields.get(name).cloned();
-        let info = (|| {
-            Some(VariantInfo {
-                size: field("size")?.parse().ok()?,
-                etag: field("etag")?,
-                content_type: field("type")?,
-                last_modified: field("mtime")?.parse().ok()?,
+        let mut pipe = redis::pipe();
+        for variant in variants {
+            pipe.hgetall(keys.variant_index(variant))
+                .exists(keys.variant_absent(variant));
+        }
+        let replies: Vec<(std::collections::HashMap<String, String>, bool)> =
+            pipe.query_async(&mut conn).await?;
+        Ok(replies
+            .into_iter()
+            .map(|(fields, absent)| {
+                let field = |name: &str| fields.get(name).cloned();
+                let info = (|| {
+                    Some(VariantInfo {
+                        size: field("size")?.parse().ok()?,
+                        etag: field("etag")?,
+                        content_type: field("type")?,
+                        last_modified: field("mtime")?.parse().ok()?,
+                    })
+                })();
+                (info, absent)
             })
-        })();
-        Ok((info, absent))
+            .collect())
+    }
+
+    /// For a worker about to render these variants: which are stored
+    /// already, asking Redis once for all of them and storage only about
+    /// those nobody knows. Unlike `locate`, nothing is marked absent: the
+    /// render records each variant it makes.
+    pub async fn stored_of(
+        &self,
+        storage: &Storage,
+        variants: &[String],
+    ) -> Result<Vec<Option<(Arc<VariantInfo>, Option<Bytes>)>>> {
+        let mut found = Vec::with_capacity(variants.len());
+        let mut unknown = Vec::new();
+        for (i, variant) in variants.iter().enumerate() {
+            let entry = self.entries.get(variant).await;
+            if entry.is_none() {
+                unknown.push(i);
+            }
+            found.push(entry.map(|info| (info, None)));
+        }
+        let mut ask_storage = unknown.clone();
+        if let (Some((handle, keys)), false) = (&self.redis, unknown.is_empty()) {
+            let names: Vec<&str> = unknown.iter().map(|&i| variants[i].as_str()).collect();
+            match Self::redis_get_all(handle, keys, &names).await {
+                Ok(replies) => {
+                    ask_storage.clear();
+                    for (&i, (info, absent)) in unknown.iter().zip(replies) {
+                        match info {
+                            Some(info) => {
+                                let info = Arc::new(info);
+                                self.entries.insert(variants[i].clone(), info.clone()).await;
+                                found[i] = Some((info, None));
+                            }
+                            None if absent => {}
+                            None => ask_storage.push(i),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "index lookup in Redis failed; asking storage");
+                }
+            }
+        }
+        for i in ask_storage {
+            if let Some(object) = storage.get(&variants[i]).await? {
+                let info = Arc::new(VariantInfo::of_bytes(
+                    &object.bytes,
+                    object.info.last_modified,
+                ));
+                self.remember(&variants[i], (*info).clone()).await;
+                self.hot_put_known(&variants[i], info.clone(), object.bytes.clone())
+                    .await;
+                found[i] = Some((info, Some(object.bytes)));
+            }
+        }
+        Ok(found)
     }
 
     /// Records a stored variant. Call only after the bytes are in storage.
     pub async fn mark(&self, variant: &str, info: VariantInfo) -> Result<()> {
+        self.mark_all(vec![(variant.to_string(), info)]).await
+    }
+
+    /// Records stored variants, in one Redis round trip. Call only after
+    /// their bytes are in storage.
+    pub async fn mark_all(&self, variants: Vec<(String, VariantInfo)>) -> Result<()> {
         if let Some((handle, keys)) = &self.redis {
-            let mut conn = handle.conn().await?;
-            let () = redis::pipe()
-                .hset_multiple(
+            let mut pipe = redis::pipe();
+            for (variant, info) in &variants {
+                pipe.hset_multiple(
                     keys.variant_index(variant),
                     &[
                         ("size", info.size.to_string()),
@@ -346,26 +425,27 @@ impl Index {
                 .del(keys.variant_failure(variant))
                 .ignore()
                 .del(keys.variant_absent(variant))
-                .ignore()
-                .query_async(&mut conn)
-                .await?;
+                .ignore();
+            }
+            let mut conn = handle.conn().await?;
+            let () = pipe.query_async(&mut conn).await?;
         }
-        self.absent_variants.invalidate(variant).await;
-        self.absent.invalidate(variant).await;
-        self.queued.invalidate(variant).await;
-        self.failed.invalidate(variant).await;
-        // Hot bytes answer without the entry: they must describe the same bytes.
-        if self
-            .hot
-            .get(variant)
-            .await
-            .is_some_and(|hot| *hot.info != info)
-        {
-            self.hot.invalidate(variant).await;
+        for (variant, info) in variants {
+            self.absent_variants.invalidate(&variant).await;
+            self.absent.invalidate(&variant).await;
+            self.queued.invalidate(&variant).await;
+            self.failed.invalidate(&variant).await;
+            // Hot bytes answer without the entry: they must describe the same bytes.
+            if self
+                .hot
+                .get(&variant)
+                .await
+                .is_some_and(|hot| *hot.info != info)
+            {
+                self.hot.invalidate(&variant).await;
+            }
+            self.entries.insert(variant, Arc::new(info)).await;
         }
-        self.entries
-            .insert(variant.to_string(), Arc::new(info))
-            .await;
         Ok(())
     }
 

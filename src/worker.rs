@@ -339,21 +339,25 @@ impl Worker {
         };
 
         let mut to_render = Vec::new();
-        for preset in presets {
-            let variant = keys::variant_path(&preset.name, &original);
+        let variants: Vec<String> = presets
+            .iter()
+            .map(|preset| keys::variant_path(&preset.name, &original))
+            .collect();
+        let stored = self.index.stored_of(&self.storage, &variants).await?;
+        for ((preset, variant), stored) in presets.into_iter().zip(&variants).zip(stored) {
             let recorded = record
                 .thumb_data
                 .get(&preset.name)
                 .is_some_and(Thumb::is_done);
-            match self.index.locate(&self.storage, &variant).await? {
+            match stored {
                 Some(_) if recorded => {}
-                Some((info, _, bytes)) => {
+                Some((info, bytes)) => {
                     // Stored but not in the record (e.g. rendered by a miss): describe it.
                     let bytes = match bytes {
                         Some(b) => b,
                         None => self
                             .storage
-                            .get(&variant)
+                            .get(variant)
                             .await?
                             .map(|o| o.bytes)
                             .unwrap_or_default(),
@@ -373,10 +377,18 @@ impl Worker {
         }
         // This decode also makes the eager filters' variants that are missing.
         if !to_render.is_empty() {
-            for preset in self.filters.eager() {
-                let variant = keys::variant_path(&preset.name, &original);
-                let queued = to_render.iter().any(|p| p.name == preset.name);
-                if !queued && self.index.locate(&self.storage, &variant).await?.is_none() {
+            let eager: Vec<&Preset> = self
+                .filters
+                .eager()
+                .filter(|preset| !to_render.iter().any(|p| p.name == preset.name))
+                .collect();
+            let variants: Vec<String> = eager
+                .iter()
+                .map(|preset| keys::variant_path(&preset.name, &original))
+                .collect();
+            let stored = self.index.stored_of(&self.storage, &variants).await?;
+            for (preset, stored) in eager.into_iter().zip(stored) {
+                if stored.is_none() {
                     to_render.push(preset.clone());
                 }
             }
@@ -433,21 +445,29 @@ impl Worker {
         record.blurhash = Some(previews.blurhash);
         record.blur = Some(previews.thumbhash);
 
-        for (filter, variant, _) in variants {
-            let path = keys::variant_path(&filter, original);
-            let bytes = Bytes::from(variant.bytes);
-            // Storage first, index second: the index never points at missing bytes.
-            let stored = self.storage.put(&path, bytes.clone()).await?;
-            let info = VariantInfo::of_bytes(&bytes, stored.last_modified);
-            self.index.mark(&path, info.clone()).await?;
+        // Storage first, index second: the index never points at missing
+        // bytes. The variants are written at once and indexed in one go.
+        let stored = futures::future::try_join_all(variants.into_iter().map(
+            |(filter, variant, _)| async move {
+                let path = keys::variant_path(&filter, original);
+                let bytes = Bytes::from(variant.bytes);
+                let stored = self.storage.put(&path, bytes.clone()).await?;
+                let info = VariantInfo::of_bytes(&bytes, stored.last_modified);
+                Ok::<_, Error>((filter, path, bytes, info, (variant.width, variant.height)))
+            },
+        ))
+        .await?;
+        self.index
+            .mark_all(
+                stored
+                    .iter()
+                    .map(|(_, path, _, info, _)| (path.clone(), info.clone()))
+                    .collect(),
+            )
+            .await?;
+        for (filter, path, bytes, info, size) in stored {
             self.index.hot_put(&path, bytes).await;
-            let thumb = self.thumb(
-                &filter,
-                original,
-                info.size,
-                (variant.width, variant.height),
-                &info.content_type,
-            );
+            let thumb = self.thumb(&filter, original, info.size, size, &info.content_type);
             note_thumb(record, &filter, thumb);
         }
         Ok(())

@@ -15,6 +15,7 @@ mod faults;
 mod fetch;
 mod flow;
 mod hostile;
+mod index;
 mod liip;
 mod negotiate;
 mod observability;
