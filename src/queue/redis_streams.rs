@@ -29,6 +29,10 @@ const PROMOTE_LUA: &str = include_str!("../../lua/promote.lua");
 const PROMOTE_BATCH: u32 = 100;
 /// Longest one blocking read waits before due retries and stuck entries are looked for.
 const LONGEST_BLOCK: Duration = Duration::from_secs(1);
+/// Due retries are moved back at most this often: a busy worker claims
+/// hundreds of jobs a second, and one script call per claim was a sixth of
+/// its Redis calls.
+const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 
 const PRIORITIES: [Priority; 2] = [Priority::Urgent, Priority::Preheat];
 
@@ -46,6 +50,7 @@ pub struct RedisQueue {
     /// Entries a blocking read delivered beyond the one it returned.
     stash: Mutex<VecDeque<Claimed>>,
     last_reclaim: Mutex<Option<Instant>>,
+    last_promote: Mutex<Option<Instant>>,
     groups_ready: AtomicBool,
     blocking: tokio::sync::Mutex<Option<Guarded<MultiplexedConnection>>>,
 }
@@ -65,6 +70,7 @@ impl RedisQueue {
             visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
             stash: Mutex::new(VecDeque::new()),
             last_reclaim: Mutex::new(None),
+            last_promote: Mutex::new(None),
             groups_ready: AtomicBool::new(false),
             blocking: tokio::sync::Mutex::new(None),
         }
@@ -109,8 +115,16 @@ impl RedisQueue {
         })
     }
 
-    /// Moves retries whose backoff is over back onto their streams.
+    /// Moves retries whose backoff is over back onto their streams, unless
+    /// that was done less than [`PROMOTE_EVERY`] ago.
     async fn promote_due(&self) -> Result<()> {
+        {
+            let mut last = self.last_promote.lock();
+            if last.is_some_and(|at| at.elapsed() < PROMOTE_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
         let mut conn = self.handle.conn().await?;
         let mut invocation = self.promote_script.prepare_invoke();
         for priority in PRIORITIES {
