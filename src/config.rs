@@ -331,7 +331,7 @@ pub struct ImagingConfig {
     pub max_animation_frames: u32,
     /// Pixels over all frames of an animation; more: its first frame. Default 50 M.
     pub max_animation_pixels: u64,
-    /// Threads of the blocking render pool per worker process. Default 2.
+    /// Long-lived render threads per worker process. Default 2.
     pub render_threads: usize,
 }
 

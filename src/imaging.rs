@@ -2,7 +2,7 @@
 //! full decode allocates, shrink-on-load for JPEG (libjpeg-turbo's DCT
 //! scaling), EXIF orientation, resize (`fast_image_resize`), encode
 //! (libjpeg-turbo, libwebp, `image`'s PNG), BlurHash. Synchronous and
-//! I/O-free: callers run it on the blocking pool.
+//! I/O-free: callers run it on their own threads (the worker on its render pool).
 
 use std::io::Cursor;
 
