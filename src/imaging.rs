@@ -9,7 +9,7 @@ use std::io::Cursor;
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions};
 use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use image::{ColorType, DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::config::ImagingConfig;
 use crate::error::{Error, Result};
@@ -432,7 +432,23 @@ fn decode_generic(bytes: &[u8], format: ImageFormat, limits: Limits) -> Result<D
     let (width, height) = decoder.dimensions();
     limits.check_size(width, height)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    let color = decoder.color_type();
+    let total_bytes = usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX);
+    let mut image = if matches!(color, ColorType::Rgb8 | ColorType::Rgba8)
+        && total_bytes as u64 <= limits.max_alloc_bytes
+    {
+        // Straight into one of this thread's spare buffers.
+        let mut pixels = scratch::zeroed(total_bytes);
+        decoder.read_image(&mut pixels).map_err(decode_error)?;
+        if color == ColorType::Rgb8 {
+            image::RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8)
+        } else {
+            image::RgbaImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgba8)
+        }
+        .ok_or_else(|| Error::Internal("decoded buffer size".into()))?
+    } else {
+        DynamicImage::from_decoder(decoder).map_err(decode_error)?
+    };
     image.apply_orientation(orientation);
     // Resizing and encoding work on 8-bit RGB(A); other layouts convert once here.
     let image = if image.color().has_alpha() {
