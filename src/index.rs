@@ -363,7 +363,17 @@ impl Index {
             }
             found.push(entry.map(|info| (info, None)));
         }
-        let mut ask_storage = unknown.clone();
+        // What this process knows storage lacks (without Redis, its only
+        // record; with Redis, the fallback when Redis fails).
+        let known_absent = |i: &usize| {
+            self.absent.contains_key(&variants[*i])
+                || (self.redis.is_none() && self.absent_variants.contains_key(&variants[*i]))
+        };
+        let mut ask_storage: Vec<usize> = unknown
+            .iter()
+            .copied()
+            .filter(|i| !known_absent(i))
+            .collect();
         if let (Some((handle, keys)), false) = (&self.redis, unknown.is_empty()) {
             let names: Vec<&str> = unknown.iter().map(|&i| variants[i].as_str()).collect();
             match Self::redis_get_all(handle, keys, &names).await {
