@@ -21,7 +21,7 @@ use crate::config::IndexConfig;
 use crate::error::Result;
 use crate::keys::RedisKeys;
 use crate::redis_conn::RedisHandle;
-use crate::storage::Storage;
+use crate::storage::{Storage, StoredObject};
 
 /// What serving a stored variant needs to know without reading it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,9 +190,7 @@ impl Index {
             return Known::Stored(info, Source::Memory);
         }
         let Some((handle, keys)) = self.redis.as_ref() else {
-            return if self.absent_variants.contains_key(variant)
-                || self.absent.contains_key(variant)
-            {
+            return if self.absent_locally(variant) {
                 Known::Absent
             } else {
                 Known::Unknown
@@ -209,13 +207,21 @@ impl Index {
             Err(e) => {
                 tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
                 // Redis down: storage is asked at most once per negative_ttl_secs.
-                if self.absent.contains_key(variant) {
+                if self.absent_locally(variant) {
                     Known::Absent
                 } else {
                     Known::Unknown
                 }
             }
         }
+    }
+
+    /// What this process alone knows storage lacks: without Redis its only
+    /// record (including renders queued here), with Redis the fallback when
+    /// Redis fails.
+    fn absent_locally(&self, variant: &str) -> bool {
+        self.absent.contains_key(variant)
+            || (self.redis.is_none() && self.absent_variants.contains_key(variant))
     }
 
     /// The index, then storage (the source of truth), asked once however
@@ -249,13 +255,7 @@ impl Index {
     async fn probe(&self, storage: &Storage, variant: &str) -> Result<Probe> {
         match storage.get(variant).await? {
             Some(object) => {
-                let info = Arc::new(VariantInfo::of_bytes(
-                    &object.bytes,
-                    object.info.last_modified,
-                ));
-                self.remember(variant, (*info).clone()).await;
-                self.hot_put_known(variant, info.clone(), object.bytes.clone())
-                    .await;
+                let info = self.found_in_storage(variant, &object).await;
                 Ok(Probe::Found(info, object.bytes))
             }
             None => {
@@ -263,6 +263,18 @@ impl Index {
                 Ok(Probe::Absent)
             }
         }
+    }
+
+    /// Records a variant only storage held, and keeps its bytes hot.
+    async fn found_in_storage(&self, variant: &str, object: &StoredObject) -> Arc<VariantInfo> {
+        let info = Arc::new(VariantInfo::of_bytes(
+            &object.bytes,
+            object.info.last_modified,
+        ));
+        self.remember(variant, (*info).clone()).await;
+        self.hot_put_known(variant, info.clone(), object.bytes.clone())
+            .await;
+        info
     }
 
     /// Keeps "storage does not hold this variant" briefly
@@ -363,16 +375,10 @@ impl Index {
             }
             found.push(entry.map(|info| (info, None)));
         }
-        // What this process knows storage lacks (without Redis, its only
-        // record; with Redis, the fallback when Redis fails).
-        let known_absent = |i: &usize| {
-            self.absent.contains_key(&variants[*i])
-                || (self.redis.is_none() && self.absent_variants.contains_key(&variants[*i]))
-        };
         let mut ask_storage: Vec<usize> = unknown
             .iter()
             .copied()
-            .filter(|i| !known_absent(i))
+            .filter(|&i| !self.absent_locally(&variants[i]))
             .collect();
         if let (Some((handle, keys)), false) = (&self.redis, unknown.is_empty()) {
             let names: Vec<&str> = unknown.iter().map(|&i| variants[i].as_str()).collect();
@@ -398,13 +404,7 @@ impl Index {
         }
         for i in ask_storage {
             if let Some(object) = storage.get(&variants[i]).await? {
-                let info = Arc::new(VariantInfo::of_bytes(
-                    &object.bytes,
-                    object.info.last_modified,
-                ));
-                self.remember(&variants[i], (*info).clone()).await;
-                self.hot_put_known(&variants[i], info.clone(), object.bytes.clone())
-                    .await;
+                let info = self.found_in_storage(&variants[i], &object).await;
                 found[i] = Some((info, Some(object.bytes)));
             }
         }
