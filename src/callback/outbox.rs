@@ -61,8 +61,9 @@ pub trait Outbox: Send + Sync {
     /// Deliveries waiting (due or not).
     async fn pending(&self) -> Result<u64>;
 
-    /// Resolves when something may have become due; backends that cannot
-    /// tell resolve after `poll`.
+    /// Resolves when this process has scheduled deliveries, or after
+    /// `poll`: what other processes schedule, and retries coming due, are
+    /// found then.
     async fn wait(&self, poll: Duration);
 }
 
@@ -156,6 +157,9 @@ pub struct RedisOutbox {
     schedule_script: redis::Script,
     take_script: redis::Script,
     settle_script: redis::Script,
+    /// Wakes this process's deliverer when its own worker schedules, so a
+    /// finished job's webhooks leave at once instead of at the next poll.
+    scheduled_here: Notify,
 }
 
 impl RedisOutbox {
@@ -166,6 +170,7 @@ impl RedisOutbox {
             schedule_script: redis::Script::new(SCHEDULE_LUA),
             take_script: redis::Script::new(TAKE_LUA),
             settle_script: redis::Script::new(SETTLE_LUA),
+            scheduled_here: Notify::new(),
         }
     }
 
@@ -205,6 +210,7 @@ impl Outbox for RedisOutbox {
         }
         let mut conn = self.handle.conn().await?;
         let _: i64 = invocation.invoke_async(&mut conn).await?;
+        self.scheduled_here.notify_one();
         Ok(())
     }
 
@@ -259,7 +265,8 @@ impl Outbox for RedisOutbox {
             .await?)
     }
 
+    /// Other processes' deliveries and due retries are found by the poll.
     async fn wait(&self, poll: Duration) {
-        tokio::time::sleep(poll).await;
+        let _ = tokio::time::timeout(poll, self.scheduled_here.notified()).await;
     }
 }

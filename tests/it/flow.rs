@@ -18,6 +18,7 @@ on_both_backends!(
     exif_orientation_is_applied_before_resizing,
     failed_download_calls_back_with_the_reason,
     bad_requests_get_clear_errors,
+    webhooks_leave_when_their_job_is_done_not_at_the_next_poll,
 );
 
 fn json(text: &str) -> serde_json::Value {
@@ -132,6 +133,37 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
     assert_eq!(again["record"]["marking"], "resized");
     assert_eq!(again["record"]["mimeType"], "image/jpeg");
     assert_eq!(origin.hits("/photos/cat.jpg"), 1);
+}
+
+/// The outbox is polled only for what other processes schedule: a job's
+/// webhooks wake this process's deliverer, job after job.
+async fn webhooks_leave_when_their_job_is_done_not_at_the_next_poll(backend: Backend) {
+    let kiln = Kiln::start_with(backend, "[callback]\npoll_ms = 600000").await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    for (n, colour) in [[200, 60, 40], [40, 60, 200], [60, 200, 40]]
+        .into_iter()
+        .enumerate()
+    {
+        let path = format!("/photos/{n}.jpg");
+        origin.serve(
+            &path,
+            OriginResponse::image("image/jpeg", jpeg(640, 480, colour)),
+        );
+        let callback = sink.url(&format!("/hooks/thumb?n={n}"));
+        let response = get(&preheat_url(
+            &kiln.base,
+            "small",
+            &origin.url(&path),
+            Some(&callback),
+        ))
+        .await;
+        assert_eq!(response.status(), 202);
+        // Well inside the ten-minute poll.
+        let received = sink.wait_for(n + 1, Duration::from_secs(30)).await;
+        assert_eq!(received[n].path_and_query, format!("/hooks/thumb?n={n}"));
+        assert_eq!(received[n].body["status"], "done");
+    }
 }
 
 async fn miss_answers_202_then_the_same_url_answers_200(backend: Backend) {
