@@ -859,9 +859,13 @@ fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result
             f64::NAN
         };
         if !settings.smoke {
+            let at = |t: Instant| (t - started).as_secs_f64();
             println!(
-                "end to end: dispatched {n} originals in {:.2}s; last webhook at {:.2}s",
+                "end to end: dispatched {n} originals in {:.2}s; media webhooks: first at {:.2}s, 10 % at {:.2}s, 90 % at {:.2}s; last webhook at {:.2}s",
                 dispatched.as_secs_f64(),
+                at(media[0]),
+                at(lo),
+                at(hi),
                 wall.as_secs_f64()
             );
         }
