@@ -239,10 +239,13 @@ impl Outbox for RedisOutbox {
 
     async fn done(&self, id: &str) -> Result<()> {
         let mut conn = self.handle.conn().await?;
+        // Body first, then the id: not atomic, and need not be, since
+        // webhook_take.lua drops an id whose body is gone.
         let _: () = redis::pipe()
-            .atomic()
             .hdel(self.keys.webhooks_pending(), id)
+            .ignore()
             .zrem(self.keys.webhooks_due(), id)
+            .ignore()
             .query_async(&mut conn)
             .await?;
         Ok(())
