@@ -247,6 +247,9 @@ fn source_photos(install: bool) -> Result<Vec<PathBuf>, String> {
 pub struct Photos {
     /// 4000x3000 (12 MP) JPEG, quality 90, 4:2:0: a camera-sized photo.
     pub jpeg: PathBuf,
+    /// The same pixels plus sensor-like noise, quality 90, 4:2:0: about
+    /// 4.3 MiB, as a camera's 12 MP file (the clean tile is 1.4 MiB).
+    pub jpeg_camera: PathBuf,
     /// 2000x1500 RGBA PNG with a radial alpha fade (a cut-out).
     pub png_alpha: PathBuf,
     /// 4000x3000 lossy WebP (quality 85) of the same pixels as the JPEG.
@@ -258,10 +261,17 @@ pub fn photos(install: bool) -> Result<Photos, String> {
     let dir = photo_dir();
     let photos = Photos {
         jpeg: dir.join("photo-4000x3000-q90.jpg"),
+        jpeg_camera: dir.join("photo-4000x3000-q90-noise.jpg"),
         png_alpha: dir.join("photo-alpha-2000x1500.png"),
         webp: dir.join("photo-4000x3000-q85.webp"),
     };
-    if !(photos.jpeg.exists() && photos.png_alpha.exists() && photos.webp.exists()) {
+    let made = [
+        &photos.jpeg,
+        &photos.jpeg_camera,
+        &photos.png_alpha,
+        &photos.webp,
+    ];
+    if !made.iter().all(|p| p.exists()) {
         make_photos(&dir, &photos, install)?;
     }
     // Where benches/stages.rs looks for a 12 MP photo.
@@ -276,6 +286,8 @@ fn make_photos(dir: &Path, photos: &Photos, install: bool) -> Result<(), String>
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let tile = tile(&source_photos(install)?)?;
     write_atomic(&photos.jpeg, &encode_jpeg(&tile, 90))?;
+    let noisy = with_sensor_noise(&tile, CAMERA_NOISE_SIGMA);
+    write_atomic(&photos.jpeg_camera, &encode_jpeg(&noisy, 90))?;
     let crop = image::imageops::crop_imm(&tile, 1000, 750, 2000, 1500).to_image();
     write_atomic(&photos.png_alpha, &encode_png_rgba(&with_alpha_fade(&crop)))?;
     let webp = webp::Encoder::from_rgb(tile.as_raw(), tile.width(), tile.height()).encode(85.0);
@@ -300,6 +312,27 @@ fn tile(sources: &[PathBuf]) -> Result<image::RgbImage, String> {
         image::imageops::replace(&mut out, &*cell, i64::from(ox), i64::from(oy));
     }
     Ok(out)
+}
+
+/// Standard deviation, in 8-bit levels, of the noise in the camera-like JPEG.
+const CAMERA_NOISE_SIGMA: f64 = 12.0;
+
+/// Adds independent, roughly Gaussian noise to every sample, as a camera
+/// sensor at a middling ISO does. Noise is what makes a camera's file three
+/// times the size of the clean tile, and entropy decoding costs per byte.
+fn with_sensor_noise(rgb: &image::RgbImage, sigma: f64) -> image::RgbImage {
+    // The sum of four uniform 16-bit draws (one u64): mean 131070, standard
+    // deviation 65536 / sqrt(3).
+    let scale = sigma / (65536.0 / 3f64.sqrt());
+    let mut rng = Rng(0x6e6f6973);
+    let mut out = rgb.clone();
+    for sample in out.iter_mut() {
+        let bits = rng.next();
+        let sum: u64 = (0..4).map(|i| (bits >> (16 * i)) & 0xffff).sum();
+        let noise = (sum as f64 - 131070.0) * scale;
+        *sample = (f64::from(*sample) + noise).round().clamp(0.0, 255.0) as u8;
+    }
+    out
 }
 
 /// Opaque in the middle, fading to fully transparent towards the corners.
