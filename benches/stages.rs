@@ -150,6 +150,18 @@ fn encode_stage(c: &mut Criterion, thumb: &DynamicImage) {
             .unwrap();
         out
     };
+    // libwebp's faster methods (kiln's default is libwebp's 4).
+    let webp_method = |method: u8| {
+        let encoding = kiln::filter::Encoding {
+            quality: 80,
+            jpeg_quality: None,
+            png_compression_level: None,
+            webp_lossless: false,
+            webp_method: Some(method),
+            animated: false,
+        };
+        imaging::encode_with(thumb, ImageFormat::WebP, &encoding, false).unwrap()
+    };
     // Equal visual quality is checked, not assumed: size and PSNR per encoder.
     let report = |name: &str, bytes: &[u8]| {
         let back = image::load_from_memory(bytes).unwrap().to_rgb8();
@@ -169,6 +181,8 @@ fn encode_stage(c: &mut Criterion, thumb: &DynamicImage) {
         "webp q80 libwebp lossy",
         &imaging::encode(thumb, ImageFormat::WebP, 80).unwrap(),
     );
+    report("webp q80 libwebp method 2", &webp_method(2));
+    report("webp q80 libwebp method 0", &webp_method(0));
     report(
         "webp image-crate lossless",
         &by_image_crate(ImageFormat::WebP),
@@ -193,6 +207,12 @@ fn encode_stage(c: &mut Criterion, thumb: &DynamicImage) {
     });
     group.bench_function("webp-q80-libwebp-lossy", |b| {
         b.iter(|| imaging::encode(black_box(thumb), ImageFormat::WebP, 80).unwrap())
+    });
+    group.bench_function("webp-q80-libwebp-lossy-method-2", |b| {
+        b.iter(|| webp_method(2))
+    });
+    group.bench_function("webp-q80-libwebp-lossy-method-0", |b| {
+        b.iter(|| webp_method(0))
     });
     group.bench_function("webp-image-crate-lossless", |b| {
         b.iter(|| by_image_crate(ImageFormat::WebP))

@@ -79,6 +79,11 @@ pub struct PresetSpec {
     /// WebP output without loss (photos grow several times; for graphics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webp_lossless: Option<bool>,
+    /// libwebp's speed/size trade-off, 0 (fastest) to 6; its default 4
+    /// when absent. Lossy WebP at 2 encodes several times faster than at 4
+    /// for a few per cent more bytes (benches/README.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webp_method: Option<u8>,
     /// A GIF stays animated (within `imaging.max_animation_frames`) when
     /// the output is GIF; otherwise its first frame is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +94,9 @@ pub struct PresetSpec {
     pub filters: Vec<Step>,
 }
 
+/// libwebp's slowest, smallest method.
+pub const MAX_WEBP_METHOD: u8 = 6;
+
 /// How a preset's pixels become bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoding {
@@ -96,6 +104,8 @@ pub struct Encoding {
     pub jpeg_quality: Option<u8>,
     pub png_compression_level: Option<u8>,
     pub webp_lossless: bool,
+    /// libwebp's method 0-6; None leaves libwebp's default.
+    pub webp_method: Option<u8>,
     pub animated: bool,
 }
 
@@ -221,6 +231,12 @@ impl PresetSpec {
         if self.png_compression_level.is_some_and(|level| level > 9) {
             return Err(bad("png_compression_level must be 0-9".into()));
         }
+        if self
+            .webp_method
+            .is_some_and(|method| method > MAX_WEBP_METHOD)
+        {
+            return Err(bad(format!("webp_method must be 0-{MAX_WEBP_METHOD}")));
+        }
         Ok(Preset {
             name: name.to_string(),
             steps,
@@ -230,6 +246,7 @@ impl PresetSpec {
                 jpeg_quality: self.jpeg_quality,
                 png_compression_level: self.png_compression_level,
                 webp_lossless: self.webp_lossless.unwrap_or(false),
+                webp_method: self.webp_method,
                 animated: self.animated.unwrap_or(false),
             },
             eager: self.eager.unwrap_or(false),

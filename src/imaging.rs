@@ -646,6 +646,7 @@ pub fn encode(image: &DynamicImage, format: ImageFormat, quality: u8) -> Result<
         jpeg_quality: None,
         png_compression_level: None,
         webp_lossless: false,
+        webp_method: None,
         animated: false,
     };
     encode_with(image, format, &encoding, false)
@@ -667,7 +668,7 @@ pub fn encode_with(
             true,
             interlace,
         ),
-        ImageFormat::WebP => encode_webp(image, encoding.quality, encoding.webp_lossless),
+        ImageFormat::WebP => encode_webp(image, encoding),
         ImageFormat::Avif => encode_avif(image, encoding.quality),
         ImageFormat::Gif => encode_gif(image),
         _ => encode_png(image, encoding.png_compression_level),
@@ -737,7 +738,7 @@ fn encode_jpeg_with(
         .map_err(failed)
 }
 
-fn encode_webp(image: &DynamicImage, quality: u8, lossless: bool) -> Result<Vec<u8>> {
+fn encode_webp(image: &DynamicImage, encoding: &Encoding) -> Result<Vec<u8>> {
     let encoder = match image {
         DynamicImage::ImageRgba8(rgba) => {
             webp::Encoder::from_rgba(rgba.as_raw(), rgba.width(), rgba.height())
@@ -745,16 +746,19 @@ fn encode_webp(image: &DynamicImage, quality: u8, lossless: bool) -> Result<Vec<
         DynamicImage::ImageRgb8(rgb) => {
             webp::Encoder::from_rgb(rgb.as_raw(), rgb.width(), rgb.height())
         }
-        other => {
-            return encode_webp(
-                &DynamicImage::ImageRgba8(other.to_rgba8()),
-                quality,
-                lossless,
-            )
-        }
+        other => return encode_webp(&DynamicImage::ImageRgba8(other.to_rgba8()), encoding),
     };
+    let mut config = webp::WebPConfig::new()
+        .map_err(|()| Error::Internal("libwebp: encoder config version".into()))?;
+    // As the webp crate's encode_simple, plus the preset's method.
+    config.lossless = i32::from(encoding.webp_lossless);
+    config.alpha_compression = i32::from(!encoding.webp_lossless);
+    config.quality = f32::from(encoding.quality.min(100));
+    if let Some(method) = encoding.webp_method {
+        config.method = i32::from(method.min(crate::filter::MAX_WEBP_METHOD));
+    }
     encoder
-        .encode_simple(lossless, f32::from(quality.min(100)))
+        .encode_advanced(&config)
         .map(|memory| memory.to_vec())
         .map_err(|e| Error::EncodeFailed(format!("WebP: {e:?}")))
 }

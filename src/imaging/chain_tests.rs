@@ -321,6 +321,24 @@ fn encoding_settings_reach_the_encoders() {
         .windows(4)
         .any(|w| w == b"VP8 "));
 
+    // webp_method reaches libwebp: absent is libwebp's own default, 4.
+    let webp = |extra: &str| {
+        rendered(
+            &noisy,
+            &preset(&format!("format = \"webp\"\nquality = 80\n{extra}")),
+        )
+        .0
+        .bytes
+    };
+    let default_method = webp("");
+    assert_eq!(default_method, webp("webp_method = 4"));
+    assert_ne!(default_method, webp("webp_method = 0"));
+    assert_ne!(default_method, webp("webp_method = 6"));
+    let err = FilterSet::from_toml("[p]\nformat = \"webp\"\nwebp_method = 7")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("webp_method must be 0-6"), "{err}");
+
     // jpeg_quality wins over quality; interlace makes a progressive JPEG.
     let jpeg = |extra: &str| {
         rendered(
