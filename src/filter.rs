@@ -80,7 +80,7 @@ pub struct PresetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webp_lossless: Option<bool>,
     /// libwebp's speed/size trade-off, 0 (fastest) to 6; its default 4
-    /// when absent. Lossy WebP at 2 encodes several times faster than at 4
+    /// when absent. Lossy WebP at 2 encodes 2.5 times faster than at 4
     /// for a few per cent more bytes (benches/README.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webp_method: Option<u8>,
