@@ -352,12 +352,25 @@ pub fn run(
             ))
         });
         let front = Front::new(ctx).observed(metrics.clone(), ui);
-        let mut service = Service::new("kiln front".to_string(), front);
-        service.add_listener(
+        let listener = || {
             ListenerConfig::tcp(config.server.listen.clone())
-                .l4_buffer(L4BufferSettings::default().write(config.server.write_buffer_bytes)),
-        );
-        server.add_service(service);
+                .l4_buffer(L4BufferSettings::default().write(config.server.write_buffer_bytes))
+        };
+        if config.server.reuseport {
+            for shard in crate::reuseport::shards(
+                "kiln front",
+                &config.server.listen,
+                config.server.threads,
+                listener,
+                front,
+            ) {
+                server.add_service(shard);
+            }
+        } else {
+            let mut service = Service::new("kiln front".to_string(), front);
+            service.add_listener(listener());
+            server.add_service(service);
+        }
     }
     let workers = if role != Role::Front {
         let mut worker = Worker::new(

@@ -88,9 +88,14 @@ pub struct ServerConfig {
     pub public_url: String,
     /// Threads of the front runtime. Default 2.
     pub threads: usize,
-    /// Whether the front's threads take each other's connections (tokio
-    /// work stealing). Off, each connection stays on the thread that
-    /// accepted it, like an nginx worker. Default false. kiln started
+    /// One listening socket (`SO_REUSEPORT`) and one single-threaded
+    /// runtime per front thread: the kernel spreads connections and each is
+    /// served on the thread that accepted it, like nginx's `reuseport`.
+    /// Off, one accept loop hands connections to the threads. Default false:
+    /// it trades a longer p99 tail for throughput (benches/load).
+    pub reuseport: bool,
+    /// With `reuseport` off, whether the front's threads take each other's
+    /// connections (tokio work stealing). Default false. kiln started
     /// in-process (`app::spawn`) always steals: pingora's no-steal runtime
     /// supports one front per process.
     pub work_stealing: bool,

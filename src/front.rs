@@ -113,6 +113,9 @@ pub async fn metrics_text(metrics: &Metrics, queue: &dyn crate::queue::Queue) ->
     metrics.render_text(streams.as_deref())
 }
 
+/// Cloned once per listening thread (`reuseport`); clones share the context,
+/// the preview cache and the counters.
+#[derive(Clone)]
 pub struct Front {
     ctx: Arc<Context>,
     placeholder: Bytes,

@@ -19,6 +19,7 @@ pub mod keys;
 pub mod metrics;
 pub mod queue;
 pub mod redis_conn;
+pub mod reuseport;
 pub mod security;
 pub mod storage;
 pub mod ui;

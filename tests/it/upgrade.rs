@@ -1,14 +1,15 @@
-//! Zero-downtime restart: `kiln serve --upgrade` takes the listening socket
-//! of a running kiln when that one gets SIGQUIT, and no request fails across
-//! the switch. SIGHUP does not kill kiln.
+//! Listening sockets: one per front thread (`server.reuseport`), or one for
+//! all. Zero-downtime restart: `kiln serve --upgrade` takes the listening
+//! sockets of a running kiln when that one gets SIGQUIT, and no request fails
+//! across the switch. SIGHUP does not kill kiln.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::distributed::{embedded_deployment, Process};
-use crate::kiln::until_ready;
-use crate::support::{eventually, jpeg};
+use crate::kiln::{until_ready, Backend, Kiln};
+use crate::support::{eventually, jpeg, listening_sockets};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -57,12 +58,56 @@ fn load(url: String, tally: Arc<Tally>) -> Vec<tokio::task::JoinHandle<Vec<Strin
         .collect()
 }
 
+fn port_of(base: &str) -> u16 {
+    base.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_reuseport_each_front_thread_listens_on_a_socket_of_its_own() {
+    for (extra, sockets) in [
+        ("[server]\nthreads = 3\nreuseport = true\n", 3),
+        ("[server]\nthreads = 3\n", 1),
+    ] {
+        let kiln = Kiln::start_with(Backend::Embedded, extra).await;
+        assert_eq!(
+            listening_sockets(port_of(&kiln.base)).len(),
+            sockets,
+            "{extra}"
+        );
+        // Every socket answers: the kernel spreads new connections over them.
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        for _ in 0..30 {
+            let status = fresh
+                .get(kiln.url("/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200, "{extra}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_under_load_fails_no_request() {
-    let sockets = tempfile::tempdir().unwrap();
+    upgrade_under_load("", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_with_a_socket_per_thread_fails_no_request() {
+    upgrade_under_load("reuseport = true\n", 2).await;
+}
+
+/// Upgrades a kiln under load; `server` is extra `[server]` TOML under which
+/// the front listens on `sockets` sockets.
+async fn upgrade_under_load(server: &str, sockets: usize) {
+    let upgrade_sock = tempfile::tempdir().unwrap();
     let d = embedded_deployment(&format!(
-        "[server]\ngrace_period_secs = 1\nupgrade_sock = \"{}\"\n",
-        sockets.path().join("upgrade.sock").display()
+        "[server]\ngrace_period_secs = 1\nupgrade_sock = \"{}\"\n{server}",
+        upgrade_sock.path().join("upgrade.sock").display()
     ));
     let (base, config, storage) = (&d.base, &d.config, d.dir.path().join("storage"));
     let log = |name: &str| d.dir.path().join(format!("{name}.log"));
@@ -70,6 +115,8 @@ async fn an_upgrade_under_load_fails_no_request() {
 
     let mut old = Process::start("serve", config, &log("old"));
     until_ready(&format!("{base}/healthz")).await;
+    let listening = listening_sockets(port_of(base));
+    assert_eq!(listening.len(), sockets, "{listening:?}");
     std::fs::create_dir_all(storage.join("a/0")).unwrap();
     std::fs::write(storage.join("a/0/p.jpg"), jpeg(600, 400, [90, 30, 160])).unwrap();
     let variant = format!("{base}/media/cache/small/a/0/p.jpg");
@@ -105,6 +152,9 @@ async fn an_upgrade_under_load_fails_no_request() {
         "{}",
         read_log("old")
     );
+
+    // The new kiln listens on the very sockets the old one handed over.
+    assert_eq!(listening_sockets(port_of(base)), listening);
 
     // Only the new one is left to answer.
     let at_exit = tally.ok.load(Ordering::Relaxed);

@@ -52,6 +52,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Inodes of the sockets listening on 127.0.0.1:`port`, as the kernel lists
+/// them in /proc/net/tcp: one per socket, whichever process holds it.
+pub fn listening_sockets(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, then state 0A (LISTEN); the inode is the tenth field.
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| fields.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes
+}
+
 /// Polls `f` every 20 ms until it yields `Some`, and returns that value.
 ///
 /// Panics with `what` once `timeout` has passed, including when a single
