@@ -251,6 +251,9 @@ pub fn run(
     }
     let storage = Storage::from_config(&config.storage)?;
     let policy = config.network_policy()?;
+    if role != Role::Worker && config.server.reuseport && !upgrade {
+        crate::reuseport::ensure_unused(&config.server.listen)?;
+    }
 
     let front_backends = backends(&config)?;
     // Embedded parts must be shared in-process; Redis clients stay per runtime.

@@ -63,10 +63,10 @@ fn port_of(base: &str) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_reuseport_each_front_thread_listens_on_a_socket_of_its_own() {
+async fn each_front_thread_listens_on_a_socket_of_its_own() {
     for (extra, sockets) in [
-        ("[server]\nthreads = 3\nreuseport = true\n", 3),
-        ("[server]\nthreads = 3\n", 1),
+        ("[server]\nthreads = 3\n", 3),
+        ("[server]\nthreads = 3\nreuseport = false\n", 1),
     ] {
         let kiln = Kiln::start_with(Backend::Embedded, extra).await;
         assert_eq!(
@@ -91,14 +91,32 @@ async fn with_reuseport_each_front_thread_listens_on_a_socket_of_its_own() {
     }
 }
 
+/// `SO_REUSEPORT` sockets share a port silently: a second kiln started on a
+/// port in use must fail, not take half of the first one's connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_under_load_fails_no_request() {
-    upgrade_under_load("", 1).await;
+async fn a_second_kiln_on_a_port_in_use_fails_to_start() {
+    let d = embedded_deployment("");
+    let log = |name: &str| d.dir.path().join(format!("{name}.log"));
+    let _first = Process::start("serve", &d.config, &log("first"));
+    until_ready(&format!("{}/healthz", d.base)).await;
+    let listening = listening_sockets(port_of(&d.base));
+
+    let mut second = Process::start("serve", &d.config, &log("second"));
+    let status = second.wait_exit(WAIT).await;
+    let text = std::fs::read_to_string(log("second")).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("is in use"), "{text}");
+    assert_eq!(listening_sockets(port_of(&d.base)), listening);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_with_a_socket_per_thread_fails_no_request() {
-    upgrade_under_load("reuseport = true\n", 2).await;
+async fn an_upgrade_under_load_fails_no_request() {
+    upgrade_under_load("", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_of_one_accept_loop_fails_no_request() {
+    upgrade_under_load("reuseport = false\n", 1).await;
 }
 
 /// Upgrades a kiln under load; `server` is extra `[server]` TOML under which
