@@ -5,8 +5,8 @@
 //!
 //! pingora's own listener runs one accept loop and spawns each connection on a
 //! random thread while its socket stays registered with the accepting
-//! thread's reactor, so most reads cost a cross-thread wake-up
-//! (benches/README.md, "Where a hot hit's time goes").
+//! thread's reactor, so half the connections' reads cost a cross-thread
+//! wake-up (README.md, "Benchmarks").
 
 use std::net::ToSocketAddrs;
 use std::os::fd::IntoRawFd;
@@ -75,17 +75,37 @@ impl<A> ReuseportShard<A> {
         format!("{}#reuseport{}", self.addr, self.index)
     }
 
-    /// The socket handed over by the previous process, else a new one.
-    fn socket(&self, inherited: Option<&ListenFds>) -> Result<i32> {
+    /// The socket handed over by the previous process, else a new one;
+    /// `None` when this shard must stay idle (see `legacy_socket`).
+    fn socket(&self, inherited: Option<&ListenFds>) -> Result<Option<i32>> {
         let key = self.upgrade_key();
-        if let Some(fd) = inherited.and_then(|fds| fds.lock().get(&key).copied()) {
-            return Ok(fd);
+        if let Some(fds) = inherited {
+            let fds = fds.lock();
+            if let Some(fd) = fds.get(&key).copied().or_else(|| self.legacy_socket(&fds)) {
+                return Ok(Some(fd));
+            }
+            if fds.get(&self.addr).is_some() {
+                tracing::warn!(
+                    service = %self.name,
+                    "took over one shared socket: its first thread serves every connection until kiln restarts"
+                );
+                return Ok(None);
+            }
         }
         let fd = bind_reuseport(&self.addr)?;
         if let Some(fds) = inherited {
             fds.lock().add(key, fd);
         }
-        Ok(fd)
+        Ok(Some(fd))
+    }
+
+    /// A kiln with `reuseport = false`, or from before it existed, hands
+    /// over one socket filed under the bare address, and nothing else can
+    /// bind that port while it is open: the first shard serves it alone.
+    fn legacy_socket(&self, inherited: &Fds) -> Option<i32> {
+        (self.index == 0)
+            .then(|| inherited.get(&self.addr).copied())
+            .flatten()
     }
 }
 
@@ -133,7 +153,8 @@ impl<A: ServerApp + Send + Sync + 'static> Service for ReuseportShard<A> {
         listeners_per_fd: usize,
     ) {
         let fd = match self.socket(fds.as_ref()) {
-            Ok(fd) => fd,
+            Ok(Some(fd)) => fd,
+            Ok(None) => return,
             Err(e) => {
                 // As pingora's own listener does when it cannot bind.
                 tracing::error!(service = %self.name, error = %e, "cannot listen");
@@ -157,6 +178,10 @@ impl<A: ServerApp + Send + Sync + 'static> Service for ReuseportShard<A> {
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        Some(vec![self.upgrade_key()])
+        let mut keys = vec![self.upgrade_key()];
+        if self.index == 0 {
+            keys.push(self.addr.clone());
+        }
+        Some(keys)
     }
 }

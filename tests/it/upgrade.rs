@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::distributed::{embedded_deployment, Process};
-use crate::kiln::{until_ready, Backend, Kiln};
+use crate::kiln::{test_config_toml, until_ready, Backend, Kiln};
 use crate::support::{eventually, jpeg, listening_sockets};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -111,23 +111,40 @@ async fn a_second_kiln_on_a_port_in_use_fails_to_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_under_load_fails_no_request() {
-    upgrade_under_load("", 2).await;
+    upgrade_under_load("", "", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_of_one_accept_loop_fails_no_request() {
-    upgrade_under_load("reuseport = false\n", 1).await;
+    upgrade_under_load("reuseport = false\n", "reuseport = false\n", 1).await;
 }
 
-/// Upgrades a kiln under load; `server` is extra `[server]` TOML under which
-/// the front listens on `sockets` sockets.
-async fn upgrade_under_load(server: &str, sockets: usize) {
+/// A kiln with one shared socket (`reuseport = false`, or a kiln from
+/// before the setting) hands it to one with a socket per thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_from_one_accept_loop_to_a_socket_per_thread_fails_no_request() {
+    upgrade_under_load("reuseport = false\n", "", 1).await;
+}
+
+/// Upgrades a kiln under load from one whose `[server]` table has the extra
+/// TOML `old_server` to one with `new_server`, the old one listening on
+/// `sockets` sockets.
+async fn upgrade_under_load(old_server: &str, new_server: &str, sockets: usize) {
     let upgrade_sock = tempfile::tempdir().unwrap();
-    let d = embedded_deployment(&format!(
-        "[server]\ngrace_period_secs = 1\nupgrade_sock = \"{}\"\n{server}",
-        upgrade_sock.path().join("upgrade.sock").display()
-    ));
+    let server = |extra: &str| {
+        format!(
+            "[server]\ngrace_period_secs = 1\nupgrade_sock = \"{}\"\n{extra}",
+            upgrade_sock.path().join("upgrade.sock").display()
+        )
+    };
+    let d = embedded_deployment(&server(old_server));
     let (base, config, storage) = (&d.base, &d.config, d.dir.path().join("storage"));
+    let new_config = d.dir.path().join("new.toml");
+    std::fs::write(
+        &new_config,
+        test_config_toml(port_of(base), &storage, None, &server(new_server)),
+    )
+    .unwrap();
     let log = |name: &str| d.dir.path().join(format!("{name}.log"));
     let read_log = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default();
 
@@ -157,7 +174,7 @@ async fn upgrade_under_load(server: &str, sockets: usize) {
     })
     .await;
 
-    let new = Process::start_with_args(&["serve", "--upgrade"], config, &log("new"));
+    let new = Process::start_with_args(&["serve", "--upgrade"], &new_config, &log("new"));
     old.signal("QUIT");
     let status = old.wait_exit(WAIT).await;
     assert!(
