@@ -86,7 +86,7 @@ pub struct ServerConfig {
     pub listen: String,
     /// Base URL for variant URLs in records and callbacks; empty = `http://<listen>`.
     pub public_url: String,
-    /// Threads of the front runtime. Default 2.
+    /// Threads of the front (with `reuseport`, one listening socket each). Default 2.
     pub threads: usize,
     /// One listening socket (`SO_REUSEPORT`) and one single-threaded
     /// runtime per front thread: the kernel spreads connections and each is
