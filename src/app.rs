@@ -355,13 +355,14 @@ pub fn run(
             ))
         });
         let front = Front::new(ctx).observed(metrics.clone(), ui);
+        let name = "kiln front";
         let listener = || {
             ListenerConfig::tcp(config.server.listen.clone())
                 .l4_buffer(L4BufferSettings::default().write(config.server.write_buffer_bytes))
         };
         if config.server.reuseport {
             for shard in crate::reuseport::shards(
-                "kiln front",
+                name,
                 &config.server.listen,
                 config.server.threads,
                 listener,
@@ -370,7 +371,7 @@ pub fn run(
                 server.add_service(shard);
             }
         } else {
-            let mut service = Service::new("kiln front".to_string(), front);
+            let mut service = Service::new(name.to_string(), front);
             service.add_listener(listener());
             server.add_service(service);
         }

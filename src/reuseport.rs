@@ -28,7 +28,6 @@ const LISTENER_BACKLOG: u32 = 65535;
 /// One thread's share of a listening address.
 pub struct ReuseportShard<A> {
     inner: ListeningService<A>,
-    name: String,
     addr: String,
     index: usize,
 }
@@ -55,12 +54,10 @@ where
     };
     (0..threads)
         .map(|index| {
-            let name = format!("{name} {index}");
-            let mut inner = ListeningService::new(name.clone(), app.clone());
+            let mut inner = ListeningService::new(format!("{name} {index}"), app.clone());
             inner.add_listener(listener());
             ReuseportShard {
                 inner,
-                name,
                 addr: addr.to_string(),
                 index,
             }
@@ -68,7 +65,7 @@ where
         .collect()
 }
 
-impl<A> ReuseportShard<A> {
+impl<A: ServerApp + Send + Sync + 'static> ReuseportShard<A> {
     /// The key this shard's socket is filed under in pingora's table of
     /// sockets handed to the next process on a zero-downtime upgrade.
     fn upgrade_key(&self) -> String {
@@ -86,7 +83,7 @@ impl<A> ReuseportShard<A> {
             }
             if fds.get(&self.addr).is_some() {
                 tracing::warn!(
-                    service = %self.name,
+                    service = %self.name(),
                     "took over one shared socket: its first thread serves every connection until kiln restarts"
                 );
                 return Ok(None);
@@ -102,8 +99,12 @@ impl<A> ReuseportShard<A> {
     /// A kiln with `reuseport = false`, or from before it existed, hands
     /// over one socket filed under the bare address, and nothing else can
     /// bind that port while it is open: the first shard serves it alone.
+    fn takes_legacy_socket(&self) -> bool {
+        self.index == 0
+    }
+
     fn legacy_socket(&self, inherited: &Fds) -> Option<i32> {
-        (self.index == 0)
+        self.takes_legacy_socket()
             .then(|| inherited.get(&self.addr).copied())
             .flatten()
     }
@@ -157,8 +158,8 @@ impl<A: ServerApp + Send + Sync + 'static> Service for ReuseportShard<A> {
             Ok(None) => return,
             Err(e) => {
                 // As pingora's own listener does when it cannot bind.
-                tracing::error!(service = %self.name, error = %e, "cannot listen");
-                panic!("{}: {e}", self.name);
+                tracing::error!(service = %self.name(), error = %e, "cannot listen");
+                panic!("{}: {e}", self.name());
             }
         };
         // The inner service finds its address already bound in this table.
@@ -170,7 +171,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service for ReuseportShard<A> {
     }
 
     fn name(&self) -> &str {
-        &self.name
+        self.inner.name()
     }
 
     fn threads(&self) -> Option<usize> {
@@ -179,7 +180,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service for ReuseportShard<A> {
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
         let mut keys = vec![self.upgrade_key()];
-        if self.index == 0 {
+        if self.takes_legacy_socket() {
             keys.push(self.addr.clone());
         }
         Some(keys)
