@@ -698,7 +698,7 @@ fn full() -> ExitCode {
     }
     let jpeg_peaks: Vec<(&str, f64)> = outcomes
         .iter()
-        .filter(|o| matches!(o.scenario.input, Input::Jpeg | Input::CameraJpeg))
+        .filter(|o| o.scenario.input.format() == "jpeg")
         .flat_map(|o| {
             o.results
                 .iter()
@@ -713,7 +713,7 @@ fn full() -> ExitCode {
     {
         let vips: Vec<String> = outcomes
             .iter()
-            .filter(|o| matches!(o.scenario.input, Input::Jpeg | Input::CameraJpeg))
+            .filter(|o| o.scenario.input.format() == "jpeg")
             .map(|o| {
                 let r = &o
                     .results
