@@ -231,15 +231,20 @@ impl RedisQueue {
         }
         let conn = blocking.as_mut().expect("connection just set");
         let outcome = async {
-            if let Some(urgent) = self
-                .read(conn, consumer, &[Priority::Urgent], None)
-                .await?
-                .pop()
-            {
-                return Ok(Some(urgent));
-            }
-            if let Some(stashed) = self.stash.lock().pop_front() {
-                return Ok(Some(stashed));
+            // With nothing stashed, the read of both streams below answers
+            // urgent first anyway: a read of urgent alone would be a wasted
+            // round trip per job.
+            if !self.stash.lock().is_empty() {
+                if let Some(urgent) = self
+                    .read(conn, consumer, &[Priority::Urgent], None)
+                    .await?
+                    .pop()
+                {
+                    return Ok(Some(urgent));
+                }
+                if let Some(stashed) = self.stash.lock().pop_front() {
+                    return Ok(Some(stashed));
+                }
             }
             let mut got = self.read(conn, consumer, &PRIORITIES, Some(block)).await?;
             if got.is_empty() {
