@@ -71,7 +71,11 @@ fn backends(config: &Config) -> Result<Backends> {
                     &config.index,
                     Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
                 )),
-                outbox: Arc::new(RedisOutbox::new(handle.clone(), &config.redis.prefix)),
+                outbox: Arc::new(RedisOutbox::new(
+                    handle.clone(),
+                    &config.redis.prefix,
+                    Duration::from_millis(config.callback.poll_ms),
+                )),
                 recent: Arc::new(RecentJobs::new(
                     config.ui.recent_jobs,
                     Some((

@@ -2,9 +2,9 @@
 //! leased while an attempt runs. `redis` keeps them in a ZSET + hash (they
 //! survive a restart of kiln); `embedded` keeps them in memory (they do not).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -151,25 +151,59 @@ impl Outbox for EmbeddedOutbox {
 
 /// Redis outbox: `{webhooks}:due` (ZSET of id by due ms) and
 /// `{webhooks}:pending` (hash of id to JSON), changed only by `lua/webhook_*.lua`.
+///
+/// Once this process's deliverer has taken from it, what this process
+/// schedules is leased to that deliverer in the same script and handed over
+/// in memory, so the deliverer need not ask Redis for it; should the
+/// process die, the lease runs out and any deliverer finds it. Settles of
+/// delivered webhooks that finish together go to Redis together.
 pub struct RedisOutbox {
     handle: Arc<RedisHandle>,
     keys: RedisKeys,
     schedule_script: redis::Script,
     take_script: redis::Script,
     settle_script: redis::Script,
+    /// How often deliveries scheduled elsewhere, and due retries, are looked for.
+    poll: Duration,
+    /// The lease of this process's deliverer, once it has taken from here.
+    local_lease: Mutex<Option<Duration>>,
+    /// Scheduled and leased here, with the lease's end: for this process's deliverer.
+    leased_here: Mutex<VecDeque<(Instant, Delivery)>>,
+    /// When Redis was last asked for due deliveries, and whether it had more.
+    shared_look: Mutex<SharedLook>,
+    /// Ids delivered whose settle waits for the next batch.
+    delivered: Mutex<Vec<String>>,
+    /// One batch of settles in flight at a time; the next gathers meanwhile.
+    settling: tokio::sync::Mutex<()>,
     /// Wakes this process's deliverer when its own worker schedules, so a
     /// finished job's webhooks leave at once instead of at the next poll.
     scheduled_here: Notify,
 }
 
+#[derive(Default)]
+struct SharedLook {
+    at: Option<Instant>,
+    more_due: bool,
+}
+
+/// A delivery leased here is left to Redis this long before its lease ends,
+/// so it is never sent here and by a deliverer that took it from Redis.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
 impl RedisOutbox {
-    pub fn new(handle: Arc<RedisHandle>, prefix: &str) -> Self {
+    pub fn new(handle: Arc<RedisHandle>, prefix: &str, poll: Duration) -> Self {
         RedisOutbox {
             handle,
             keys: RedisKeys::new(prefix),
             schedule_script: redis::Script::new(SCHEDULE_LUA),
             take_script: redis::Script::new(TAKE_LUA),
             settle_script: redis::Script::new(SETTLE_LUA),
+            poll,
+            local_lease: Mutex::new(None),
+            leased_here: Mutex::new(VecDeque::new()),
+            shared_look: Mutex::new(SharedLook::default()),
+            delivered: Mutex::new(Vec::new()),
+            settling: tokio::sync::Mutex::new(()),
             scheduled_here: Notify::new(),
         }
     }
@@ -190,31 +224,27 @@ impl RedisOutbox {
             .await?;
         Ok(())
     }
-}
 
-#[async_trait]
-impl Outbox for RedisOutbox {
-    async fn schedule(&self, deliveries: &[Delivery]) -> Result<()> {
-        if deliveries.is_empty() {
-            return Ok(());
+    /// Up to `limit` of the deliveries leased here whose lease still holds.
+    fn take_leased_here(&self, limit: usize) -> Vec<Delivery> {
+        let now = Instant::now();
+        let mut leased = self.leased_here.lock();
+        // All share one lease length, so the oldest run out first.
+        while leased.front().is_some_and(|(until, _)| *until <= now) {
+            leased.pop_front();
         }
-        let mut invocation = self.schedule_script.prepare_invoke();
-        invocation
-            .key(self.keys.webhooks_due())
-            .key(self.keys.webhooks_pending())
-            .arg(now_millis());
-        for delivery in deliveries {
-            invocation
-                .arg(&delivery.id)
-                .arg(serde_json::to_string(delivery)?);
-        }
-        let mut conn = self.handle.conn().await?;
-        let _: i64 = invocation.invoke_async(&mut conn).await?;
-        self.scheduled_here.notify_one();
-        Ok(())
+        let n = limit.min(leased.len());
+        leased.drain(..n).map(|(_, delivery)| delivery).collect()
     }
 
-    async fn take_due(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>> {
+    /// Whether to ask Redis now: on the first take, once a poll has passed,
+    /// or when the last look left due deliveries behind.
+    fn shared_look_due(&self) -> bool {
+        let look = self.shared_look.lock();
+        look.more_due || look.at.is_none_or(|at| at.elapsed() >= self.poll)
+    }
+
+    async fn take_shared(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>> {
         let mut conn = self.handle.conn().await?;
         let taken: Vec<String> = self
             .take_script
@@ -225,6 +255,10 @@ impl Outbox for RedisOutbox {
             .arg(limit)
             .invoke_async(&mut conn)
             .await?;
+        *self.shared_look.lock() = SharedLook {
+            at: Some(Instant::now()),
+            more_due: taken.len() >= limit,
+        };
         Ok(taken
             .iter()
             .filter_map(|json| match serde_json::from_str(json) {
@@ -236,15 +270,66 @@ impl Outbox for RedisOutbox {
             })
             .collect())
     }
+}
 
-    async fn done(&self, id: &str) -> Result<()> {
+#[async_trait]
+impl Outbox for RedisOutbox {
+    async fn schedule(&self, deliveries: &[Delivery]) -> Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let lease = *self.local_lease.lock();
+        let now = now_millis();
+        let due = lease.map_or(now, |lease| now + lease.as_millis() as u64);
+        let mut invocation = self.schedule_script.prepare_invoke();
+        invocation
+            .key(self.keys.webhooks_due())
+            .key(self.keys.webhooks_pending())
+            .arg(due);
+        for delivery in deliveries {
+            invocation
+                .arg(&delivery.id)
+                .arg(serde_json::to_string(delivery)?);
+        }
         let mut conn = self.handle.conn().await?;
-        // Body first, then the id: not atomic, and need not be, since
+        let added: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        if let Some(lease) = lease {
+            let until = Instant::now() + lease.saturating_sub(LEASE_MARGIN);
+            let mut leased = self.leased_here.lock();
+            for delivery in deliveries.iter().filter(|d| added.contains(&d.id)) {
+                leased.push_back((until, delivery.clone()));
+            }
+        }
+        self.scheduled_here.notify_one();
+        Ok(())
+    }
+
+    /// This process's own deliveries first; Redis only when a look there is due.
+    async fn take_due(&self, limit: usize, lease: Duration) -> Result<Vec<Delivery>> {
+        *self.local_lease.lock() = Some(lease);
+        let mut due = self.take_leased_here(limit);
+        if due.len() < limit && self.shared_look_due() {
+            due.extend(self.take_shared(limit - due.len(), lease).await?);
+        }
+        Ok(due)
+    }
+
+    /// Settles with the others delivered meanwhile, in one round trip.
+    async fn done(&self, id: &str) -> Result<()> {
+        self.delivered.lock().push(id.to_string());
+        let _turn = self.settling.lock().await;
+        let ids = std::mem::take(&mut *self.delivered.lock());
+        if ids.is_empty() {
+            // An earlier turn settled this one with its own.
+            return Ok(());
+        }
+        let mut conn = self.handle.conn().await?;
+        // Bodies first, then the ids: not atomic, and need not be, since
         // webhook_take.lua drops an id whose body is gone.
         let _: () = redis::pipe()
-            .hdel(self.keys.webhooks_pending(), id)
+            .hdel(self.keys.webhooks_pending(), &ids)
             .ignore()
-            .zrem(self.keys.webhooks_due(), id)
+            .zrem(self.keys.webhooks_due(), &ids)
             .ignore()
             .query_async(&mut conn)
             .await?;

@@ -23,6 +23,7 @@ const GROUP: &str = "kiln-workers";
 /// The webhook outbox: deliveries not yet settled, and given-up ones.
 const WEBHOOKS_PENDING: &str = "kiln:{webhooks}:pending";
 const WEBHOOKS_DEAD: &str = "kiln:{webhooks}:dead";
+const WEBHOOKS_DUE: &str = "kiln:{webhooks}:due";
 
 /// Bound of every wait in this module; generous for a loaded 2-core box.
 const WAIT: Duration = Duration::from_secs(20);
@@ -55,6 +56,24 @@ fn pending(redis: &RedisServer) -> Vec<Pending> {
             }
         })
         .collect()
+}
+
+/// How often Redis has run `command` (also from scripts), per `INFO commandstats`.
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let stats = redis.redis_cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a call count"))
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
 }
 
 fn xlen(redis: &RedisServer) -> i64 {
@@ -623,4 +642,71 @@ async fn a_hanging_callback_is_timed_out_retried_under_one_id_then_given_up() {
     })
     .await;
     assert_eq!(hanging.count(), 3, "max_attempts = 3");
+}
+
+/// A worker sends the webhooks it schedules itself: they are leased to it in
+/// the same script that files them, and never fetched back from Redis. Killed
+/// while sending, it leaves them to another worker once that lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_a_killed_worker_was_sending_are_sent_by_another_after_their_lease() {
+    let redis = RedisServer::start();
+    // The lease is 2 x 2 s + 1 s. With a ten-minute poll, a worker asks
+    // Redis for due deliveries only as it starts.
+    let d = deployment(&redis, "[callback]\ntimeout_ms = 2000\npoll_ms = 600000\n");
+    let _front = start(&d, "front", "front");
+    let mut first = start(&d, "worker", "worker-1");
+    wait_healthy(&d.base).await;
+
+    let origin = Origin::start().await;
+    origin.serve("/l.jpg", square_jpeg([40, 160, 90]));
+    let sink = CallbackSink::start().await;
+    let gate = Gate::closed();
+    sink.hold_until(&gate);
+    let scheduled_at = now_millis();
+    preheat(&d.base, "tiny", &origin.url("/l.jpg"), &sink.url("/cb")).await;
+    let held = sink.wait_for(1, WAIT).await;
+    let id = webhook_ids(&held)[0].clone();
+    // webhook_take.lua reads each delivery it leases with HGET; nothing else does.
+    assert_eq!(
+        command_calls(&redis, "hget"),
+        0,
+        "the worker sent its own webhook without taking it from Redis"
+    );
+    let leased_until: u64 = redis
+        .redis_bulk(&["ZSCORE", WEBHOOKS_DUE, &id])
+        .expect("the delivery is in the outbox while it is sent")
+        .parse()
+        .expect("a due time in ms");
+    assert!(
+        leased_until >= scheduled_at + 4000,
+        "leased for its attempt: due at {leased_until}, scheduled at {scheduled_at}"
+    );
+
+    first.signal("KILL");
+    first.wait_exit(WAIT).await;
+    gate.open();
+    assert_eq!(redis.redis_int(&["HLEN", WEBHOOKS_PENDING]), 1);
+    let wait = Duration::from_millis(leased_until.saturating_sub(now_millis()) + 200);
+    tokio::time::sleep(wait).await;
+
+    let _second = start(&d, "worker", "worker-2");
+    let hooks = sink.wait_for(2, WAIT).await;
+    assert_eq!(
+        command_calls(&redis, "hget"),
+        1,
+        "taken from Redis this time"
+    );
+    assert_eq!(
+        webhook_ids(&hooks),
+        vec![id.clone(), id],
+        "one delivery, sent again"
+    );
+    assert_eq!(hooks[1].body["status"], "done");
+    eventually(WAIT, "the webhook outbox settled", || async {
+        (redis.redis_int(&["HLEN", WEBHOOKS_PENDING]) == 0
+            && redis.redis_int(&["ZCARD", WEBHOOKS_DUE]) == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(sink.count(), 2);
 }

@@ -160,12 +160,12 @@ impl CallbackSink {
         *self.state.hold.lock().unwrap() = Some(gate.clone());
     }
 
-    /// `http://127.0.0.1:<port><path_and_query>`.
     /// The listening address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// `http://127.0.0.1:<port><path_and_query>`.
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.addr)
     }
