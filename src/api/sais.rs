@@ -118,11 +118,12 @@ pub fn new_account(root: &str, approx: u64, api_key: Option<String>) -> Account 
 }
 
 impl Context {
-    /// Writes a media record unless one exists; a new one is counted for its
-    /// account and its G3 code filed so newer clients find it.
-    pub async fn create_media(&self, record: &MediaRecord) -> Result<()> {
+    /// Writes a media record unless one exists (false then, and nothing is
+    /// written); a new one is counted for its account and its G3 code filed
+    /// so newer clients find it.
+    pub async fn create_media(&self, record: &MediaRecord) -> Result<bool> {
         if !self.storage.create_media_record(record).await? {
-            return Ok(());
+            return Ok(false);
         }
         self.storage
             .add_account_media(&record.root, &record.code)
@@ -132,7 +133,7 @@ impl Context {
                 .put_normalized_alias(&keys::normalized_code(url), &record.root, &record.code)
                 .await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Creates an account, or updates its callback URLs (and key, and approx
@@ -355,48 +356,29 @@ impl Context {
         } else {
             crate::security::parse_outbound_url(url, &self.policy).err()
         };
-        let mut record = match self.storage.media_record(code).await? {
-            Some(record) => record,
+        let record = match self.storage.media_record(code).await? {
+            Some(existing) => {
+                self.redispatch(existing, context, filters, refusal.as_ref())
+                    .await?
+            }
             None => {
-                let fresh = MediaRecord {
+                let mut fresh = MediaRecord {
                     context: normalize_context(context.clone().unwrap_or(Value::Null)),
                     ..MediaRecord::new(code, root, Some(url))
                 };
-                self.create_media(&fresh).await?;
-                self.storage.media_record(code).await?.unwrap_or(fresh)
+                prepare_for_dispatch(&mut fresh, None, filters, refusal.as_ref());
+                // Written whole, once; a dispatch that created it first wins.
+                if self.create_media(&fresh).await? {
+                    fresh
+                } else {
+                    let existing = self.storage.media_record(code).await?.ok_or_else(|| {
+                        Error::Internal(format!("media record {code} exists but cannot be read"))
+                    })?;
+                    self.redispatch(existing, context, filters, refusal.as_ref())
+                        .await?
+                }
             }
         };
-        let before = record.clone();
-        if let Some(context) = context {
-            record.context = normalize_context(context);
-        }
-        for filter in filters {
-            record
-                .thumb_data
-                .entry(filter.clone())
-                .or_insert_with(Thumb::pending);
-        }
-        if let Some(error) = refusal {
-            // Refused before any download: the row says why; no job.
-            record.marking = "failed".into();
-            record.error = Some(FailureSummary {
-                code: error.code().into(),
-                message: error.to_string(),
-            });
-        } else if record.marking == "failed" {
-            // A new dispatch is a new try.
-            record.marking = if record.path.is_some() {
-                "downloaded"
-            } else {
-                "new"
-            }
-            .into();
-            record.error = None;
-        }
-        if record != before {
-            record.updated_at = now_secs();
-            self.storage.put_media_record(&record).await?;
-        }
         if record.marking == "failed" {
             return Ok(record);
         }
@@ -422,6 +404,23 @@ impl Context {
         );
         let encoded = (!subscriber.is_empty()).then(|| subscriber.encode());
         self.queue.enqueue(&job, encoded.as_deref()).await?;
+        Ok(record)
+    }
+
+    /// An existing record dispatched again: stored again only if that changed it.
+    async fn redispatch(
+        &self,
+        mut record: MediaRecord,
+        context: Option<Value>,
+        filters: &[String],
+        refusal: Option<&Error>,
+    ) -> Result<MediaRecord> {
+        let before = record.clone();
+        prepare_for_dispatch(&mut record, context, filters, refusal);
+        if record != before {
+            record.updated_at = now_secs();
+            self.storage.put_media_record(&record).await?;
+        }
         Ok(record)
     }
 
@@ -552,4 +551,40 @@ fn by_ids_row(id: &str, record: &MediaRecord) -> Value {
         "updatedAt": chrono::DateTime::from_timestamp(record.updated_at, 0)
             .map(|t| t.to_rfc3339()),
     })
+}
+
+/// What a dispatch asks of a record: its context, a pending thumb for each
+/// filter not yet there, and either the refusal or, after a failure, a new try.
+fn prepare_for_dispatch(
+    record: &mut MediaRecord,
+    context: Option<Value>,
+    filters: &[String],
+    refusal: Option<&Error>,
+) {
+    if let Some(context) = context {
+        record.context = normalize_context(context);
+    }
+    for filter in filters {
+        record
+            .thumb_data
+            .entry(filter.clone())
+            .or_insert_with(Thumb::pending);
+    }
+    if let Some(error) = refusal {
+        // Refused before any download: the row says why; no job.
+        record.marking = "failed".into();
+        record.error = Some(FailureSummary {
+            code: error.code().into(),
+            message: error.to_string(),
+        });
+    } else if record.marking == "failed" {
+        // A new dispatch is a new try.
+        record.marking = if record.path.is_some() {
+            "downloaded"
+        } else {
+            "new"
+        }
+        .into();
+        record.error = None;
+    }
 }
