@@ -167,7 +167,8 @@ pub struct RedisOutbox {
     poll: Duration,
     /// The lease of this process's deliverer, once it has taken from here.
     local_lease: Mutex<Option<Duration>>,
-    /// Scheduled and leased here, with the lease's end: for this process's deliverer.
+    /// Scheduled and leased here, with when to leave them to Redis instead:
+    /// for this process's deliverer.
     leased_here: Mutex<VecDeque<(Instant, Delivery)>>,
     /// When Redis was last asked for due deliveries, and whether it had more.
     shared_look: Mutex<SharedLook>,
@@ -185,10 +186,6 @@ struct SharedLook {
     at: Option<Instant>,
     more_due: bool,
 }
-
-/// A delivery leased here is left to Redis this long before its lease ends,
-/// so it is never sent here and by a deliverer that took it from Redis.
-const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 impl RedisOutbox {
     pub fn new(handle: Arc<RedisHandle>, prefix: &str, poll: Duration) -> Self {
@@ -294,7 +291,11 @@ impl Outbox for RedisOutbox {
         let mut conn = self.handle.conn().await?;
         let added: Vec<String> = invocation.invoke_async(&mut conn).await?;
         if let Some(lease) = lease {
-            let until = Instant::now() + lease.saturating_sub(LEASE_MARGIN);
+            // Sent from here only while half its lease is left, which outlasts
+            // an attempt (the lease is twice an attempt's timeout, plus a
+            // second): never sent here and by a deliverer that took it from
+            // Redis once the lease ran out. Later, Redis hands it out.
+            let until = Instant::now() + lease / 2;
             let mut leased = self.leased_here.lock();
             for delivery in deliveries.iter().filter(|d| added.contains(&d.id)) {
                 leased.push_back((until, delivery.clone()));
