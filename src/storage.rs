@@ -41,9 +41,9 @@ pub struct StoredObject {
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
-    /// The same store when it is a local directory, for whole-object reads
+    /// The same store's directory when it is local, for whole-object reads
     /// that skip object_store's two trips to the blocking pool.
-    local: Option<Arc<LocalFileSystem>>,
+    local: Option<Arc<LocalRoot>>,
     description: String,
 }
 
@@ -90,8 +90,11 @@ impl Storage {
                 .map_err(|e| Error::Config(format!("storage.url {}: {e}", dir.display())))?
                 .with_automatic_cleanup(true),
         );
-        let mut storage = Self::from_store(store.clone(), &dir.display().to_string());
-        storage.local = Some(store);
+        // The root object_store resolves paths under (it canonicalizes too).
+        let root = std::fs::canonicalize(&dir)
+            .map_err(|e| Error::Config(format!("storage.url {}: {e}", dir.display())))?;
+        let mut storage = Self::from_store(store, &dir.display().to_string());
+        storage.local = Some(Arc::new(LocalRoot { root }));
         Ok(storage)
     }
 
@@ -167,7 +170,7 @@ impl Storage {
     pub async fn head(&self, path: &str) -> Result<Option<ObjectInfo>> {
         let location = Self::location(path)?;
         if let Some(local) = &self.local {
-            return local_read::stat(&local.path_to_filesystem(&location)?);
+            return local_read::stat(&local.file(&location)?);
         }
         match self.store.head(&location).await {
             Ok(meta) => Ok(Some(ObjectInfo {
@@ -182,7 +185,7 @@ impl Storage {
     pub async fn get(&self, path: &str) -> Result<Option<StoredObject>> {
         let location = Self::location(path)?;
         if let Some(local) = &self.local {
-            return Self::local_get(&local.path_to_filesystem(&location)?).await;
+            return Self::local_get(&local.file(&location)?).await;
         }
         let result = match self.store.get(&location).await {
             Ok(result) => result,
@@ -275,6 +278,33 @@ impl Storage {
             .await
             .map(|_| ())
             .map_err(Error::from)
+    }
+}
+
+/// Where a local store keeps its objects.
+struct LocalRoot {
+    root: std::path::PathBuf,
+}
+
+impl LocalRoot {
+    /// The file object_store's `path_to_filesystem` names, without its
+    /// round trip through a `file://` URL (percent-encoding each segment,
+    /// then decoding it again), which a cold hit would pay on every read.
+    /// A parsed `Path` has no empty, `.` or `..` segment; like object_store,
+    /// a name ending in `#` and digits (its temporary files) is refused.
+    fn file(&self, location: &StorePath) -> Result<std::path::PathBuf> {
+        let temporary = location
+            .filename()
+            .and_then(|name| name.split_once('#'))
+            .is_some_and(|(_, suffix)| {
+                !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+            });
+        if temporary || location.filename().is_none() {
+            return Err(Error::InvalidPath(format!(
+                "{location}: not an object's path"
+            )));
+        }
+        Ok(self.root.join(location.as_ref()))
     }
 }
 
@@ -722,6 +752,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let local = Storage::from_config(&load(&format!("url = \"{}\"", dir.path().display())));
         assert!(local.unwrap().local.is_some());
+    }
+
+    /// Local reads open the very file object_store's local backend names.
+    #[test]
+    fn local_files_are_the_ones_object_store_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        let local = storage.local.as_ref().unwrap();
+        let store = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        for path in [
+            "a/b.jpg",
+            "media/cache/small/acme/0/x y.jpg",
+            "ünï/çødé/ñ.png",
+            "a/b%20c.jpg",
+            "a/100%.jpg",
+            "a/b#c.jpg",
+            "a/b#",
+            "a/b#12",
+            "a/b#0",
+            "q?x=1&y=2.webp",
+        ] {
+            let location = Storage::location(path).unwrap();
+            let ours = local.file(&location).ok();
+            let theirs = store.path_to_filesystem(&location).ok();
+            assert_eq!(ours, theirs, "{path}");
+        }
+        assert!(local.file(&StorePath::from("")).is_err());
     }
 
     /// Local reads answer as object_store's local backend does.
