@@ -293,18 +293,17 @@ impl LocalRoot {
     /// A parsed `Path` has no empty, `.` or `..` segment; like object_store,
     /// a name ending in `#` and digits (its temporary files) is refused.
     fn file(&self, location: &StorePath) -> Result<std::path::PathBuf> {
-        let temporary = location
-            .filename()
-            .and_then(|name| name.split_once('#'))
-            .is_some_and(|(_, suffix)| {
+        let temporary = |name: &str| {
+            name.split_once('#').is_some_and(|(_, suffix)| {
                 !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
-            });
-        if temporary || location.filename().is_none() {
-            return Err(Error::InvalidPath(format!(
+            })
+        };
+        match location.filename() {
+            Some(name) if !temporary(name) => Ok(self.root.join(location.as_ref())),
+            _ => Err(Error::InvalidPath(format!(
                 "{location}: not an object's path"
-            )));
+            ))),
         }
-        Ok(self.root.join(location.as_ref()))
     }
 }
 
