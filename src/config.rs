@@ -167,6 +167,11 @@ pub struct StorageConfig {
     /// Milliseconds after the first attempt past which an S3 request is no
     /// longer retried. Default 10 000.
     pub s3_retry_timeout_ms: u64,
+    /// Descriptors of local variant files kept open between reads (0 =
+    /// none); at most a quarter of the process's descriptor limit. Default 1000.
+    pub open_files_max: u64,
+    /// Milliseconds a kept descriptor may go unread before it is closed. Default 60 000.
+    pub open_files_idle_ms: u64,
 }
 
 /// The body of a 202 busy answer.

@@ -488,7 +488,7 @@ impl Front {
     /// The bytes of a variant the index knows, from storage (kept hot when
     /// they fit).
     async fn variant_bytes(&self, variant: &str, info: &Arc<VariantInfo>) -> Result<Option<Bytes>> {
-        let Some(object) = self.ctx.storage.get(variant).await? else {
+        let Some(object) = self.ctx.storage.get_keeping_open(variant).await? else {
             return Ok(None);
         };
         self.ctx

@@ -44,6 +44,8 @@ pub struct Storage {
     /// The same store's directory when it is local, for whole-object reads
     /// that skip object_store's two trips to the blocking pool.
     local: Option<Arc<LocalRoot>>,
+    /// Descriptors kept open for `get_keeping_open` (local stores only).
+    open_files: Option<Arc<open_files::OpenFiles>>,
     description: String,
 }
 
@@ -59,8 +61,21 @@ impl Storage {
     pub fn from_config(config: &StorageConfig) -> Result<Storage> {
         match config.url.strip_prefix("s3://") {
             Some(rest) => Self::open_s3(rest, config),
-            None => Self::open(&config.url),
+            None => Ok(Self::open(&config.url)?.keeping_files_open(
+                config.open_files_max,
+                Duration::from_millis(config.open_files_idle_ms),
+            )),
         }
+    }
+
+    /// Keeps up to `max` descriptors of files read by `get_keeping_open`
+    /// open (fewer if the process's descriptor limit is low), each closed
+    /// after `idle` unread. No effect on a store that is not local.
+    pub fn keeping_files_open(mut self, max: u64, idle: Duration) -> Storage {
+        let max = open_files::bounded(max);
+        self.open_files = (self.local.is_some() && max > 0)
+            .then(|| Arc::new(open_files::OpenFiles::new(max, idle)));
+        self
     }
 
     /// Opens a directory path, `file:///abs/dir`, or `memory://`. S3 needs
@@ -159,6 +174,7 @@ impl Storage {
         Storage {
             store,
             local: None,
+            open_files: None,
             description: description.to_string(),
         }
     }
@@ -200,8 +216,24 @@ impl Storage {
         Ok(Some(StoredObject { bytes, info }))
     }
 
+    /// `get`, for objects read often (variants served from storage): a
+    /// local store keeps the file open for the next read.
+    pub async fn get_keeping_open(&self, path: &str) -> Result<Option<StoredObject>> {
+        let (Some(local), Some(open_files)) = (&self.local, &self.open_files) else {
+            return self.get(path).await;
+        };
+        let started = open_files
+            .start(path, || local.file(&Self::location(path)?))
+            .await?;
+        Self::local_finish(started).await
+    }
+
     async fn local_get(file: &std::path::Path) -> Result<Option<StoredObject>> {
-        match local_read::start(file)? {
+        Self::local_finish(local_read::start(file)?).await
+    }
+
+    async fn local_finish(started: local_read::Started) -> Result<Option<StoredObject>> {
+        match started {
             local_read::Started::Absent => Ok(None),
             local_read::Started::Done(object) => Ok(Some(object)),
             local_read::Started::Pending(rest) => {
@@ -281,6 +313,8 @@ impl Storage {
     }
 }
 
+mod open_files;
+
 /// Where a local store keeps its objects.
 struct LocalRoot {
     root: std::path::PathBuf,
@@ -316,6 +350,7 @@ mod local_read {
     use std::fs::{File, Metadata};
     use std::os::unix::fs::FileExt;
     use std::path::{Path, PathBuf};
+    use std::sync::Arc;
 
     use bytes::Bytes;
 
@@ -329,15 +364,20 @@ mod local_read {
         Pending(Rest),
     }
 
+    /// An open file and the path it was opened by (for errors).
+    pub struct OpenFile {
+        pub file: File,
+        pub path: PathBuf,
+    }
+
     pub struct Rest {
-        file: File,
-        path: PathBuf,
+        open: Arc<OpenFile>,
         info: ObjectInfo,
         bytes: Vec<u8>,
         read: usize,
     }
 
-    fn failed(path: &Path, e: std::io::Error) -> Error {
+    pub fn failed(path: &Path, e: std::io::Error) -> Error {
         Error::Storage(format!("{}: {e}", path.display()))
     }
 
@@ -353,7 +393,7 @@ mod local_read {
         }
     }
 
-    fn open(path: &Path) -> Result<Option<(File, Metadata)>> {
+    pub fn open(path: &Path) -> Result<Option<(File, Metadata)>> {
         let file = match File::open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -372,11 +412,17 @@ mod local_read {
         let Some((file, metadata)) = open(path)? else {
             return Ok(Started::Absent);
         };
-        let info = info(&metadata);
+        let path = path.to_owned();
+        read(Arc::new(OpenFile { file, path }), &metadata)
+    }
+
+    /// Reads an open file, `metadata` being its `fstat`.
+    pub fn read(open: Arc<OpenFile>, metadata: &Metadata) -> Result<Started> {
+        let info = info(metadata);
         let len = usize::try_from(info.size)
-            .map_err(|_| Error::Storage(format!("{}: too large", path.display())))?;
+            .map_err(|_| Error::Storage(format!("{}: too large", open.path.display())))?;
         let mut bytes = vec![0; len];
-        let read = read_cached(&file, &mut bytes);
+        let read = read_cached(&open.file, &mut bytes);
         if read == len {
             return Ok(Started::Done(StoredObject {
                 bytes: Bytes::from(bytes),
@@ -384,8 +430,7 @@ mod local_read {
             }));
         }
         Ok(Started::Pending(Rest {
-            file,
-            path: path.to_owned(),
+            open,
             info,
             bytes,
             read,
@@ -400,8 +445,10 @@ mod local_read {
             let mut bytes = std::fs::read(path).map_err(|e| failed(path, e))?;
             bytes[read..].fill(0);
             Ok(Rest {
-                file,
-                path: path.to_owned(),
+                open: Arc::new(OpenFile {
+                    file,
+                    path: path.to_owned(),
+                }),
                 info: info(&metadata),
                 bytes,
                 read,
@@ -410,9 +457,10 @@ mod local_read {
 
         /// Blocking: reads what `start` could not.
         pub fn finish(mut self) -> Result<StoredObject> {
-            self.file
+            self.open
+                .file
                 .read_exact_at(&mut self.bytes[self.read..], self.read as u64)
-                .map_err(|e| failed(&self.path, e))?;
+                .map_err(|e| failed(&self.open.path, e))?;
             Ok(StoredObject {
                 bytes: Bytes::from(self.bytes),
                 info: self.info,
@@ -838,6 +886,75 @@ mod tests {
                 "invalid-path"
             );
         }
+    }
+
+    /// A kept descriptor serves reads until its file is replaced or
+    /// deleted, however that happens.
+    #[tokio::test]
+    async fn kept_open_files_follow_replacements_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap())
+            .unwrap()
+            .keeping_files_open(10, Duration::from_secs(60));
+        let read = |path: &'static str| {
+            let storage = storage.clone();
+            async move {
+                let got = storage.get_keeping_open(path).await.unwrap();
+                got.map(|object| object.bytes)
+            }
+        };
+        assert_eq!(read("v/a.jpg").await, None);
+        storage
+            .put("v/a.jpg", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        assert_eq!(read("v/a.jpg").await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(storage.open_files.as_ref().unwrap().kept().await, 1);
+
+        // The kept descriptor is read without the path: a file moved away
+        // by hand (still linked) is what it reads.
+        let file = dir.path().join("v/a.jpg");
+        std::fs::rename(&file, dir.path().join("v/moved")).unwrap();
+        assert_eq!(read("v/a.jpg").await.as_deref(), Some(&b"one"[..]));
+        std::fs::rename(dir.path().join("v/moved"), &file).unwrap();
+
+        // Replaced through object_store (a rename over it), or by hand.
+        storage
+            .put("v/a.jpg", Bytes::from_static(b"two"))
+            .await
+            .unwrap();
+        assert_eq!(read("v/a.jpg").await.as_deref(), Some(&b"two"[..]));
+        std::fs::write(dir.path().join("v/tmp"), b"three").unwrap();
+        std::fs::rename(dir.path().join("v/tmp"), &file).unwrap();
+        assert_eq!(read("v/a.jpg").await.as_deref(), Some(&b"three"[..]));
+        storage.delete("v/a.jpg").await.unwrap();
+        assert_eq!(read("v/a.jpg").await, None);
+        assert_eq!(storage.open_files.as_ref().unwrap().kept().await, 0);
+
+        assert_eq!(
+            storage.get_keeping_open("../x").await.unwrap_err().code(),
+            "invalid-path"
+        );
+        // Any other store reads as `get` does.
+        let memory = Storage::open("memory://")
+            .unwrap()
+            .keeping_files_open(10, Duration::from_secs(60));
+        memory
+            .put("v/a.jpg", Bytes::from_static(b"m"))
+            .await
+            .unwrap();
+        assert!(memory.open_files.is_none());
+        let got = memory.get_keeping_open("v/a.jpg").await.unwrap().unwrap();
+        assert_eq!(&got.bytes[..], b"m");
+    }
+
+    #[test]
+    fn kept_descriptors_stay_under_the_process_limit() {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        assert_eq!(open_files::bounded(u64::MAX), limit / 4);
+        assert_eq!(open_files::bounded(5), 5.min(limit / 4));
     }
 
     /// Bytes the page cache does not hold come from the blocking pool.

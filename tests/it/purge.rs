@@ -237,27 +237,30 @@ async fn ranges_of_a_variant_answer_206_and_416(backend: Backend) {
     assert_eq!(miss.status(), 202);
 }
 
+/// A front and worker over `redis` and the storage in `dir`: its base URL,
+/// and the handle that keeps it running.
+fn serve(redis: &RedisServer, dir: &std::path::Path, extra: &str) -> (String, kiln::app::Running) {
+    let port = free_port();
+    let toml = test_config_toml(port, dir, Some(redis), extra);
+    let config = kiln::config::Config::load_from(kiln::config::Sources {
+        extra_toml: Some(&toml),
+        ..Default::default()
+    })
+    .unwrap();
+    (
+        format!("http://127.0.0.1:{port}"),
+        kiln::app::spawn(config, kiln::app::Role::Serve).unwrap(),
+    )
+}
+
 /// Two fronts over one Redis and one storage: a purge through one drops the
 /// variant from the other's memory too (the purge channel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_reaches_every_front_sharing_redis() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let start = || {
-        let port = free_port();
-        let toml = test_config_toml(port, dir.path(), Some(&redis), "");
-        let config = kiln::config::Config::load_from(kiln::config::Sources {
-            extra_toml: Some(&toml),
-            ..Default::default()
-        })
-        .unwrap();
-        (
-            format!("http://127.0.0.1:{port}"),
-            kiln::app::spawn(config, kiln::app::Role::Serve).unwrap(),
-        )
-    };
-    let (a, _a) = start();
-    let (b, _b) = start();
+    let (a, _a) = serve(&redis, dir.path(), "");
+    let (b, _b) = serve(&redis, dir.path(), "");
     std::fs::create_dir_all(dir.path().join("acme/0")).unwrap();
     std::fs::write(dir.path().join(ORIGINAL), jpeg(640, 480, [250, 250, 250])).unwrap();
     let path = format!("/media/cache/small/{ORIGINAL}");
@@ -279,4 +282,48 @@ async fn a_purge_reaches_every_front_sharing_redis() {
         },
     )
     .await;
+}
+
+async fn body_of(url: &str) -> Vec<u8> {
+    let response = reqwest::get(url).await.expect("GET");
+    assert_eq!(response.status(), 200, "{url}");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// Fronts that keep no bytes in memory read variants through descriptors
+/// they keep open. Once another front has purged a variant and it has been
+/// rendered anew from a changed original, each serves the new file, never
+/// the purged one its descriptor still reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_open_variant_is_not_served_after_another_front_purged_it() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cold = "[index]\nhot_max_object_bytes = 0\n";
+    let (a, _a) = serve(&redis, dir.path(), cold);
+    let (b, _b) = serve(&redis, dir.path(), cold);
+    std::fs::create_dir_all(dir.path().join("acme/0")).unwrap();
+    std::fs::write(dir.path().join(ORIGINAL), jpeg(640, 480, [230, 230, 230])).unwrap();
+    let path = format!("/media/cache/small/{ORIGINAL}");
+    until_ready(&format!("{a}{path}")).await;
+    let light = body_of(&format!("{a}{path}")).await;
+    for base in [&a, &b] {
+        for _ in 0..2 {
+            let body = body_of(&format!("{base}{path}")).await;
+            assert!(body == light, "{base}: {} bytes", body.len());
+        }
+    }
+
+    std::fs::write(dir.path().join(ORIGINAL), jpeg(640, 480, [10, 10, 10])).unwrap();
+    let (status, body) = delete(&format!("{a}/media/cache/*/{ORIGINAL}"), Some(ADMIN_KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    until_ready(&format!("{a}{path}")).await;
+    until_ready(&format!("{b}{path}")).await;
+    for base in [&a, &b] {
+        let body = body_of(&format!("{base}{path}")).await;
+        let red = mean_rgb(&decode(&body), 0, 0, 8, 8)[0];
+        assert!(
+            body != light && red < 60.0,
+            "{base} served the purged render"
+        );
+    }
 }
