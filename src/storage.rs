@@ -528,6 +528,66 @@ pub struct MediaRecord {
 }
 
 impl MediaRecord {
+    /// This record's changes since `base`, applied to `current` (the record
+    /// as stored now, which another job may have written meanwhile): a field
+    /// this record changed takes its value, and thumbnails and variant URLs
+    /// merge filter by filter.
+    pub fn rebased(&self, base: &MediaRecord, mut current: MediaRecord) -> MediaRecord {
+        // Destructured so that a new field cannot be forgotten here.
+        let MediaRecord {
+            code: _,
+            root: _,
+            path,
+            original_url,
+            mime_type,
+            size,
+            original_width,
+            original_height,
+            status_code,
+            blur,
+            blurhash,
+            resized,
+            thumb_data,
+            context,
+            marking,
+            error,
+            updated_at,
+        } = self;
+        macro_rules! changed_here {
+            ($($field:ident),*) => {$(
+                if *$field != base.$field {
+                    current.$field = $field.clone();
+                }
+            )*};
+        }
+        changed_here!(
+            path,
+            original_url,
+            mime_type,
+            size,
+            original_width,
+            original_height,
+            status_code,
+            blur,
+            blurhash,
+            context,
+            marking,
+            error,
+            updated_at
+        );
+        for (filter, url) in resized {
+            if base.resized.get(filter) != Some(url) {
+                current.resized.insert(filter.clone(), url.clone());
+            }
+        }
+        for (filter, thumb) in thumb_data {
+            if base.thumb_data.get(filter) != Some(thumb) {
+                current.thumb_data.insert(filter.clone(), thumb.clone());
+            }
+        }
+        current
+    }
+
     /// A record as first seen: `new`, with an empty context.
     pub fn new(code: &str, root: &str, original_url: Option<&str>) -> MediaRecord {
         MediaRecord {
@@ -955,6 +1015,45 @@ mod tests {
             .unwrap_or(u64::MAX);
         assert_eq!(open_files::bounded(u64::MAX), limit / 4);
         assert_eq!(open_files::bounded(5), 5.min(limit / 4));
+    }
+
+    /// Two jobs that started from the same record each keep what the other
+    /// wrote meanwhile, and their own changes win.
+    #[test]
+    fn a_rebased_record_keeps_what_another_job_wrote() {
+        let done = |url: &str| Thumb {
+            marking: "done".into(),
+            url: Some(url.into()),
+            ..Thumb::pending()
+        };
+        let mut base = MediaRecord::new("c0de", "acme", None);
+        base.path = Some("acme/0/c0de.jpg".into());
+        base.thumb_data.insert("small".into(), Thumb::pending());
+        base.thumb_data.insert("large".into(), Thumb::pending());
+
+        let mut theirs = base.clone();
+        theirs.thumb_data.insert("large".into(), done("l"));
+        theirs.resized.insert("large".into(), "l".into());
+        theirs.blurhash = Some("theirs".into());
+        theirs.marking = "resized".into();
+
+        let mut ours = base.clone();
+        ours.thumb_data.insert("small".into(), done("s"));
+        ours.resized.insert("small".into(), "s".into());
+        ours.blurhash = Some("ours".into());
+        ours.updated_at += 5;
+
+        let merged = ours.rebased(&base, theirs.clone());
+        assert_eq!(merged.thumb_data["small"], done("s"));
+        assert_eq!(merged.thumb_data["large"], done("l"));
+        assert_eq!(merged.resized.len(), 2);
+        assert_eq!(merged.blurhash.as_deref(), Some("ours"));
+        assert_eq!(merged.updated_at, ours.updated_at);
+        // Left alone by ours: theirs stands.
+        assert_eq!(merged.marking, "resized");
+        assert_eq!(merged.path, base.path);
+        // Nothing changed since the base: the stored record as it is.
+        assert_eq!(base.rebased(&base, theirs.clone()), theirs);
     }
 
     /// Bytes the page cache does not hold come from the blocking pool.

@@ -50,6 +50,43 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Where finished jobs are remembered for `/ui`, if anywhere.
     pub recent: Option<Arc<RecentJobs>>,
+    /// Serializes this process's writes of one media record.
+    pub record_locks: Arc<RecordLocks>,
+}
+
+/// Locks by media code, striped: jobs for other filters of the same media
+/// run side by side, and each re-reads the record just before writing it,
+/// so the read and the write must not interleave with another job's.
+pub struct RecordLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl RecordLocks {
+    /// More stripes than jobs in flight, so unrelated media rarely wait.
+    const STRIPES: usize = 64;
+
+    pub fn new() -> RecordLocks {
+        RecordLocks {
+            stripes: (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    async fn lock(&self, code: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        code.hash(&mut hasher);
+        self.stripes[hasher.finish() as usize % self.stripes.len()]
+            .lock()
+            .await
+    }
+}
+
+impl Default for RecordLocks {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Worker {
@@ -91,6 +128,7 @@ impl Worker {
             ),
             metrics: Arc::new(Metrics::new()),
             recent: None,
+            record_locks: Arc::new(RecordLocks::new()),
         })
     }
 
@@ -303,18 +341,31 @@ impl Worker {
                 record.marking = "resized".into();
                 record.error = None;
                 record.updated_at = now_secs();
-                self.storage.put_media_record(&record).await?;
-                Ok(record)
+                self.save_record(&loaded, &record).await
             }
             Err(e) => {
                 if record != loaded {
-                    if let Err(lost) = self.storage.put_media_record(&record).await {
+                    if let Err(lost) = self.save_record(&loaded, &record).await {
                         tracing::warn!(job = %job.id, error = %lost, "could not record the archived original");
                     }
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Writes this job's changes to its media record (`ours`, read as
+    /// `loaded`) onto the record as stored now: a job for another filter of
+    /// the same media may have written it while this one rendered. Answers
+    /// the record written.
+    async fn save_record(&self, loaded: &MediaRecord, ours: &MediaRecord) -> Result<MediaRecord> {
+        let _locked = self.record_locks.lock(&ours.code).await;
+        let record = match self.storage.media_record(&ours.code).await? {
+            Some(current) => ours.rebased(loaded, current),
+            None => ours.clone(),
+        };
+        self.storage.put_media_record(&record).await?;
+        Ok(record)
     }
 
     /// Loads or downloads the original and renders every preset not stored
@@ -563,6 +614,7 @@ impl Worker {
     }
 
     async fn record_failure(&self, job: &Job, error: &Error) -> Result<MediaRecord> {
+        let _locked = self.record_locks.lock(&job.code).await;
         let mut record = self.load_record(job).await?;
         match error {
             Error::OriginStatus { status, .. } => record.status_code = Some(*status),

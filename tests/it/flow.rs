@@ -19,6 +19,7 @@ on_both_backends!(
     failed_download_calls_back_with_the_reason,
     bad_requests_get_clear_errors,
     webhooks_leave_when_their_job_is_done_not_at_the_next_poll,
+    misses_of_two_filters_at_once_both_land_in_the_media_record,
 );
 
 fn json(text: &str) -> serde_json::Value {
@@ -460,4 +461,41 @@ async fn raw_get(base: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A page showing two sizes of a new image asks for both at once: two jobs
+/// for one original run side by side, each noting its thumbnail in the
+/// same media record. Neither write may undo the other's.
+async fn misses_of_two_filters_at_once_both_land_in_the_media_record(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    let code = "0123456789abcdef";
+    let original = format!("acme/0/{code}.jpg");
+    kiln.store(&original, &jpeg(1600, 1200, [90, 140, 200]));
+    let filters = ["small", "medium", "square"];
+    let urls = filters.map(|f| kiln.url(&format!("/media/cache/{f}/{original}")));
+    let asked = futures::future::join_all(urls.iter().map(|url| get(url))).await;
+    for response in asked {
+        assert_eq!(response.status(), 202);
+    }
+    for url in &urls {
+        until_ready(url).await;
+    }
+    let record_path = kiln.storage_path(&format!("meta/{code}.json"));
+    let record = eventually(
+        Duration::from_secs(10),
+        "every thumbnail in the record",
+        || {
+            let record_path = record_path.clone();
+            async move {
+                let record = json(&std::fs::read_to_string(&record_path).ok()?);
+                filters
+                    .iter()
+                    .all(|f| record["thumbData"][f]["marking"] == "done")
+                    .then_some(record)
+            }
+        },
+    )
+    .await;
+    assert_eq!(record["path"], original.as_str());
+    assert_eq!(record["marking"], "resized");
 }
