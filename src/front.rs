@@ -23,7 +23,7 @@ use crate::api::Context;
 use crate::config::MissBody;
 use crate::error::{Error, Result};
 use crate::filter::OutputFormat;
-use crate::index::{Failure, HotVariant, VariantInfo};
+use crate::index::{Failure, HotVariant, Located, VariantInfo};
 use crate::keys;
 use crate::metrics::{HitSource, Metrics, Route};
 use crate::security::normalize_path;
@@ -415,13 +415,20 @@ impl Front {
         let variant = variant.as_ref();
         let index = &self.ctx.index;
 
-        // Hot bytes carry their index entry: one look-up answers.
+        // Hot bytes carry their index entry: one look-up answers. A missing
+        // variant's look-up also answers whether its last job failed.
+        let mut looked_up_failure = None;
         let found = match index.hot_get(variant).await {
             Some(hot) => Some((hot.info.clone(), Found::Hot(hot))),
-            None => index
-                .locate(&self.ctx.storage, variant)
-                .await?
-                .map(|(info, _source, bytes)| (info, bytes.map_or(Found::Entry, Found::Bytes))),
+            None => match index.locate(&self.ctx.storage, variant).await? {
+                Located::Stored(info, _source, bytes) => {
+                    Some((info, bytes.map_or(Found::Entry, Found::Bytes)))
+                }
+                Located::Missing(failure) => {
+                    looked_up_failure = Some(failure);
+                    None
+                }
+            },
         };
         if let Some((info, found)) = found {
             if resolve {
@@ -449,7 +456,12 @@ impl Front {
             return Ok(self.busy(filter, &path, variant).await);
         }
         let path = path.into_owned();
-        if let Some(failure) = index.failure(variant).await {
+        let failure = match looked_up_failure {
+            Some(failure) => failure,
+            // An index entry whose bytes are gone: not looked up yet.
+            None => index.failure(variant).await,
+        };
+        if let Some(failure) = failure {
             return Ok(self.failed(&failure));
         }
         // Concurrent misses of one variant share one look at its original

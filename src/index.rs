@@ -100,12 +100,32 @@ pub enum Source {
     Storage,
 }
 
-/// What the index alone says of a variant.
+/// What the index alone says of a variant. A variant not stored comes
+/// with the failure recorded for its last job, if any (looked up on the
+/// way, in the same Redis round trip).
 enum Known {
     Stored(Arc<VariantInfo>, Source),
     /// Storage said it does not hold it, and nothing recorded it since.
-    Absent,
-    Unknown,
+    Absent(Option<Arc<Failure>>),
+    Unknown(Option<Arc<Failure>>),
+}
+
+/// Where a variant is, as `Index::locate` found it.
+pub enum Located {
+    /// In storage: its entry, where the entry came from, and its bytes when
+    /// storage had to be read to know.
+    Stored(Arc<VariantInfo>, Source, Option<Bytes>),
+    /// Not in storage, with the failure recorded for its last job if that
+    /// has not expired.
+    Missing(Option<Arc<Failure>>),
+}
+
+/// A variant's Redis keys, read in one round trip.
+struct RedisEntry {
+    info: Option<VariantInfo>,
+    absent: bool,
+    /// Its failure, when asked for.
+    failure: Option<Failure>,
 }
 
 /// Storage's answer for a variant the index did not know, shared by the
@@ -174,45 +194,41 @@ impl Index {
         }
     }
 
-    /// Memory, then Redis. A Redis failure is logged and answered as "not
-    /// known", so the caller falls back to storage instead of failing.
-    pub async fn lookup(&self, variant: &str) -> Option<(Arc<VariantInfo>, Source)> {
-        match self.known(variant).await {
-            Known::Stored(info, source) => Some((info, source)),
-            Known::Absent | Known::Unknown => None,
-        }
-    }
-
-    /// Memory, then Redis (the index hash and the absent marker in one
-    /// round trip); without Redis, the in-memory absent answer.
+    /// Memory, then Redis (the index hash, the absent marker and the
+    /// failure in one round trip); without Redis, what memory holds. A Redis
+    /// failure is logged and answered from memory, so the caller falls back
+    /// to storage instead of failing.
     async fn known(&self, variant: &str) -> Known {
         if let Some(info) = self.entries.get(variant).await {
             return Known::Stored(info, Source::Memory);
         }
-        let Some((handle, keys)) = self.redis.as_ref() else {
-            return if self.absent_locally(variant) {
-                Known::Absent
-            } else {
-                Known::Unknown
-            };
-        };
-        match Self::redis_get(handle, keys, variant).await {
-            Ok((Some(info), _)) => {
-                let info = Arc::new(info);
-                self.entries.insert(variant.to_string(), info.clone()).await;
-                Known::Stored(info, Source::Redis)
-            }
-            Ok((None, true)) => Known::Absent,
-            Ok((None, false)) => Known::Unknown,
-            Err(e) => {
-                tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
-                // Redis down: storage is asked at most once per negative_ttl_secs.
-                if self.absent_locally(variant) {
-                    Known::Absent
-                } else {
-                    Known::Unknown
+        let (absent, shared_failure) = match self.redis.as_ref() {
+            None => (self.absent_locally(variant), None),
+            Some((handle, keys)) => match Self::redis_get_all(handle, keys, &[variant], true).await
+            {
+                Ok(mut found) => {
+                    let entry = found.pop().expect("one answer per variant");
+                    if let Some(info) = entry.info {
+                        let info = Arc::new(info);
+                        self.entries.insert(variant.to_string(), info.clone()).await;
+                        return Known::Stored(info, Source::Redis);
+                    }
+                    // Not copied into memory: the Redis entry carries the
+                    // expiry, and a render elsewhere clears it.
+                    (entry.absent, entry.failure.map(Arc::new))
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
+                    // Redis down: storage is asked at most once per negative_ttl_secs.
+                    (self.absent_locally(variant), None)
+                }
+            },
+        };
+        let failure = self.failed.get(variant).await.or(shared_failure);
+        if absent {
+            Known::Absent(failure)
+        } else {
+            Known::Unknown(failure)
         }
     }
 
@@ -229,16 +245,12 @@ impl Index {
     /// recorded, its bytes kept hot and returned, and never re-rendered. An
     /// "absent" answer is kept until a render records the variant (or
     /// `absent_ttl_secs`), so storage is not asked again.
-    pub async fn locate(
-        &self,
-        storage: &Storage,
-        variant: &str,
-    ) -> Result<Option<(Arc<VariantInfo>, Source, Option<Bytes>)>> {
-        match self.known(variant).await {
-            Known::Stored(info, source) => return Ok(Some((info, source, None))),
-            Known::Absent => return Ok(None),
-            Known::Unknown => {}
-        }
+    pub async fn locate(&self, storage: &Storage, variant: &str) -> Result<Located> {
+        let failure = match self.known(variant).await {
+            Known::Stored(info, source) => return Ok(Located::Stored(info, source, None)),
+            Known::Absent(failure) => return Ok(Located::Missing(failure)),
+            Known::Unknown(failure) => failure,
+        };
         let probed = self
             .probes
             .try_get_with_by_ref(variant, self.probe(storage, variant))
@@ -247,8 +259,8 @@ impl Index {
         // the index (entry, hot bytes or absent marker).
         self.probes.invalidate(variant).await;
         match probed.map_err(Arc::unwrap_or_clone)? {
-            Probe::Found(info, bytes) => Ok(Some((info, Source::Storage, Some(bytes)))),
-            Probe::Absent => Ok(None),
+            Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
+            Probe::Absent => Ok(Located::Missing(failure)),
         }
     }
 
@@ -316,33 +328,35 @@ impl Index {
         }
     }
 
-    /// The variant's index fields, and whether it is marked absent.
-    async fn redis_get(
-        handle: &RedisHandle,
-        keys: &RedisKeys,
-        variant: &str,
-    ) -> Result<(Option<VariantInfo>, bool)> {
-        let mut found = Self::redis_get_all(handle, keys, &[variant]).await?;
-        Ok(found.pop().unwrap_or((None, false)))
-    }
-
-    /// `redis_get` of several variants in one round trip.
+    /// Several variants' index fields and absent markers (and failures,
+    /// `with_failures`) in one round trip.
     async fn redis_get_all(
         handle: &RedisHandle,
         keys: &RedisKeys,
         variants: &[&str],
-    ) -> Result<Vec<(Option<VariantInfo>, bool)>> {
+        with_failures: bool,
+    ) -> Result<Vec<RedisEntry>> {
         let mut conn = handle.conn().await?;
         let mut pipe = redis::pipe();
         for variant in variants {
             pipe.hgetall(keys.variant_index(variant))
                 .exists(keys.variant_absent(variant));
+            if with_failures {
+                pipe.get(keys.variant_failure(variant));
+            }
         }
-        let replies: Vec<(std::collections::HashMap<String, String>, bool)> =
-            pipe.query_async(&mut conn).await?;
-        Ok(replies
-            .into_iter()
-            .map(|(fields, absent)| {
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let per_variant = if with_failures { 3 } else { 2 };
+        replies
+            .chunks(per_variant)
+            .map(|replies| {
+                let fields: std::collections::HashMap<String, String> =
+                    redis::from_redis_value_ref(&replies[0])?;
+                let absent: bool = redis::from_redis_value_ref(&replies[1])?;
+                let failure: Option<String> = match replies.get(2) {
+                    Some(reply) => redis::from_redis_value_ref(reply)?,
+                    None => None,
+                };
                 let field = |name: &str| fields.get(name).cloned();
                 let info = (|| {
                     Some(VariantInfo {
@@ -352,9 +366,14 @@ impl Index {
                         last_modified: field("mtime")?.parse().ok()?,
                     })
                 })();
-                (info, absent)
+                Ok(RedisEntry {
+                    info,
+                    absent,
+                    failure: failure.and_then(|json| serde_json::from_str(&json).ok()),
+                })
             })
-            .collect())
+            .collect::<std::result::Result<_, redis::ParsingError>>()
+            .map_err(|e| redis::RedisError::from(e).into())
     }
 
     /// For a worker about to render these variants: which are stored
@@ -382,10 +401,10 @@ impl Index {
             .collect();
         if let (Some((handle, keys)), false) = (&self.redis, unknown.is_empty()) {
             let names: Vec<&str> = unknown.iter().map(|&i| variants[i].as_str()).collect();
-            match Self::redis_get_all(handle, keys, &names).await {
+            match Self::redis_get_all(handle, keys, &names, false).await {
                 Ok(replies) => {
                     ask_storage.clear();
-                    for (&i, (info, absent)) in unknown.iter().zip(replies) {
+                    for (&i, RedisEntry { info, absent, .. }) in unknown.iter().zip(replies) {
                         match info {
                             Some(info) => {
                                 let info = Arc::new(info);

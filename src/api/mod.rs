@@ -16,7 +16,7 @@ use crate::callback::Subscriber;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::filter::FilterSet;
-use crate::index::Index;
+use crate::index::{Index, Located};
 use crate::keys;
 use crate::queue::{Job, Priority, Queue};
 use crate::security::{keys_match, NetworkPolicy};
@@ -225,13 +225,11 @@ impl Context {
             .await?;
         }
         let variant = keys::variant_path(filter, &path);
-        let exists = self.index.locate(&self.storage, &variant).await?.is_some();
         // Failed for good lately: answered now, not downloaded again (nor
         // called back again) until the failure expires.
-        let failure = if exists {
-            None
-        } else {
-            self.index.failure(&variant).await
+        let (exists, failure) = match self.index.locate(&self.storage, &variant).await? {
+            Located::Stored(..) => (true, None),
+            Located::Missing(failure) => (false, failure),
         };
         let queued = if failure.is_some() || (exists && callback.is_none()) {
             false

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::{Caller, Context};
 use crate::callback::Subscriber;
 use crate::error::{Error, Result};
+use crate::index::Located;
 use crate::keys;
 use crate::queue::{Job, Priority};
 use crate::storage::{normalize_context, now_secs, Account, FailureSummary, MediaRecord, Thumb};
@@ -432,11 +433,12 @@ impl Context {
         for filter in filters {
             let done = record.thumb_data.get(filter).is_some_and(Thumb::is_done);
             if !done
-                || self
-                    .index
-                    .locate(&self.storage, &keys::variant_path(filter, path))
-                    .await?
-                    .is_none()
+                || matches!(
+                    self.index
+                        .locate(&self.storage, &keys::variant_path(filter, path))
+                        .await?,
+                    Located::Missing(_)
+                )
             {
                 return Ok(false);
             }
