@@ -533,34 +533,19 @@ impl MediaRecord {
     /// this record changed takes its value, and thumbnails and variant URLs
     /// merge filter by filter.
     pub fn rebased(&self, base: &MediaRecord, mut current: MediaRecord) -> MediaRecord {
-        // Destructured so that a new field cannot be forgotten here.
-        let MediaRecord {
-            code: _,
-            root: _,
-            path,
-            original_url,
-            mime_type,
-            size,
-            original_width,
-            original_height,
-            status_code,
-            blur,
-            blurhash,
-            resized,
-            thumb_data,
-            context,
-            marking,
-            error,
-            updated_at,
-        } = self;
-        macro_rules! changed_here {
-            ($($field:ident),*) => {$(
-                if *$field != base.$field {
-                    current.$field = $field.clone();
-                }
-            )*};
+        // The fields are destructured, so a new one cannot be forgotten here.
+        macro_rules! take_changed_fields {
+            ($($by_filter:ident),*; $($field:ident),*) => {
+                let MediaRecord { code: _, root: _, $($by_filter,)* $($field),* } = self;
+                $(
+                    if *$field != base.$field {
+                        current.$field = $field.clone();
+                    }
+                )*
+            };
         }
-        changed_here!(
+        take_changed_fields!(
+            resized, thumb_data;
             path,
             original_url,
             mime_type,

@@ -72,6 +72,20 @@ fn merged(base: &str, extra: &str) -> String {
     toml::to_string(&doc).expect("toml")
 }
 
+/// A kiln (front and worker) on a Redis and storage directory that outlive
+/// it: the handle that keeps it running, and its base URL.
+pub fn start_on(redis: &RedisServer, dir: &Path, extra: &str) -> (kiln::app::Running, String) {
+    let port = free_port();
+    let toml = test_config_toml(port, dir, Some(redis), extra);
+    let config = Config::load_from(Sources {
+        extra_toml: Some(&toml),
+        ..Default::default()
+    })
+    .expect("test config");
+    let running = kiln::app::spawn(config, Role::Serve).expect("spawn kiln");
+    (running, format!("http://127.0.0.1:{port}"))
+}
+
 pub struct Kiln {
     pub base: String,
     pub dir: tempfile::TempDir,

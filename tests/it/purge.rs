@@ -4,11 +4,9 @@
 
 use std::time::Duration;
 
-use crate::kiln::{
-    preheat, setup_account, test_config_toml, until_ready, Backend, Kiln, ADMIN_KEY,
-};
+use crate::kiln::{preheat, setup_account, start_on, until_ready, Backend, Kiln, ADMIN_KEY};
 use crate::support::{
-    decode, dimensions, eventually, free_port, jpeg, mean_rgb, Origin, OriginResponse, RedisServer,
+    decode, dimensions, eventually, jpeg, mean_rgb, Origin, OriginResponse, RedisServer,
 };
 
 on_both_backends!(
@@ -237,30 +235,14 @@ async fn ranges_of_a_variant_answer_206_and_416(backend: Backend) {
     assert_eq!(miss.status(), 202);
 }
 
-/// A front and worker over `redis` and the storage in `dir`: its base URL,
-/// and the handle that keeps it running.
-fn serve(redis: &RedisServer, dir: &std::path::Path, extra: &str) -> (String, kiln::app::Running) {
-    let port = free_port();
-    let toml = test_config_toml(port, dir, Some(redis), extra);
-    let config = kiln::config::Config::load_from(kiln::config::Sources {
-        extra_toml: Some(&toml),
-        ..Default::default()
-    })
-    .unwrap();
-    (
-        format!("http://127.0.0.1:{port}"),
-        kiln::app::spawn(config, kiln::app::Role::Serve).unwrap(),
-    )
-}
-
 /// Two fronts over one Redis and one storage: a purge through one drops the
 /// variant from the other's memory too (the purge channel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_reaches_every_front_sharing_redis() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let (a, _a) = serve(&redis, dir.path(), "");
-    let (b, _b) = serve(&redis, dir.path(), "");
+    let (_a, a) = start_on(&redis, dir.path(), "");
+    let (_b, b) = start_on(&redis, dir.path(), "");
     std::fs::create_dir_all(dir.path().join("acme/0")).unwrap();
     std::fs::write(dir.path().join(ORIGINAL), jpeg(640, 480, [250, 250, 250])).unwrap();
     let path = format!("/media/cache/small/{ORIGINAL}");
@@ -299,8 +281,8 @@ async fn a_kept_open_variant_is_not_served_after_another_front_purged_it() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let cold = "[index]\nhot_max_object_bytes = 0\n";
-    let (a, _a) = serve(&redis, dir.path(), cold);
-    let (b, _b) = serve(&redis, dir.path(), cold);
+    let (_a, a) = start_on(&redis, dir.path(), cold);
+    let (_b, b) = start_on(&redis, dir.path(), cold);
     std::fs::create_dir_all(dir.path().join("acme/0")).unwrap();
     std::fs::write(dir.path().join(ORIGINAL), jpeg(640, 480, [230, 230, 230])).unwrap();
     let path = format!("/media/cache/small/{ORIGINAL}");

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::kiln::{get_json, post_json, setup_account, test_config_toml, Backend, Kiln, ADMIN_KEY};
+use crate::kiln::{get_json, post_json, setup_account, start_on, Backend, Kiln, ADMIN_KEY};
 use crate::support::{
-    dimensions, eventually, format_of, free_port, jpeg, png_rgba, CallbackSink, Origin,
-    OriginResponse, Received, RedisServer,
+    dimensions, eventually, format_of, jpeg, png_rgba, CallbackSink, Origin, OriginResponse,
+    Received, RedisServer,
 };
 
 on_both_backends!(dispatch_speaks_the_php_client_protocol);
@@ -499,23 +499,6 @@ async fn webhooks_are_retried_with_backoff_until_accepted() {
     assert_eq!(ids.len(), 1, "one delivery, the same id on every attempt");
     assert!(hooks.iter().all(|h| h.path_and_query == "/thumb?code=r"));
     assert_eq!(hooks[2].body["liipCode"], "tiny");
-}
-
-/// A kiln on a Redis and storage directory that outlive it.
-fn start_on(
-    redis: &RedisServer,
-    dir: &std::path::Path,
-    extra: &str,
-) -> (kiln::app::Running, String) {
-    let port = free_port();
-    let toml = test_config_toml(port, dir, Some(redis), extra);
-    let config = kiln::config::Config::load_from(kiln::config::Sources {
-        extra_toml: Some(&toml),
-        ..Default::default()
-    })
-    .unwrap();
-    let running = kiln::app::spawn(config, kiln::app::Role::Serve).unwrap();
-    (running, format!("http://127.0.0.1:{port}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
