@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use crate::kiln::{preheat_url, until_ready, Backend, Kiln};
+use crate::kiln::{preheat_url, start_on, until_ready, Backend, Kiln};
 use crate::support::{
-    dimensions, eventually, jpeg, png_rgba, CallbackSink, Origin, OriginResponse,
+    dimensions, eventually, jpeg, png_rgba, CallbackSink, Origin, OriginResponse, RedisServer,
 };
 
 on_both_backends!(
@@ -56,6 +56,52 @@ async fn a_variant_that_failed_for_good_answers_its_error_without_queueing_again
     // Another filter of the same original is its own job, and fails the same way.
     let other = kiln.url("/media/cache/medium/acme/0/broken.jpg");
     assert_eq!(reqwest::get(&other).await.unwrap().status(), 202);
+}
+
+/// A kiln started after another recorded a failure knows it only through
+/// Redis: the look-up that finds the variant missing answers the failure,
+/// and no job is queued again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_recorded_by_one_kiln_is_answered_by_another_sharing_redis() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_first, first) = start_on(&redis, dir.path(), "");
+    until_ready(&format!("{first}/healthz")).await;
+    std::fs::create_dir_all(dir.path().join("acme/0")).unwrap();
+    std::fs::write(
+        dir.path().join("acme/0/broken.jpg"),
+        b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 cut short",
+    )
+    .unwrap();
+    let path = "/media/cache/small/acme/0/broken.jpg";
+    assert_eq!(
+        reqwest::get(format!("{first}{path}"))
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the failure is answered",
+        || async {
+            let status = reqwest::get(format!("{first}{path}"))
+                .await
+                .unwrap()
+                .status();
+            (status == 422).then_some(())
+        },
+    )
+    .await;
+
+    let (_second, second) = start_on(&redis, dir.path(), "");
+    until_ready(&format!("{second}/healthz")).await;
+    let answer = reqwest::get(format!("{second}{path}")).await.unwrap();
+    assert_eq!(answer.status(), 422);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"], "decode-failed", "{body}");
+    assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:urgent"]), 0);
+    assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:dead"]), 1);
 }
 
 async fn retryable_failures_back_off_then_dead_letter_with_a_failure_webhook(backend: Backend) {
