@@ -393,7 +393,7 @@ mod local_read {
         }
     }
 
-    pub fn open(path: &Path) -> Result<Option<(File, Metadata)>> {
+    fn open(path: &Path) -> Result<Option<(File, Metadata)>> {
         let file = match File::open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -408,12 +408,19 @@ mod local_read {
         Ok(open(path)?.map(|(_, metadata)| info(&metadata)))
     }
 
+    /// `open`, keeping the path beside the file for errors.
+    pub fn open_file(path: &Path) -> Result<Option<(Arc<OpenFile>, Metadata)>> {
+        Ok(open(path)?.map(|(file, metadata)| {
+            let path = path.to_owned();
+            (Arc::new(OpenFile { file, path }), metadata)
+        }))
+    }
+
     pub fn start(path: &Path) -> Result<Started> {
-        let Some((file, metadata)) = open(path)? else {
+        let Some((open, metadata)) = open_file(path)? else {
             return Ok(Started::Absent);
         };
-        let path = path.to_owned();
-        read(Arc::new(OpenFile { file, path }), &metadata)
+        read(open, &metadata)
     }
 
     /// Reads an open file, `metadata` being its `fstat`.
@@ -441,14 +448,11 @@ mod local_read {
         /// A read of `path` whose first `read` bytes are in (tests).
         #[cfg(test)]
         pub fn after(path: &Path, read: usize) -> Result<Rest> {
-            let (file, metadata) = open(path)?.expect("a file");
+            let (open, metadata) = open_file(path)?.expect("a file");
             let mut bytes = std::fs::read(path).map_err(|e| failed(path, e))?;
             bytes[read..].fill(0);
             Ok(Rest {
-                open: Arc::new(OpenFile {
-                    file,
-                    path: path.to_owned(),
-                }),
+                open,
                 info: info(&metadata),
                 bytes,
                 read,

@@ -49,11 +49,9 @@ impl OpenFiles {
             }
             self.files.invalidate(key).await;
         }
-        let path = path()?;
-        let Some((file, metadata)) = local_read::open(&path)? else {
+        let Some((open, metadata)) = local_read::open_file(&path()?)? else {
             return Ok(Started::Absent);
         };
-        let open = Arc::new(OpenFile { file, path });
         self.files.insert(key.to_string(), open.clone()).await;
         local_read::read(open, &metadata)
     }
