@@ -103,6 +103,11 @@ pub struct ServerConfig {
     /// Per-connection write buffer, bytes: an answer whose head and body fit
     /// goes out in one write. Default 64 KiB.
     pub write_buffer_bytes: usize,
+    /// A front thread yields its core after this many answers, so that a
+    /// thread that never blocks under load does not hold its connections
+    /// off for a whole scheduler tick when it is switched out. 0 = never.
+    /// Default 16.
+    pub yield_every_responses: u32,
     /// Seconds of graceful shutdown before runtimes stop. Default 5.
     pub grace_period_secs: u64,
     /// Seconds runtimes get to finish after the grace period. Default 5.

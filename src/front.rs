@@ -21,6 +21,7 @@ use pingora_http::ResponseHeader;
 
 use crate::api::Context;
 use crate::config::MissBody;
+use crate::core_yield::CoreYield;
 use crate::error::{Error, Result};
 use crate::filter::OutputFormat;
 use crate::index::{Failure, HotVariant, Located, VariantInfo};
@@ -129,6 +130,8 @@ pub struct Front {
     metrics: Arc<Metrics>,
     /// One log line per request (`log.access_log`).
     access_log: bool,
+    /// Gives the thread's core up every `server.yield_every_responses` answers.
+    core_yield: CoreYield,
     /// The `/ui` status page, when this process serves one.
     ui: Option<Arc<Ui>>,
 }
@@ -149,6 +152,7 @@ impl Front {
             })
             .build();
         let access_log = ctx.config.log.access_log;
+        let core_yield = CoreYield::new(server.yield_every_responses);
         Front {
             previews,
             ctx,
@@ -157,6 +161,7 @@ impl Front {
             retry_after,
             metrics: Arc::new(Metrics::new()),
             access_log,
+            core_yield,
             ui: None,
         }
     }
@@ -1024,10 +1029,13 @@ impl HttpServerApp for Front {
             return None;
         }
         let persistent = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
+        let reused = match session.finish().await {
             Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
             Err(_) => None,
-        }
+        };
+        // After `finish`, which flushes the answer: it leaves before the yield.
+        self.core_yield.answered();
+        reused
     }
 }
 

@@ -9,6 +9,7 @@ pub mod api;
 pub mod app;
 pub mod callback;
 pub mod config;
+pub mod core_yield;
 pub mod error;
 pub mod fetch;
 pub mod filter;
