@@ -349,6 +349,9 @@ pub struct ImagingConfig {
     pub max_animation_pixels: u64,
     /// Long-lived render threads per worker process. Default 2.
     pub render_threads: usize,
+    /// Nice value of the render threads (0-19): a front, webhooks and
+    /// anything else at nice 0 get the core first when both want it. Default 10.
+    pub render_nice: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -506,6 +509,10 @@ impl Config {
         if self.imaging.render_threads == 0 {
             return bad("imaging.render_threads", "must be at least 1".into());
         }
+        // Below 0 needs privileges a service should not hold.
+        if !(0..=19).contains(&self.imaging.render_nice) {
+            return bad("imaging.render_nice", "must be 0-19".into());
+        }
         if self.imaging.max_width == 0
             || self.imaging.max_height == 0
             || self.imaging.max_pixels == 0
@@ -633,5 +640,14 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");
+
+        for nice in ["-1", "20"] {
+            let err = Config::load_from(Sources {
+                extra_toml: Some(&format!("[imaging]\nrender_nice = {nice}")),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("imaging.render_nice"), "{err}");
+        }
     }
 }

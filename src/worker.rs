@@ -108,7 +108,7 @@ impl Worker {
             outbox,
             limits: Limits::from(&config.imaging),
             render_pool: Arc::new(
-                RenderPool::new(config.imaging.render_threads)
+                RenderPool::new(config.imaging.render_threads, config.imaging.render_nice)
                     .map_err(|e| Error::Internal(format!("cannot start render threads: {e}")))?,
             ),
             public_base: config.public_base(),

@@ -19,14 +19,16 @@ pub struct RenderPool {
 }
 
 impl RenderPool {
-    /// Starts `threads` threads; they end when the pool is dropped.
-    pub fn new(threads: usize) -> std::io::Result<RenderPool> {
+    /// Starts `threads` threads at `nice` (`imaging.render_nice`); they end
+    /// when the pool is dropped.
+    pub fn new(threads: usize, nice: i32) -> std::io::Result<RenderPool> {
         let (tasks, queue) = crossbeam_channel::unbounded::<Task>();
         for n in 0..threads.max(1) {
             let queue = queue.clone();
             std::thread::Builder::new()
                 .name(format!("kiln-render-{n}"))
                 .spawn(move || {
+                    lower_priority(nice);
                     for task in queue {
                         task();
                     }
@@ -56,6 +58,18 @@ impl RenderPool {
     }
 }
 
+/// Sets the calling thread's nice value: on Linux each thread has its
+/// own, so the process's other threads keep theirs. Renders still run if
+/// this fails, only without yielding the core to the front first.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    if let Err(e) = rustix::process::setpriority_process(None, nice) {
+        tracing::warn!(error = %e, nice, "could not lower the render thread's priority");
+    }
+}
+
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
@@ -70,7 +84,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_codec_fails_its_job_only() {
-        let pool = RenderPool::new(1).unwrap();
+        let pool = RenderPool::new(1, 0).unwrap();
         let err = pool
             .run(|| -> Result<()> { panic!("codec bug") })
             .await
@@ -84,7 +98,7 @@ mod tests {
 
     #[tokio::test]
     async fn work_runs_on_the_pools_own_long_lived_threads() {
-        let pool = RenderPool::new(2).unwrap();
+        let pool = RenderPool::new(2, 0).unwrap();
         let mut names = std::collections::BTreeSet::new();
         for _ in 0..20 {
             let name = pool
@@ -98,5 +112,22 @@ mod tests {
             names.iter().all(|n| n.starts_with("kiln-render-")),
             "{names:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn renders_run_at_the_configured_nice_and_the_caller_keeps_its_own() {
+        let own = rustix::process::getpriority_process(None).unwrap();
+        // Above the caller's: raising a nice value needs no privilege.
+        let lower = (own + 3).min(19);
+        assert_ne!(lower, own, "the test runs at nice 19 already");
+        let pool = RenderPool::new(2, lower).unwrap();
+        for _ in 0..4 {
+            let nice = pool
+                .run(|| Ok(rustix::process::getpriority_process(None).unwrap()))
+                .await
+                .unwrap();
+            assert_eq!(nice, lower);
+        }
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), own);
     }
 }
