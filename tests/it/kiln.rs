@@ -75,8 +75,17 @@ fn merged(base: &str, extra: &str) -> String {
 /// A kiln (front and worker) on a Redis and storage directory that outlive
 /// it: the handle that keeps it running, and its base URL.
 pub fn start_on(redis: &RedisServer, dir: &Path, extra: &str) -> (kiln::app::Running, String) {
+    spawn_serving(Some(redis), dir, extra)
+}
+
+/// A kiln serving the storage in `dir`, on `redis` or the embedded queue.
+fn spawn_serving(
+    redis: Option<&RedisServer>,
+    dir: &Path,
+    extra: &str,
+) -> (kiln::app::Running, String) {
     let port = free_port();
-    let toml = test_config_toml(port, dir, Some(redis), extra);
+    let toml = test_config_toml(port, dir, redis, extra);
     let config = Config::load_from(Sources {
         extra_toml: Some(&toml),
         ..Default::default()
@@ -102,16 +111,9 @@ impl Kiln {
     pub async fn start_with(backend: Backend, extra: &str) -> Kiln {
         let dir = tempfile::tempdir().expect("tempdir");
         let redis = (backend == Backend::Redis).then(RedisServer::start);
-        let port = free_port();
-        let toml = test_config_toml(port, dir.path(), redis.as_ref(), extra);
-        let config = Config::load_from(Sources {
-            extra_toml: Some(&toml),
-            ..Default::default()
-        })
-        .expect("test config");
-        let running = kiln::app::spawn(config, Role::Serve).expect("spawn kiln");
+        let (running, base) = spawn_serving(redis.as_ref(), dir.path(), extra);
         let kiln = Kiln {
-            base: format!("http://127.0.0.1:{port}"),
+            base,
             dir,
             _redis: redis,
             running: Some(running),
