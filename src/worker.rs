@@ -51,13 +51,13 @@ pub struct Worker {
     /// Where finished jobs are remembered for `/ui`, if anywhere.
     pub recent: Option<Arc<RecentJobs>>,
     /// Serializes this process's writes of one media record.
-    pub record_locks: Arc<RecordLocks>,
+    record_locks: RecordLocks,
 }
 
 /// Locks by media code, striped: jobs for other filters of the same media
 /// run side by side, and each re-reads the record just before writing it,
 /// so the read and the write must not interleave with another job's.
-pub struct RecordLocks {
+struct RecordLocks {
     stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -65,7 +65,7 @@ impl RecordLocks {
     /// More stripes than jobs in flight, so unrelated media rarely wait.
     const STRIPES: usize = 64;
 
-    pub fn new() -> RecordLocks {
+    fn new() -> RecordLocks {
         RecordLocks {
             stripes: (0..Self::STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -80,12 +80,6 @@ impl RecordLocks {
         self.stripes[hasher.finish() as usize % self.stripes.len()]
             .lock()
             .await
-    }
-}
-
-impl Default for RecordLocks {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -128,7 +122,7 @@ impl Worker {
             ),
             metrics: Arc::new(Metrics::new()),
             recent: None,
-            record_locks: Arc::new(RecordLocks::new()),
+            record_locks: RecordLocks::new(),
         })
     }
 
