@@ -46,7 +46,38 @@ pub struct Storage {
     local: Option<Arc<LocalRoot>>,
     /// Descriptors kept open for `get_keeping_open` (local stores only).
     open_files: Option<Arc<open_files::OpenFiles>>,
+    /// Serializes this process's read-change-write of one media record.
+    record_locks: Arc<RecordLocks>,
     description: String,
+}
+
+/// Locks by media code, striped: updates of unrelated media rarely wait,
+/// and two updates of one record (a job's result, a dispatch, another
+/// filter's job) never interleave their read and their write.
+struct RecordLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl RecordLocks {
+    /// More stripes than jobs and dispatches in flight.
+    const STRIPES: usize = 64;
+
+    fn new() -> RecordLocks {
+        RecordLocks {
+            stripes: (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    async fn lock(&self, code: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        code.hash(&mut hasher);
+        self.stripes[hasher.finish() as usize % self.stripes.len()]
+            .lock()
+            .await
+    }
 }
 
 impl std::fmt::Debug for Storage {
@@ -175,6 +206,7 @@ impl Storage {
             store,
             local: None,
             open_files: None,
+            record_locks: Arc::new(RecordLocks::new()),
             description: description.to_string(),
         }
     }
@@ -668,9 +700,24 @@ impl Storage {
             .await
     }
 
-    pub async fn put_media_record(&self, record: &MediaRecord) -> Result<()> {
-        self.put_json(&crate::keys::media_record_path(&record.code), record)
-            .await
+    /// Reads the media record as stored now (`None` when there is none),
+    /// lets `change` decide what to write (`None`: nothing) and what to
+    /// answer, and writes it, with no other update of this record by this
+    /// process in between. Every change to an existing record goes through
+    /// here: a record written from an earlier read would undo what a job or
+    /// a dispatch wrote since.
+    pub async fn update_media_record<T>(
+        &self,
+        code: &str,
+        change: impl FnOnce(Option<MediaRecord>) -> (Option<MediaRecord>, T),
+    ) -> Result<T> {
+        let _locked = self.record_locks.lock(code).await;
+        let (write, answer) = change(self.media_record(code).await?);
+        if let Some(record) = write {
+            self.put_json(&crate::keys::media_record_path(code), &record)
+                .await?;
+        }
+        Ok(answer)
     }
 
     pub async fn account(&self, root: &str) -> Result<Option<Account>> {

@@ -50,37 +50,6 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Where finished jobs are remembered for `/ui`, if anywhere.
     pub recent: Option<Arc<RecentJobs>>,
-    /// Serializes this process's writes of one media record.
-    record_locks: RecordLocks,
-}
-
-/// Locks by media code, striped: jobs for other filters of the same media
-/// run side by side, and each re-reads the record just before writing it,
-/// so the read and the write must not interleave with another job's.
-struct RecordLocks {
-    stripes: Vec<tokio::sync::Mutex<()>>,
-}
-
-impl RecordLocks {
-    /// More stripes than jobs in flight, so unrelated media rarely wait.
-    const STRIPES: usize = 64;
-
-    fn new() -> RecordLocks {
-        RecordLocks {
-            stripes: (0..Self::STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
-        }
-    }
-
-    async fn lock(&self, code: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        code.hash(&mut hasher);
-        self.stripes[hasher.finish() as usize % self.stripes.len()]
-            .lock()
-            .await
-    }
 }
 
 impl Worker {
@@ -122,7 +91,6 @@ impl Worker {
             ),
             metrics: Arc::new(Metrics::new()),
             recent: None,
-            record_locks: RecordLocks::new(),
         })
     }
 
@@ -353,13 +321,15 @@ impl Worker {
     /// the same media may have written it while this one rendered. Answers
     /// the record written.
     async fn save_record(&self, loaded: &MediaRecord, ours: &MediaRecord) -> Result<MediaRecord> {
-        let _locked = self.record_locks.lock(&ours.code).await;
-        let record = match self.storage.media_record(&ours.code).await? {
-            Some(current) => ours.rebased(loaded, current),
-            None => ours.clone(),
-        };
-        self.storage.put_media_record(&record).await?;
-        Ok(record)
+        self.storage
+            .update_media_record(&ours.code, |current| {
+                let record = match current {
+                    Some(current) => ours.rebased(loaded, current),
+                    None => ours.clone(),
+                };
+                (Some(record.clone()), record)
+            })
+            .await
     }
 
     /// Loads or downloads the original and renders every preset not stored
@@ -601,32 +571,16 @@ impl Worker {
             .storage
             .media_record(&job.code)
             .await?
-            .unwrap_or_else(|| MediaRecord {
-                path: Some(job.original.clone()).filter(|p| !p.is_empty()),
-                ..MediaRecord::new(&job.code, &job.root, job.source_url.as_deref())
-            }))
+            .unwrap_or_else(|| new_record(job)))
     }
 
     async fn record_failure(&self, job: &Job, error: &Error) -> Result<MediaRecord> {
-        let _locked = self.record_locks.lock(&job.code).await;
-        let mut record = self.load_record(job).await?;
-        match error {
-            Error::OriginStatus { status, .. } => record.status_code = Some(*status),
-            // SAIS's convention for "no HTTP answer at all".
-            Error::OriginUnreachable(_) | Error::Timeout(_) => record.status_code = Some(0),
-            _ => {}
-        }
-        // A failed re-render of one filter does not undo what is stored.
-        if !record.thumb_data.values().any(Thumb::is_done) {
-            record.marking = "failed".into();
-        }
-        record.error = Some(FailureSummary {
-            code: error.code().to_string(),
-            message: error.to_string(),
-        });
-        record.updated_at = now_secs();
-        self.storage.put_media_record(&record).await?;
-        Ok(record)
+        self.storage
+            .update_media_record(&job.code, |current| {
+                let record = with_failure(current.unwrap_or_else(|| new_record(job)), error);
+                (Some(record.clone()), record)
+            })
+            .await
     }
 
     /// Runs CPU work on the render pool; a panic fails this job only.
@@ -636,6 +590,34 @@ impl Worker {
     ) -> Result<T> {
         self.render_pool.run(work).await
     }
+}
+
+/// A job's media record before anything is known of it.
+fn new_record(job: &Job) -> MediaRecord {
+    MediaRecord {
+        path: Some(job.original.clone()).filter(|p| !p.is_empty()),
+        ..MediaRecord::new(&job.code, &job.root, job.source_url.as_deref())
+    }
+}
+
+/// The record of a job that failed for good.
+fn with_failure(mut record: MediaRecord, error: &Error) -> MediaRecord {
+    match error {
+        Error::OriginStatus { status, .. } => record.status_code = Some(*status),
+        // SAIS's convention for "no HTTP answer at all".
+        Error::OriginUnreachable(_) | Error::Timeout(_) => record.status_code = Some(0),
+        _ => {}
+    }
+    // A failed re-render of one filter does not undo what is stored.
+    if !record.thumb_data.values().any(Thumb::is_done) {
+        record.marking = "failed".into();
+    }
+    record.error = Some(FailureSummary {
+        code: error.code().to_string(),
+        message: error.to_string(),
+    });
+    record.updated_at = now_secs();
+    record
 }
 
 /// How a job ended, for its webhooks and its ack.

@@ -357,11 +357,11 @@ impl Context {
         } else {
             crate::security::parse_outbound_url(url, &self.policy).err()
         };
-        let record = match self.storage.media_record(code).await? {
-            Some(existing) => {
-                self.redispatch(existing, context, filters, refusal.as_ref())
-                    .await?
-            }
+        let redispatched = self
+            .redispatch(code, context.clone(), filters, refusal.as_ref())
+            .await?;
+        let record = match redispatched {
+            Some(existing) => existing,
             None => {
                 let mut fresh = MediaRecord {
                     context: normalize_context(context.clone().unwrap_or(Value::Null)),
@@ -372,11 +372,13 @@ impl Context {
                 if self.create_media(&fresh).await? {
                     fresh
                 } else {
-                    let existing = self.storage.media_record(code).await?.ok_or_else(|| {
-                        Error::Internal(format!("media record {code} exists but cannot be read"))
-                    })?;
-                    self.redispatch(existing, context, filters, refusal.as_ref())
+                    self.redispatch(code, context, filters, refusal.as_ref())
                         .await?
+                        .ok_or_else(|| {
+                            Error::Internal(format!(
+                                "media record {code} exists but cannot be read"
+                            ))
+                        })?
                 }
             }
         };
@@ -408,21 +410,30 @@ impl Context {
         Ok(record)
     }
 
-    /// An existing record dispatched again: stored again only if that changed it.
+    /// An existing record dispatched again, as stored now (a job may have
+    /// written it since anyone read it): stored again only if that changed
+    /// it. `None` when there is no record.
     async fn redispatch(
         &self,
-        mut record: MediaRecord,
+        code: &str,
         context: Option<Value>,
         filters: &[String],
         refusal: Option<&Error>,
-    ) -> Result<MediaRecord> {
-        let before = record.clone();
-        prepare_for_dispatch(&mut record, context, filters, refusal);
-        if record != before {
-            record.updated_at = now_secs();
-            self.storage.put_media_record(&record).await?;
-        }
-        Ok(record)
+    ) -> Result<Option<MediaRecord>> {
+        self.storage
+            .update_media_record(code, |current| {
+                let Some(mut record) = current else {
+                    return (None, None);
+                };
+                let before = record.clone();
+                prepare_for_dispatch(&mut record, context, filters, refusal);
+                if record == before {
+                    return (None, Some(record));
+                }
+                record.updated_at = now_secs();
+                (Some(record.clone()), Some(record))
+            })
+            .await
     }
 
     /// Whether every requested variant is recorded as done and is in storage.

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use kiln::config::{Config, Sources};
 use kiln::keys;
-use kiln::storage::{Account, MediaRecord, Storage};
+use kiln::storage::{Account, MediaRecord, Storage, Thumb};
 
 use crate::support::s3::{ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
 use crate::support::{dimensions, format_of, jpeg, png_rgba, CountingProxy, Moto};
@@ -42,6 +42,7 @@ on_both_stores!(
     missing_objects_are_none_not_errors,
     overwrite_replaces_and_create_never_does,
     listing_and_delete,
+    concurrent_record_updates_all_land,
     a_failing_put_is_a_retryable_storage_error_and_writes_nothing,
 );
 
@@ -322,7 +323,20 @@ async fn overwrite_replaces_and_create_never_does(kind: StoreKind) {
             .marking,
         "new"
     );
-    storage.put_media_record(&record).await.unwrap();
+    let unchanged = storage
+        .update_media_record(&record.code, |current| (None, current))
+        .await
+        .unwrap();
+    assert_eq!(unchanged.unwrap().marking, "new", "nothing to write");
+    let written = storage
+        .update_media_record(&record.code, |current| {
+            let mut current = current.expect("created above");
+            current.marking = "resized".into();
+            (Some(current.clone()), current)
+        })
+        .await
+        .unwrap();
+    assert_eq!(written.marking, "resized");
     assert_eq!(
         storage
             .media_record(&record.code)
@@ -333,6 +347,34 @@ async fn overwrite_replaces_and_create_never_does(kind: StoreKind) {
         "resized"
     );
     assert_eq!(store.raw_keys().len(), 3, "{:?}", store.raw_keys());
+}
+
+/// Concurrent updates of one record each see the others' writes: none is
+/// lost, as a job's thumbnail would be if a dispatch wrote back a record it
+/// read before the job wrote.
+async fn concurrent_record_updates_all_land(kind: StoreKind) {
+    let store = Store::new(kind);
+    let storage = &store.storage;
+    let code = "0123456789abcdef";
+    assert!(storage
+        .create_media_record(&MediaRecord::new(code, "shop", None))
+        .await
+        .unwrap());
+    let filters: Vec<String> = (0..24).map(|n| format!("filter{n}")).collect();
+    let updates = filters.iter().map(|filter| {
+        storage.update_media_record(code, move |current| {
+            let mut record = current.expect("created above");
+            record.thumb_data.insert(filter.clone(), Thumb::pending());
+            (Some(record), ())
+        })
+    });
+    futures::future::try_join_all(updates).await.unwrap();
+    let stored = storage.media_record(code).await.unwrap().unwrap();
+    let mut kept: Vec<&String> = stored.thumb_data.keys().collect();
+    kept.sort();
+    let mut wanted: Vec<&String> = filters.iter().collect();
+    wanted.sort();
+    assert_eq!(kept, wanted, "every update's thumbnail is in the record");
 }
 
 async fn listing_and_delete(kind: StoreKind) {
