@@ -25,6 +25,7 @@ use crate::keys::RedisKeys;
 use crate::metrics::Metrics;
 use crate::queue::{EmbeddedQueue, Queue, RedisQueue};
 use crate::redis_conn::RedisHandle;
+use crate::shared_lock::RedisRecordLock;
 use crate::storage::Storage;
 use crate::ui::{RecentJobs, Ui};
 use crate::worker::Worker;
@@ -253,7 +254,16 @@ pub fn run(
             Error::Config(format!("sais.default_filters: no filter named {name:?}"))
         })?;
     }
-    let storage = Storage::from_config(&config.storage)?;
+    let mut storage = Storage::from_config(&config.storage)?;
+    if config.queue.backend == QueueBackend::Redis {
+        // Several processes can share this storage only through Redis.
+        storage = storage.sharing_record_locks(Arc::new(RedisRecordLock::new(
+            Arc::new(RedisHandle::new(&config.redis)?),
+            RedisKeys::new(&config.redis.prefix),
+            Duration::from_millis(config.storage.record_lock_ttl_ms),
+            Duration::from_millis(config.storage.record_lock_wait_ms),
+        )));
+    }
     let policy = config.network_policy()?;
     if role != Role::Worker && config.server.reuseport && !upgrade {
         crate::reuseport::ensure_unused(&config.server.listen)?;

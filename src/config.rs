@@ -177,6 +177,12 @@ pub struct StorageConfig {
     pub open_files_max: u64,
     /// Milliseconds a kept descriptor may go unread before it is closed. Default 60 000.
     pub open_files_idle_ms: u64,
+    /// Milliseconds a process holds a media record's lock in Redis at most
+    /// (a process that dies holding it blocks that record this long). Default 30 000.
+    pub record_lock_ttl_ms: u64,
+    /// Milliseconds a change to a media record waits for another process's
+    /// lock on it before failing (retryably). Default 5 000.
+    pub record_lock_wait_ms: u64,
 }
 
 /// The body of a 202 busy answer.
@@ -478,6 +484,9 @@ impl Config {
                 "storage.s3_request_timeout_ms / s3_connect_timeout_ms",
                 "must be positive".into(),
             );
+        }
+        if self.storage.record_lock_ttl_ms == 0 {
+            return bad("storage.record_lock_ttl_ms", "must be positive".into());
         }
         if !self.storage.s3_endpoint.is_empty()
             && url::Url::parse(&self.storage.s3_endpoint).is_err()

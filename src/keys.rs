@@ -324,6 +324,11 @@ impl RedisKeys {
         format!("{}absent:{variant_path}", self.prefix)
     }
 
+    /// A lock on one media record, held by the process changing it.
+    pub fn record_lock(&self, code: &str) -> String {
+        format!("{}lock:record:{code}", self.prefix)
+    }
+
     /// Capped list of recently finished jobs (JSON, newest first) for `/ui`.
     pub fn recent_jobs(&self) -> String {
         format!("{}jobs:recent", self.prefix)

@@ -22,6 +22,7 @@ pub mod queue;
 pub mod redis_conn;
 pub mod reuseport;
 pub mod security;
+pub mod shared_lock;
 pub mod storage;
 pub mod ui;
 pub mod worker;

@@ -48,7 +48,19 @@ pub struct Storage {
     open_files: Option<Arc<open_files::OpenFiles>>,
     /// Serializes this process's read-change-write of one media record.
     record_locks: Arc<RecordLocks>,
+    /// The same, across every process sharing this storage (Redis's).
+    shared_lock: Option<Arc<dyn SharedLock>>,
     description: String,
+}
+
+/// A lock on one media record that every process changing records holds
+/// while it does (`shared_lock::RedisRecordLock`).
+#[async_trait::async_trait]
+pub trait SharedLock: Send + Sync {
+    /// Waits for the record's lock; answers the token that releases it.
+    async fn acquire(&self, code: &str) -> Result<String>;
+    /// Releases it if still held with `token`; a failure only leaves it to expire.
+    async fn release(&self, code: &str, token: &str);
 }
 
 /// Locks by media code, striped: updates of unrelated media rarely wait,
@@ -201,12 +213,20 @@ impl Storage {
         Ok(Self::from_store(store, &format!("s3://{bucket}/{prefix}")))
     }
 
+    /// Changes to media records also hold `lock`, shared with the other
+    /// processes using this storage.
+    pub fn sharing_record_locks(mut self, lock: Arc<dyn SharedLock>) -> Storage {
+        self.shared_lock = Some(lock);
+        self
+    }
+
     pub fn from_store(store: Arc<dyn ObjectStore>, description: &str) -> Storage {
         Storage {
             store,
             local: None,
             open_files: None,
             record_locks: Arc::new(RecordLocks::new()),
+            shared_lock: None,
             description: description.to_string(),
         }
     }
@@ -705,13 +725,28 @@ impl Storage {
     /// answer, and writes it, with no other update of this record by this
     /// process in between. Every change to an existing record goes through
     /// here: a record written from an earlier read would undo what a job or
-    /// a dispatch wrote since.
+    /// a dispatch wrote since. The process's own lock comes first, so its
+    /// tasks queue in memory and only one at a time asks the shared lock.
     pub async fn update_media_record<T>(
         &self,
         code: &str,
         change: impl FnOnce(Option<MediaRecord>) -> (Option<MediaRecord>, T),
     ) -> Result<T> {
         let _locked = self.record_locks.lock(code).await;
+        let Some(shared) = &self.shared_lock else {
+            return self.change_media_record(code, change).await;
+        };
+        let token = shared.acquire(code).await?;
+        let changed = self.change_media_record(code, change).await;
+        shared.release(code, &token).await;
+        changed
+    }
+
+    async fn change_media_record<T>(
+        &self,
+        code: &str,
+        change: impl FnOnce(Option<MediaRecord>) -> (Option<MediaRecord>, T),
+    ) -> Result<T> {
         let (write, answer) = change(self.media_record(code).await?);
         if let Some(record) = write {
             self.put_json(&crate::keys::media_record_path(code), &record)

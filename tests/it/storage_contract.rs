@@ -6,14 +6,18 @@
 //! plain HTTP), so the prefix mapping is part of the contract.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kiln::config::{Config, Sources};
-use kiln::keys;
+use kiln::keys::{self, RedisKeys};
+use kiln::redis_conn::RedisHandle;
+use kiln::shared_lock::RedisRecordLock;
 use kiln::storage::{Account, MediaRecord, Storage, Thumb};
 
 use crate::support::s3::{ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
-use crate::support::{dimensions, format_of, jpeg, png_rgba, CountingProxy, Moto};
+use crate::support::{dimensions, format_of, jpeg, png_rgba, CountingProxy, Moto, RedisServer};
 
 /// Runs each `async fn name(backend: StoreKind)` as `local::name` and `s3::name`.
 macro_rules! on_both_stores {
@@ -43,6 +47,7 @@ on_both_stores!(
     overwrite_replaces_and_create_never_does,
     listing_and_delete,
     concurrent_record_updates_all_land,
+    record_updates_from_two_processes_sharing_redis_all_land,
     a_failing_put_is_a_retryable_storage_error_and_writes_nothing,
 );
 
@@ -81,6 +86,8 @@ fn open(storage_toml: &str) -> Storage {
 /// A store under test and a way to look at what it wrote.
 struct Store {
     storage: Storage,
+    /// The `[storage]` settings it was opened with, for a second process.
+    toml: String,
     kind: StoreKind,
     dir: tempfile::TempDir,
     moto: Option<Moto>,
@@ -89,22 +96,23 @@ struct Store {
 impl Store {
     fn new(kind: StoreKind) -> Store {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (storage, moto) = match kind {
+        let (toml, moto) = match kind {
             StoreKind::Local => (
-                open(&format!("[storage]\nurl = \"{}\"\n", dir.path().display())),
+                format!("[storage]\nurl = \"{}\"\n", dir.path().display()),
                 None,
             ),
             StoreKind::S3 => {
                 let moto = Moto::start();
                 moto.create_bucket(BUCKET);
                 (
-                    open(&s3_storage_toml(&moto.endpoint(), BUCKET, PREFIX)),
+                    s3_storage_toml(&moto.endpoint(), BUCKET, PREFIX),
                     Some(moto),
                 )
             }
         };
         Store {
-            storage,
+            storage: open(&toml),
+            toml,
             kind,
             dir,
             moto,
@@ -375,6 +383,122 @@ async fn concurrent_record_updates_all_land(kind: StoreKind) {
     let mut wanted: Vec<&String> = filters.iter().collect();
     wanted.sort();
     assert_eq!(kept, wanted, "every update's thumbnail is in the record");
+}
+
+/// The same across processes: two fronts or workers with storage of their
+/// own over one store and one Redis, as `kiln::app` builds them with the
+/// Redis backend, each update holding the record's lock in Redis.
+async fn record_updates_from_two_processes_sharing_redis_all_land(kind: StoreKind) {
+    let store = Store::new(kind);
+    let redis = RedisServer::start();
+    let sharing = || {
+        let mut config = Config::load_from(Sources::default()).unwrap();
+        config.redis.url = redis.url();
+        let lock = RedisRecordLock::new(
+            Arc::new(RedisHandle::new(&config.redis).unwrap()),
+            RedisKeys::new(&config.redis.prefix),
+            Duration::from_millis(config.storage.record_lock_ttl_ms),
+            Duration::from_millis(config.storage.record_lock_wait_ms),
+        );
+        open(&store.toml).sharing_record_locks(Arc::new(lock))
+    };
+    let processes = [sharing(), sharing()];
+    let code = "0123456789abcdef";
+    assert!(processes[0]
+        .create_media_record(&MediaRecord::new(code, "shop", None))
+        .await
+        .unwrap());
+    let filters: Vec<String> = (0..32).map(|n| format!("filter{n}")).collect();
+    let updates = filters.iter().enumerate().map(|(n, filter)| {
+        processes[n % 2].update_media_record(code, move |current| {
+            let mut record = current.expect("created above");
+            record.thumb_data.insert(filter.clone(), Thumb::pending());
+            (Some(record), ())
+        })
+    });
+    futures::future::try_join_all(updates).await.unwrap();
+    let stored = store.storage.media_record(code).await.unwrap().unwrap();
+    let kept: BTreeSet<&String> = stored.thumb_data.keys().collect();
+    assert_eq!(
+        kept,
+        filters.iter().collect(),
+        "every update's thumbnail is in the record"
+    );
+}
+
+/// A process that died holding a record's lock holds up that record until
+/// the lock expires, no longer; one waiting past `record_lock_wait_ms` gets
+/// a retryable error, and the record is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_lock_left_by_a_dead_process_delays_updates_until_it_expires() {
+    let store = Store::new(StoreKind::Local);
+    let redis = RedisServer::start();
+    let mut config = Config::load_from(Sources::default()).unwrap();
+    config.redis.url = redis.url();
+    let handle = Arc::new(RedisHandle::new(&config.redis).unwrap());
+    let keys = RedisKeys::new(&config.redis.prefix);
+    let waiting = |wait_ms| {
+        let lock = RedisRecordLock::new(
+            handle.clone(),
+            keys.clone(),
+            Duration::from_secs(30),
+            Duration::from_millis(wait_ms),
+        );
+        open(&store.toml).sharing_record_locks(Arc::new(lock))
+    };
+    let code = "fedcba9876543210";
+    assert!(store
+        .storage
+        .create_media_record(&MediaRecord::new(code, "shop", None))
+        .await
+        .unwrap());
+    let add = |filter: &'static str| {
+        move |current: Option<MediaRecord>| {
+            let mut record = current.expect("created above");
+            record.thumb_data.insert(filter.into(), Thumb::pending());
+            (Some(record), ())
+        }
+    };
+    let mut conn = handle.conn().await.unwrap();
+    let dead_holder = |ttl_ms: u64| {
+        redis::cmd("SET")
+            .arg(keys.record_lock(code))
+            .arg("a dead process's token")
+            .arg("PX")
+            .arg(ttl_ms)
+            .clone()
+    };
+
+    let _: () = dead_holder(60_000).query_async(&mut conn).await.unwrap();
+    let refused = waiting(300).update_media_record(code, add("refused")).await;
+    let error = refused.expect_err("the lock is held for a minute");
+    assert!(error.is_retryable(), "{error:?}");
+    let record = store.storage.media_record(code).await.unwrap().unwrap();
+    assert!(
+        record.thumb_data.is_empty(),
+        "nothing written without the lock"
+    );
+
+    let _: () = dead_holder(600).query_async(&mut conn).await.unwrap();
+    let started = Instant::now();
+    waiting(5_000)
+        .update_media_record(code, add("after expiry"))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "waited {waited:?} for a 600 ms lock"
+    );
+    let record = store.storage.media_record(code).await.unwrap().unwrap();
+    assert!(record.thumb_data.contains_key("after expiry"));
+    // Released after the update: nothing is left behind in Redis.
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(keys.record_lock(code))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists);
 }
 
 async fn listing_and_delete(kind: StoreKind) {
