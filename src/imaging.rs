@@ -15,6 +15,7 @@ use crate::config::ImagingConfig;
 use crate::error::{Error, Result};
 use crate::filter::{Encoding, OutputFormat, Preset};
 
+mod jpeg_dc;
 mod ops;
 mod scratch;
 
@@ -301,6 +302,19 @@ fn decode_jpeg(
         .into_iter()
         .find(|&d| 1.0 / f64::from(d) >= needed)
         .unwrap_or(1);
+    let sequential = !header.is_progressive && !header.is_arithmetic;
+    if denominator == 8 && sequential {
+        if let Some(eighth) = jpeg_dc::decode_eighth(bytes) {
+            let rgb = image::RgbImage::from_raw(eighth.width, eighth.height, eighth.rgb)
+                .ok_or_else(|| Error::Internal("decoded buffer size".into()))?;
+            return Ok(Some(upright(
+                DynamicImage::ImageRgb8(rgb),
+                (upright_w, upright_h),
+                orientation,
+                limits,
+            )));
+        }
+    }
     let scale = ScalingFactor::new(1, denominator as usize);
     decompressor
         .set_scaling_factor(scale)
@@ -321,17 +335,31 @@ fn decode_jpeg(
         .map_err(turbo_error)?;
     let rgb = image::RgbImage::from_raw(to_u32(scaled.width), to_u32(scaled.height), pixels)
         .ok_or_else(|| Error::Internal("decoded buffer size".into()))?;
-    let mut image = DynamicImage::ImageRgb8(rgb);
+    Ok(Some(upright(
+        DynamicImage::ImageRgb8(rgb),
+        (upright_w, upright_h),
+        orientation,
+        limits,
+    )))
+}
+
+/// A JPEG decoded at some scale, turned by its EXIF orientation.
+fn upright(
+    mut image: DynamicImage,
+    (width, height): (u32, u32),
+    orientation: Orientation,
+    limits: Limits,
+) -> Decoded {
     image.apply_orientation(orientation);
-    Ok(Some(Decoded {
+    Decoded {
         image,
         format: ImageFormat::Jpeg,
-        width: upright_w,
-        height: upright_h,
+        width,
+        height,
         orientation,
         animation: None,
         limits,
-    }))
+    }
 }
 
 /// libwebp, scaled while decoding. `None` for animations, for files with
@@ -526,7 +554,8 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     jpeg_segments(bytes)
         .find(|&(marker, _, _)| marker == 0xda)
         .and_then(|(_, _, scan)| bytes.get(scan..))
-        .is_some_and(|scan| scan.windows(2).any(|w| w == [0xff, 0xd9]))
+        // From the end, where EOI is: the same answer without reading the scan.
+        .is_some_and(|scan| scan.windows(2).rev().any(|w| w == [0xff, 0xd9]))
 }
 
 /// The orientation in a JPEG's EXIF (APP1) segment; upright without one.
