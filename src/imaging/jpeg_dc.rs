@@ -18,6 +18,9 @@
 //! Anything else, and any file this reader finds malformed, answers `None`
 //! and the caller decodes with libjpeg-turbo, which also judges bad files.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use super::{jpeg_segments, scratch};
 
 /// Bits a [`SkipTable`] looks at once: 2^14 entries of 2 bytes fit in a
@@ -48,8 +51,13 @@ pub fn decode_eighth(bytes: &[u8]) -> Option<Eighth> {
 
 thread_local! {
     /// The scan without its stuffing, reused between jobs (megabytes).
-    static SCAN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCAN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// AC tables of recent files by their definition, newest first.
+    static RECENT_SKIP_TABLES: RefCell<Vec<(Vec<u8>, Rc<SkipTable>)>> = const { RefCell::new(Vec::new()) };
 }
+
+/// How many AC tables a thread keeps (a file has one or two; 32 KiB each).
+const KEPT_SKIP_TABLES: usize = 4;
 
 struct Component {
     id: u8,
@@ -81,7 +89,7 @@ struct Header {
     /// In scan order, which is frame order (checked).
     components: Vec<Component>,
     dc_tables: [Option<HuffTable>; 4],
-    ac_tables: [Option<SkipTable>; 4],
+    ac_tables: [Option<Rc<SkipTable>>; 4],
     restart_interval: usize,
     scan_start: usize,
 }
@@ -90,7 +98,7 @@ impl Header {
     fn parse(bytes: &[u8]) -> Option<Header> {
         let mut quant = [None::<[i32; 4]>; 4];
         let mut dc_tables: [Option<HuffTable>; 4] = Default::default();
-        let mut ac_tables: [Option<SkipTable>; 4] = Default::default();
+        let mut ac_tables: [Option<Rc<SkipTable>>; 4] = Default::default();
         let mut frame: Option<(usize, usize, Vec<Component>)> = None;
         let mut restart_interval = 0;
         let mut adobe_rgb = false;
@@ -399,17 +407,16 @@ fn parse_quant(mut payload: &[u8], quant: &mut [Option<[i32; 4]>; 4]) -> Option<
 fn parse_huffman(
     mut payload: &[u8],
     dc_tables: &mut [Option<HuffTable>; 4],
-    ac_tables: &mut [Option<SkipTable>; 4],
+    ac_tables: &mut [Option<Rc<SkipTable>>; 4],
 ) -> Option<()> {
     while let Some(&spec) = payload.first() {
         let (class, index) = (spec >> 4, usize::from(spec & 15));
         let counts: [u8; 16] = payload.get(1..17)?.try_into().ok()?;
         let total: usize = counts.iter().map(|&c| usize::from(c)).sum();
         let symbols = payload.get(17..17 + total)?;
-        let table = HuffTable::new(&counts, symbols)?;
         match class {
-            0 => *dc_tables.get_mut(index)? = Some(table),
-            1 => *ac_tables.get_mut(index)? = SkipTable::new(table),
+            0 => *dc_tables.get_mut(index)? = Some(HuffTable::new(&counts, symbols)?),
+            1 => *ac_tables.get_mut(index)? = Some(SkipTable::cached(&payload[1..17 + total])?),
             _ => return None,
         }
         payload = &payload[17 + total..];
@@ -532,6 +539,25 @@ const REACH_SHIFT: u32 = 4;
 const EOB_FLAG: u16 = 1 << 11;
 
 impl SkipTable {
+    /// The table for a DHT's counts and symbols, from this thread's recent
+    /// ones when it has it: most files use the standard tables, and
+    /// building one costs about a hundredth of a 12 MP decode.
+    fn cached(definition: &[u8]) -> Option<Rc<SkipTable>> {
+        RECENT_SKIP_TABLES.with_borrow_mut(|recent| {
+            if let Some(at) = recent.iter().position(|(d, _)| d.as_slice() == definition) {
+                let found = recent.remove(at);
+                let table = found.1.clone();
+                recent.insert(0, found);
+                return Some(table);
+            }
+            let counts: &[u8; 16] = definition.get(..16)?.try_into().ok()?;
+            let table = Rc::new(SkipTable::new(HuffTable::new(counts, &definition[16..])?)?);
+            recent.insert(0, (definition.to_vec(), table.clone()));
+            recent.truncate(KEPT_SKIP_TABLES);
+            Some(table)
+        })
+    }
+
     fn new(codes: HuffTable) -> Option<SkipTable> {
         let skips: Vec<u16> = (0..1u64 << SKIP_BITS)
             .map(|pattern| {
@@ -707,10 +733,8 @@ impl<'a> BitReader<'a> {
             let reach = u32::from(skip >> REACH_SHIFT) & 127;
             if used > 0 && k + reach <= 64 {
                 self.consume(used);
-                if skip & EOB_FLAG != 0 {
-                    return Some(());
-                }
-                k += reach;
+                // A select, not a branch: the loop's test is the one exit.
+                k = if skip & EOB_FLAG != 0 { 64 } else { k + reach };
                 continue;
             }
             // One symbol: a long code, or the block's end within the pattern.
