@@ -1,6 +1,7 @@
 //! Criterion benches of the render pipeline's stages, each beside the
 //! alternative it was chosen over, on one 12 MP photo:
-//! decode (full `image` vs libjpeg-turbo full vs shrink-on-load), resize
+//! decode (full `image` vs libjpeg-turbo full, and kiln's 1/8 DC-only
+//! shrink-on-load vs libjpeg-turbo's own 1/8), resize
 //! (`fast_image_resize` vs `image`), encode per format, previews.
 //!
 //! `cargo bench --bench stages` measures; under `cargo test` each routine

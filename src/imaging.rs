@@ -1,8 +1,9 @@
 //! Pixels: sniff, decode with limits checked from the header before the
 //! full decode allocates, shrink-on-load for JPEG (libjpeg-turbo's DCT
-//! scaling), EXIF orientation, resize (`fast_image_resize`), encode
-//! (libjpeg-turbo, libwebp, `image`'s PNG), BlurHash. Synchronous and
-//! I/O-free: callers run it on their own threads (the worker on its render pool).
+//! scaling, or at 1/8 `jpeg_dc`'s DC-only read), EXIF orientation,
+//! resize (`fast_image_resize`), encode (libjpeg-turbo, libwebp, `image`'s
+//! PNG), BlurHash. Synchronous and I/O-free: callers run it on their own
+//! threads (the worker on its render pool).
 
 use std::io::Cursor;
 
