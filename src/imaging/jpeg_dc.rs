@@ -481,6 +481,11 @@ impl HuffTable {
             offset[len] = index - code;
             if count > 0 {
                 for _ in 0..count {
+                    // More codes than this length holds: not a table
+                    // (libjpeg's check), and past the end of `lookup`.
+                    if code >= 1 << len {
+                        return None;
+                    }
                     if len as u32 <= LOOKUP_BITS {
                         let shift = LOOKUP_BITS - len as u32;
                         let first = (code as usize) << shift;
@@ -491,10 +496,6 @@ impl HuffTable {
                     index += 1;
                 }
                 max_code[len] = code - 1;
-            }
-            // More codes than this length holds: not a table (libjpeg's check).
-            if code >= 1 << len {
-                return None;
             }
             code <<= 1;
         }
@@ -1072,6 +1073,29 @@ mod tests {
         let jpeg = turbo_jpeg(64, 64, Subsamp::Sub2x2, 80, false);
         let scan_start = Header::parse(&jpeg).unwrap().scan_start;
         assert!(decode_eighth(&jpeg[..scan_start - 4]).is_none());
+        assert!(decode_eighth(&jpeg).is_some());
+    }
+
+    #[test]
+    fn huffman_tables_with_more_codes_than_their_lengths_hold_are_refused() {
+        // Three 1-bit codes do not fit, and the third would index past the
+        // look-up table; 254 codes of 8 bits leave room for 4 of 9, not 5.
+        let mut three_short = [0u8; 16];
+        three_short[0] = 3;
+        assert!(HuffTable::new(&three_short, &[0, 1, 2]).is_none());
+        let mut counts = [0u8; 16];
+        counts[7] = 254;
+        counts[8] = 4;
+        assert!(HuffTable::new(&counts, &[0; 258]).is_some());
+        counts[8] = 5;
+        assert!(HuffTable::new(&counts, &[0; 259]).is_none());
+        // A file whose AC table is over-full goes to libjpeg-turbo.
+        let jpeg = turbo_jpeg(64, 64, Subsamp::Sub2x2, 80, false);
+        let mut broken = jpeg.clone();
+        let dht = broken.windows(2).position(|w| w == [0xff, 0xc4]).unwrap();
+        // The first table's first count: its 1-bit codes.
+        broken[dht + 5] = 3;
+        assert!(decode_eighth(&broken).is_none());
         assert!(decode_eighth(&jpeg).is_some());
     }
 
