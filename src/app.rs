@@ -90,6 +90,26 @@ fn backends(config: &Config) -> Result<Backends> {
     })
 }
 
+impl Backends {
+    /// `storage` for this runtime's parts: with Redis, where several
+    /// processes share it, changing a media record also holds its lock in
+    /// Redis, over this runtime's own connection (one opened on the front's
+    /// runtime would not outlive it while the workers drain).
+    fn locking_records(&self, storage: &Storage, config: &Config) -> Storage {
+        let Some(handle) = &self.redis else {
+            return storage.clone();
+        };
+        storage
+            .clone()
+            .sharing_record_locks(Arc::new(RedisRecordLock::new(
+                handle.clone(),
+                RedisKeys::new(&config.redis.prefix),
+                Duration::from_millis(config.storage.record_lock_ttl_ms),
+                Duration::from_millis(config.storage.record_lock_wait_ms),
+            )))
+    }
+}
+
 /// The workers and their webhook deliverer, on a runtime of their own so
 /// that a graceful stop can outlast the front's grace period: on SIGTERM
 /// they stop claiming, get `queue.shutdown_deadline_secs` to finish their
@@ -254,16 +274,7 @@ pub fn run(
             Error::Config(format!("sais.default_filters: no filter named {name:?}"))
         })?;
     }
-    let mut storage = Storage::from_config(&config.storage)?;
-    if config.queue.backend == QueueBackend::Redis {
-        // Several processes can share this storage only through Redis.
-        storage = storage.sharing_record_locks(Arc::new(RedisRecordLock::new(
-            Arc::new(RedisHandle::new(&config.redis)?),
-            RedisKeys::new(&config.redis.prefix),
-            Duration::from_millis(config.storage.record_lock_ttl_ms),
-            Duration::from_millis(config.storage.record_lock_wait_ms),
-        )));
-    }
+    let storage = Storage::from_config(&config.storage)?;
     let policy = config.network_policy()?;
     if role != Role::Worker && config.server.reuseport && !upgrade {
         crate::reuseport::ensure_unused(&config.server.listen)?;
@@ -281,6 +292,8 @@ pub fn run(
         },
         QueueBackend::Redis => backends(&config)?,
     };
+    let front_storage = front_backends.locking_records(&storage, &config);
+    let worker_storage = worker_backends.locking_records(&storage, &config);
 
     let mut conf = ServerConf {
         threads: config.server.threads,
@@ -354,7 +367,7 @@ pub fn run(
         let ctx = Arc::new(Context::new(
             config.clone(),
             filters.clone(),
-            storage.clone(),
+            front_storage.clone(),
             front_backends.index,
             front_backends.queue,
             policy.clone(),
@@ -363,7 +376,7 @@ pub fn run(
         let ui = config.ui.enabled.then(|| {
             Arc::new(Ui::new(
                 filters.clone(),
-                storage.clone(),
+                front_storage,
                 front_backends.recent.clone(),
                 config.ui.throughput_window_secs,
             ))
@@ -394,7 +407,7 @@ pub fn run(
         let mut worker = Worker::new(
             &config,
             worker_backends.queue,
-            storage.clone(),
+            worker_storage.clone(),
             worker_backends.index,
             filters,
             worker_backends.outbox.clone(),
@@ -402,8 +415,12 @@ pub fn run(
         worker.metrics = metrics.clone();
         worker.recent = Some(worker_backends.recent);
         let notifier = Notifier::new(&config.callback, policy, &config.fetch.user_agent)?;
-        let mut deliverer =
-            Deliverer::new(&config.callback, worker_backends.outbox, notifier, storage);
+        let mut deliverer = Deliverer::new(
+            &config.callback,
+            worker_backends.outbox,
+            notifier,
+            worker_storage,
+        );
         deliverer.metrics = metrics;
         Some(Workers::start(worker, deliverer, &config)?)
     } else {
