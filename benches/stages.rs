@@ -93,31 +93,13 @@ fn decode_stage(c: &mut Criterion, jpeg: &[u8]) {
     // The reference for kiln's 1/8 decode: libjpeg-turbo's own DCT scaling,
     // which still decodes every AC coefficient.
     group.bench_function("libjpeg-turbo-eighth", |b| {
-        b.iter(|| turbo_eighth(black_box(jpeg)))
+        b.iter(|| imaging::libjpeg_turbo_rgb(black_box(jpeg), 8).unwrap())
     });
     let thumb = [preset(300, OutputFormat::Jpeg)];
     group.bench_function("kiln-shrink-on-load-for-300-dc-only", |b| {
         b.iter(|| imaging::decode_for(black_box(jpeg), limits(), &thumb).unwrap())
     });
     group.finish();
-}
-
-fn turbo_eighth(jpeg: &[u8]) -> Vec<u8> {
-    use turbojpeg::{Decompressor, Image, PixelFormat, ScalingFactor};
-    let mut decompressor = Decompressor::new().unwrap();
-    let scale = ScalingFactor::new(1, 8);
-    decompressor.set_scaling_factor(scale).unwrap();
-    let scaled = decompressor.read_header(jpeg).unwrap().scaled(scale);
-    let mut pixels = vec![0; 3 * scaled.width * scaled.height];
-    let image = Image {
-        pixels: pixels.as_mut_slice(),
-        width: scaled.width,
-        pitch: 3 * scaled.width,
-        height: scaled.height,
-        format: PixelFormat::RGB,
-    };
-    decompressor.decompress(jpeg, image).unwrap();
-    pixels
 }
 
 fn resize_stage(c: &mut Criterion, source: &DynamicImage) {

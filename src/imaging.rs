@@ -267,8 +267,7 @@ fn decode_jpeg(
     limits: Limits,
     needed_scale: impl Fn(u32, u32) -> f64,
 ) -> Result<Option<Decoded>> {
-    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
-    let turbo_error = |e: turbojpeg::Error| Error::DecodeFailed(format!("JPEG: {e}"));
+    use turbojpeg::{Colorspace, Decompressor};
     let mut decompressor = Decompressor::new().map_err(|e| Error::Internal(e.to_string()))?;
     let header = decompressor.read_header(bytes).map_err(turbo_error)?;
     if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
@@ -304,19 +303,41 @@ fn decode_jpeg(
         .find(|&d| 1.0 / f64::from(d) >= needed)
         .unwrap_or(1);
     let sequential = !header.is_progressive && !header.is_arithmetic;
-    if denominator == 8 && sequential {
-        if let Some(eighth) = jpeg_dc::decode_eighth(bytes) {
-            let rgb = image::RgbImage::from_raw(eighth.width, eighth.height, eighth.rgb)
-                .ok_or_else(|| Error::Internal("decoded buffer size".into()))?;
-            return Ok(Some(upright(
-                DynamicImage::ImageRgb8(rgb),
-                (upright_w, upright_h),
-                orientation,
-                limits,
-            )));
-        }
-    }
-    let scale = ScalingFactor::new(1, denominator as usize);
+    let dc_only = (denominator == 8 && sequential)
+        .then(|| jpeg_dc::decode_eighth(bytes))
+        .flatten();
+    let rgb = match dc_only {
+        Some(rgb) => rgb,
+        None => turbo_rgb(&mut decompressor, &header, bytes, denominator as usize)?,
+    };
+    let mut image = DynamicImage::ImageRgb8(rgb);
+    image.apply_orientation(orientation);
+    Ok(Some(Decoded {
+        image,
+        format: ImageFormat::Jpeg,
+        width: upright_w,
+        height: upright_h,
+        orientation,
+        animation: None,
+        limits,
+    }))
+}
+
+fn turbo_error(e: turbojpeg::Error) -> Error {
+    Error::DecodeFailed(format!("JPEG: {e}"))
+}
+
+/// libjpeg-turbo's decode to RGB at 1/`denominator` (1, 2, 4 or 8), within
+/// the limits `decompressor` was given, into one of this thread's spare
+/// buffers.
+fn turbo_rgb(
+    decompressor: &mut turbojpeg::Decompressor,
+    header: &turbojpeg::DecompressHeader,
+    bytes: &[u8],
+    denominator: usize,
+) -> Result<image::RgbImage> {
+    use turbojpeg::{Image, PixelFormat, ScalingFactor};
+    let scale = ScalingFactor::new(1, denominator);
     decompressor
         .set_scaling_factor(scale)
         .map_err(turbo_error)?;
@@ -334,33 +355,18 @@ fn decode_jpeg(
             },
         )
         .map_err(turbo_error)?;
-    let rgb = image::RgbImage::from_raw(to_u32(scaled.width), to_u32(scaled.height), pixels)
-        .ok_or_else(|| Error::Internal("decoded buffer size".into()))?;
-    Ok(Some(upright(
-        DynamicImage::ImageRgb8(rgb),
-        (upright_w, upright_h),
-        orientation,
-        limits,
-    )))
+    let to_u32 = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    image::RgbImage::from_raw(to_u32(scaled.width), to_u32(scaled.height), pixels)
+        .ok_or_else(|| Error::Internal("decoded buffer size".into()))
 }
 
-/// A JPEG decoded at some scale, turned by its EXIF orientation.
-fn upright(
-    mut image: DynamicImage,
-    (width, height): (u32, u32),
-    orientation: Orientation,
-    limits: Limits,
-) -> Decoded {
-    image.apply_orientation(orientation);
-    Decoded {
-        image,
-        format: ImageFormat::Jpeg,
-        width,
-        height,
-        orientation,
-        animation: None,
-        limits,
-    }
+/// libjpeg-turbo alone at 1/`denominator`, without EXIF orientation: the
+/// reference kiln's DC-only 1/8 read is tested and benched against.
+pub fn libjpeg_turbo_rgb(bytes: &[u8], denominator: usize) -> Result<image::RgbImage> {
+    let mut decompressor =
+        turbojpeg::Decompressor::new().map_err(|e| Error::Internal(e.to_string()))?;
+    let header = decompressor.read_header(bytes).map_err(turbo_error)?;
+    turbo_rgb(&mut decompressor, &header, bytes, denominator)
 }
 
 /// libwebp, scaled while decoding. `None` for animations, for files with

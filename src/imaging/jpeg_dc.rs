@@ -21,6 +21,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use image::RgbImage;
+
 use super::{jpeg_segments, scratch};
 
 /// Bits a [`SkipTable`] looks at once: 2^14 entries of 2 bytes fit in a
@@ -31,21 +33,15 @@ const LOOKUP_BITS: u32 = 9;
 /// Zero bytes after the scan, so a read of 8 bytes near its end stays in bounds.
 const PADDING: usize = 16;
 
-/// An 8-bit RGB image, one pixel per 8x8 block of the original.
-pub struct Eighth {
-    pub width: u32,
-    pub height: u32,
-    pub rgb: Vec<u8>,
-}
-
-/// The image at 1/8 scale (each side rounded up, as libjpeg-turbo's), or
-/// `None` when this reader does not handle the file.
-pub fn decode_eighth(bytes: &[u8]) -> Option<Eighth> {
+/// The image at 1/8 scale, one pixel per 8x8 block (each side rounded
+/// up, as libjpeg-turbo's), or `None` when this reader does not handle
+/// the file.
+pub fn decode_eighth(bytes: &[u8]) -> Option<RgbImage> {
     let header = Header::parse(bytes)?;
     SCAN.with_borrow_mut(|scan| {
         let restarts = unstuff(bytes.get(header.scan_start..)?, scan);
         let planes = header.dc_planes(scan, &restarts)?;
-        Some(header.to_rgb(&planes))
+        header.to_rgb(&planes)
     })
 }
 
@@ -166,7 +162,8 @@ impl Header {
         (h, v)
     }
 
-    /// Each component's DC image: one value per block, `blocks_x` wide.
+    /// Each component at 1/8: one sample per block, or two across or down
+    /// per block where [`Header::halves`] splits it.
     fn dc_planes(&self, scan: &[u8], restarts: &[usize]) -> Option<Vec<Plane>> {
         let (max_h, max_v) = self.max_sampling();
         // A lone component is coded block by block, with no MCU padding.
@@ -272,7 +269,7 @@ impl Header {
         (two(max_h / c.h), two(max_v / c.v))
     }
 
-    fn to_rgb(&self, planes: &[Plane]) -> Eighth {
+    fn to_rgb(&self, planes: &[Plane]) -> Option<RgbImage> {
         let (max_h, max_v) = self.max_sampling();
         let width = self.width.div_ceil(8);
         let height = self.height.div_ceil(8);
@@ -281,9 +278,6 @@ impl Header {
             .iter()
             .zip(planes)
             .map(|(c, plane)| {
-                if self.components.len() == 1 {
-                    return plane.cropped(width, height);
-                }
                 let (sx, sy) = self.halves(c);
                 plane.upsampled(max_h / c.h / sx, max_v / c.v / sy, width, height)
             })
@@ -307,11 +301,7 @@ impl Header {
             }
             _ => unreachable!("1 or 3 components, checked when parsed"),
         }
-        Eighth {
-            width: width as u32,
-            height: height as u32,
-            rgb,
-        }
+        RgbImage::from_raw(u32::try_from(width).ok()?, u32::try_from(height).ok()?, rgb)
     }
 }
 
@@ -833,7 +823,7 @@ fn transpose(plane: &Plane) -> Plane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use turbojpeg::{Compressor, Decompressor, Image, PixelFormat, ScalingFactor, Subsamp};
+    use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
 
     /// Smooth gradients under texture and noise, so blocks have many AC
     /// coefficients and the colours vary.
@@ -907,25 +897,8 @@ mod tests {
         out
     }
 
-    fn turbo_eighth(bytes: &[u8]) -> (usize, usize, Vec<u8>) {
-        let mut decompressor = Decompressor::new().unwrap();
-        let scale = ScalingFactor::new(1, 8);
-        decompressor.set_scaling_factor(scale).unwrap();
-        let scaled = decompressor.read_header(bytes).unwrap().scaled(scale);
-        let mut pixels = vec![0; 3 * scaled.width * scaled.height];
-        decompressor
-            .decompress(
-                bytes,
-                Image {
-                    pixels: pixels.as_mut_slice(),
-                    width: scaled.width,
-                    pitch: 3 * scaled.width,
-                    height: scaled.height,
-                    format: PixelFormat::RGB,
-                },
-            )
-            .unwrap();
-        (scaled.width, scaled.height, pixels)
+    fn turbo_eighth(bytes: &[u8]) -> RgbImage {
+        super::super::libjpeg_turbo_rgb(bytes, 8).unwrap()
     }
 
     /// Mean and largest absolute difference per sample between two images.
@@ -938,26 +911,16 @@ mod tests {
 
     fn difference_from_turbo(bytes: &[u8]) -> (f64, u8) {
         let ours = decode_eighth(bytes).expect("a file this reader handles");
-        let (width, height, theirs) = turbo_eighth(bytes);
-        assert_eq!((ours.width as usize, ours.height as usize), (width, height));
-        difference(&ours.rgb, &theirs)
+        let theirs = turbo_eighth(bytes);
+        assert_eq!(ours.dimensions(), theirs.dimensions());
+        difference(&ours, &theirs)
     }
 
     /// What a 1/8 scale should be: libjpeg-turbo's full-size decode, each
     /// 8x8 block averaged (edge blocks over the pixels they have).
     fn box_eighth(bytes: &[u8]) -> Vec<u8> {
-        let mut decompressor = Decompressor::new().unwrap();
-        let header = decompressor.read_header(bytes).unwrap();
-        let (width, height) = (header.width, header.height);
-        let mut full = vec![0; 3 * width * height];
-        let image = Image {
-            pixels: full.as_mut_slice(),
-            width,
-            pitch: 3 * width,
-            height,
-            format: PixelFormat::RGB,
-        };
-        decompressor.decompress(bytes, image).unwrap();
+        let full = super::super::libjpeg_turbo_rgb(bytes, 1).unwrap();
+        let (width, height) = (full.width() as usize, full.height() as usize);
         let (out_w, out_h) = (width.div_ceil(8), height.div_ceil(8));
         let mut out = Vec::with_capacity(3 * out_w * out_h);
         for by in 0..out_h {
@@ -966,7 +929,7 @@ mod tests {
                     let (mut sum, mut count) = (0u32, 0u32);
                     for y in 8 * by..(8 * by + 8).min(height) {
                         for x in 8 * bx..(8 * bx + 8).min(width) {
-                            sum += u32::from(full[3 * (y * width + x) + c]);
+                            sum += u32::from(full.as_raw()[3 * (y * width + x) + c]);
                             count += 1;
                         }
                     }
@@ -1003,14 +966,10 @@ mod tests {
         // through upsampled DC values, where this reader splits the blocks.
         let check = |jpeg: &[u8], what: &str| {
             let ours = decode_eighth(jpeg).expect("a file this reader handles");
-            let (width, height, turbo) = turbo_eighth(jpeg);
-            assert_eq!(
-                (ours.width as usize, ours.height as usize),
-                (width, height),
-                "{what}"
-            );
+            let turbo = turbo_eighth(jpeg);
+            assert_eq!(ours.dimensions(), turbo.dimensions(), "{what}");
             let truth = box_eighth(jpeg);
-            let (mean, max) = difference(&ours.rgb, &truth);
+            let (mean, max) = difference(&ours, &truth);
             let (turbo_mean, turbo_max) = difference(&turbo, &truth);
             let said = format!(
                 "{what}: mean {mean:.2} max {max}, libjpeg-turbo's mean {turbo_mean:.2} max {turbo_max}"
@@ -1114,7 +1073,7 @@ mod tests {
                 damaged.extend_from_slice(&[0xff, 0xd9]);
             }
             match decode_eighth(&damaged) {
-                Some(eighth) => assert_eq!((eighth.width, eighth.height), (20, 15)),
+                Some(eighth) => assert_eq!(eighth.dimensions(), (20, 15)),
                 None => refused += 1,
             }
         }
