@@ -79,6 +79,14 @@ struct Layout<'a> {
     steps: [i64; 4],
 }
 
+/// One block of an MCU: its component and where its samples start,
+/// relative to the MCU's first, in that component's plane.
+struct BlockSlot {
+    component: usize,
+    x: usize,
+    y: usize,
+}
+
 struct Header {
     width: usize,
     height: usize,
@@ -197,6 +205,22 @@ impl Header {
             .iter()
             .map(|l| Plane::new(mcus_x * l.h * l.sx, mcus_y * l.v * l.sy))
             .collect();
+        // An MCU's blocks in scan order, flattened: one loop of a fixed
+        // length per MCU, whose branches a predictor learns, where nested
+        // loops of 1 or 2 per component missed about once per MCU.
+        let slots: Vec<BlockSlot> = layouts
+            .iter()
+            .enumerate()
+            .flat_map(|(component, l)| {
+                (0..l.v).flat_map(move |by| {
+                    (0..l.h).map(move |bx| BlockSlot {
+                        component,
+                        x: bx * l.sx,
+                        y: by * l.sy,
+                    })
+                })
+            })
+            .collect();
         let mut predictors = vec![0i32; self.components.len()];
         let mut reader = BitReader::new(scan);
         let mut restarts = restarts.iter();
@@ -211,9 +235,7 @@ impl Header {
                     }
                     until_restart -= 1;
                 }
-                for ((layout, plane), predictor) in
-                    layouts.iter().zip(&mut planes).zip(&mut predictors)
-                {
+                for slot in &slots {
                     let Layout {
                         h,
                         v,
@@ -222,33 +244,31 @@ impl Header {
                         dc,
                         ac,
                         steps,
-                    } = *layout;
-                    for by in 0..v {
-                        for bx in 0..h {
-                            // Wrapping: a corrupt scan must not overflow.
-                            *predictor = predictor.wrapping_add(reader.dc_difference(dc)?);
-                            let (x, y) = ((mcu_x * h + bx) * sx, (mcu_y * v + by) * sy);
-                            if (sx, sy) == (1, 1) {
-                                reader.skip_ac(ac, 1)?;
-                                let level = i64::from(*predictor) * steps[0];
-                                plane.values[y * plane.width + x] = to_sample((level + 4) >> 3);
-                                continue;
-                            }
-                            let (low, k) = reader.low_ac(ac)?;
-                            reader.skip_ac(ac, k)?;
-                            let dc = i64::from(*predictor) * steps[0];
-                            let [across, down, diagonal] =
-                                [0, 1, 2].map(|n| i64::from(low[n]) * steps[n + 1]);
-                            for dy in 0..sy {
-                                for dx in 0..sx {
-                                    let plane_at = (y + dy) * plane.width + x + dx;
-                                    let (hx, hy) = (half_sign(sx, dx), half_sign(sy, dy));
-                                    let level = DC_WEIGHT * dc
-                                        + HALF_WEIGHT * (hx * across + hy * down)
-                                        + QUARTER_WEIGHT * hx * hy * diagonal;
-                                    plane.values[plane_at] = to_sample((level + (1 << 11)) >> 12);
-                                }
-                            }
+                    } = layouts[slot.component];
+                    let plane = &mut planes[slot.component];
+                    let predictor = &mut predictors[slot.component];
+                    // Wrapping: a corrupt scan must not overflow.
+                    *predictor = predictor.wrapping_add(reader.dc_difference(dc)?);
+                    let (x, y) = (mcu_x * h * sx + slot.x, mcu_y * v * sy + slot.y);
+                    if (sx, sy) == (1, 1) {
+                        reader.skip_ac(ac, 1)?;
+                        let level = i64::from(*predictor) * steps[0];
+                        plane.values[y * plane.width + x] = to_sample((level + 4) >> 3);
+                        continue;
+                    }
+                    let (low, k) = reader.low_ac(ac)?;
+                    reader.skip_ac(ac, k)?;
+                    let dc = i64::from(*predictor) * steps[0];
+                    let [across, down, diagonal] =
+                        [0, 1, 2].map(|n| i64::from(low[n]) * steps[n + 1]);
+                    for dy in 0..sy {
+                        for dx in 0..sx {
+                            let plane_at = (y + dy) * plane.width + x + dx;
+                            let (hx, hy) = (half_sign(sx, dx), half_sign(sy, dy));
+                            let level = DC_WEIGHT * dc
+                                + HALF_WEIGHT * (hx * across + hy * down)
+                                + QUARTER_WEIGHT * hx * hy * diagonal;
+                            plane.values[plane_at] = to_sample((level + (1 << 11)) >> 12);
                         }
                     }
                 }
@@ -273,33 +293,43 @@ impl Header {
         let (max_h, max_v) = self.max_sampling();
         let width = self.width.div_ceil(8);
         let height = self.height.div_ceil(8);
-        let full: Vec<Plane> = self
+        // Full-size planes are read in place, row by row past their MCU
+        // padding, rather than copied cropped.
+        let upsampled: Vec<Option<Plane>> = self
             .components
             .iter()
             .zip(planes)
             .map(|(c, plane)| {
                 let (sx, sy) = self.halves(c);
-                plane.upsampled(max_h / c.h / sx, max_v / c.v / sy, width, height)
+                let (fx, fy) = (max_h / c.h / sx, max_v / c.v / sy);
+                ((fx, fy) != (1, 1)).then(|| plane.upsampled(fx, fy, width, height))
             })
             .collect();
+        let full: Vec<&Plane> = upsampled
+            .iter()
+            .zip(planes)
+            .map(|(upsampled, plane)| upsampled.as_ref().unwrap_or(plane))
+            .collect();
         let mut rgb = scratch::zeroed(3 * width * height);
-        match full.as_slice() {
-            [grey] => {
-                for (out, &y) in rgb.chunks_exact_mut(3).zip(&grey.values) {
-                    out.fill(y);
+        for (row, out) in rgb.chunks_exact_mut(3 * width).enumerate() {
+            match full.as_slice() {
+                [grey] => {
+                    for (out, &y) in out.chunks_exact_mut(3).zip(grey.row(row, width)) {
+                        out.fill(y);
+                    }
                 }
-            }
-            [y, cb, cr] => {
-                let pixels = rgb
-                    .chunks_exact_mut(3)
-                    .zip(&y.values)
-                    .zip(&cb.values)
-                    .zip(&cr.values);
-                for (((out, &y), &cb), &cr) in pixels {
-                    out.copy_from_slice(&ycbcr_to_rgb(y, cb, cr));
+                [y, cb, cr] => {
+                    let pixels = out
+                        .chunks_exact_mut(3)
+                        .zip(y.row(row, width))
+                        .zip(cb.row(row, width))
+                        .zip(cr.row(row, width));
+                    for (((out, &y), &cb), &cr) in pixels {
+                        out.copy_from_slice(&ycbcr_to_rgb(y, cb, cr));
+                    }
                 }
+                _ => unreachable!("1 or 3 components, checked when parsed"),
             }
-            _ => unreachable!("1 or 3 components, checked when parsed"),
         }
         RgbImage::from_raw(u32::try_from(width).ok()?, u32::try_from(height).ok()?, rgb)
     }
@@ -515,19 +545,24 @@ impl HuffTable {
 }
 
 /// An AC table for skipping: for every [`SKIP_BITS`]-bit pattern, the
-/// whole symbols (code and magnitude bits) it starts with: the bits they
-/// take, how far into the block they reach (the coefficient positions they
-/// fill, one more when the last is the end-of-block, which must come by
-/// position 63) and whether it is; 0 bits where not even one fits (the
-/// slow path).
+/// symbols whose codes it starts with: the bits they take, how far into
+/// the block they reach (the coefficient positions they fill, one more
+/// when the last is the end-of-block, which must come by position 63) and
+/// whether it is; 0 bits where not even one code fits (the slow path).
+/// The last symbol's magnitude bits may run past the pattern: skipping
+/// needs only their count, which the code gives. Without that, a long code
+/// with a large value (common at high qualities) took the slow path.
 struct SkipTable {
     skips: Box<[u16; 1 << SKIP_BITS]>,
     codes: HuffTable,
 }
 
-/// An entry: the bits taken (0-15), the reach (0-64) and this flag.
-const REACH_SHIFT: u32 = 4;
-const EOB_FLAG: u16 = 1 << 11;
+/// An entry: the bits taken (0-29: a whole pattern's code and 15 bits of
+/// magnitude at most, within the 56 a peek guarantees), the reach (0-64)
+/// and this flag.
+const USED_MASK: u16 = 31;
+const REACH_SHIFT: u32 = 5;
+const EOB_FLAG: u16 = 1 << 12;
 
 impl SkipTable {
     /// The table for a DHT's counts and symbols, from this thread's recent
@@ -556,7 +591,7 @@ impl SkipTable {
                 let (mut used, mut positions) = (0u32, 0u32);
                 while let Some((symbol, len)) = codes.decode(bits) {
                     let (run, size) = (u32::from(symbol >> 4), u32::from(symbol & 15));
-                    if used + len + size > SKIP_BITS {
+                    if used + len > SKIP_BITS {
                         break;
                     }
                     let (advance, eob) = match (run, size) {
@@ -575,6 +610,10 @@ impl SkipTable {
                     if eob {
                         return (used | (positions + 1) << REACH_SHIFT) as u16 | EOB_FLAG;
                     }
+                    // Its magnitude ran past the pattern: the next code is not in it.
+                    if used > SKIP_BITS {
+                        break;
+                    }
                 }
                 (used | positions << REACH_SHIFT) as u16
             })
@@ -588,12 +627,18 @@ impl SkipTable {
 
 /// A coefficient from its `size` magnitude bits: values below 2^(size-1)
 /// are negative (JPEG's EXTEND).
+/// 0 for size 0. Without branches: a value's sign is as random as the
+/// data, so a branch on it missed half the time.
 fn extend(value: i32, size: u32) -> i32 {
-    if value < 1 << (size - 1) {
-        value - (1 << size) + 1
-    } else {
-        value
-    }
+    let negative = i32::from(value < (1 << size) >> 1);
+    value - negative * ((1 << size) - 1)
+}
+
+/// The `size` magnitude bits after a `len`-bit code at the top of `bits`,
+/// extended; 0 for size 0 (`>> 64` would overflow, so in two steps).
+#[inline(always)]
+fn magnitude(bits: u64, len: u32, size: u32) -> i32 {
+    extend((((bits << len) >> 1) >> (63 - size)) as i32, size)
 }
 
 /// Reads the scan MSB first through a 64-bit buffer kept in a register:
@@ -648,12 +693,12 @@ impl<'a> BitReader<'a> {
         self.count += 8 * bytes;
     }
 
-    /// The buffer with at least 32 valid bits: a code and its magnitude bits.
+    /// The buffer with at least 56 valid bits, more than a code and its
+    /// magnitude take. Topped up every time, not when short: the test for
+    /// "short" missed about once per block, a third of all mispredictions.
     #[inline(always)]
     fn peek(&mut self) -> u64 {
-        if self.count < 32 {
-            self.fill();
-        }
+        self.fill();
         self.buffer
     }
 
@@ -672,40 +717,35 @@ impl<'a> BitReader<'a> {
             return None;
         }
         self.consume(len + size);
-        if size == 0 {
-            return Some(0);
-        }
-        Some(extend(((bits << len) >> (64 - size)) as i32, size))
+        Some(magnitude(bits, len, size))
     }
 
     /// Reads a block's AC coefficients up to zig-zag position 4: the
     /// values at 1, 2 and 4 and the position reached.
     fn low_ac(&mut self, table: &SkipTable) -> Option<([i32; 3], u32)> {
-        let mut low = [0; 3];
+        // Where the value at each position 0-5 goes: 3 is a sink, so the
+        // store needs no branch on the position.
+        const SLOT: [usize; 6] = [3, 0, 1, 3, 2, 3];
+        let mut low = [0; 4];
         let mut k = 1u32;
         while k <= 4 {
             let bits = self.peek();
             let (symbol, len) = table.codes.decode(bits)?;
             let (run, size) = (u32::from(symbol >> 4), u32::from(symbol & 15));
             self.consume(len + size);
-            match (run, size) {
-                (0, 0) => return Some((low, 64)),
-                (15, 0) => k += 16,
-                (_, 0) => return None,
-                _ => {
-                    k += run;
-                    let value = extend(((bits << len) >> (64 - size)) as i32, size);
-                    match k {
-                        1 => low[0] = value,
-                        2 => low[1] = value,
-                        4 => low[2] = value,
-                        _ => {}
-                    }
-                    k += 1;
+            if size == 0 {
+                match run {
+                    0 => return Some(([low[0], low[1], low[2]], 64)),
+                    15 => k += 16,
+                    _ => return None,
                 }
+                continue;
             }
+            k += run;
+            low[SLOT[k.min(5) as usize]] = magnitude(bits, len, size);
+            k += 1;
         }
-        Some((low, k))
+        Some(([low[0], low[1], low[2]], k))
     }
 
     /// Moves past a block's AC coefficients from zig-zag position `k` on
@@ -718,7 +758,7 @@ impl<'a> BitReader<'a> {
         while k < 64 {
             let bits = self.peek();
             let skip = table.skips[(bits >> (64 - SKIP_BITS)) as usize];
-            let used = u32::from(skip & 15);
+            let used = u32::from(skip & USED_MASK);
             // The symbols fit this block: coefficients up to 63 at most,
             // an end-of-block at 63 at the latest.
             let reach = u32::from(skip >> REACH_SHIFT) & 127;
@@ -751,12 +791,19 @@ struct Plane {
 }
 
 impl Plane {
+    /// In one of this thread's spare buffers: planes are a few hundred
+    /// KiB each, and fresh ones cost a page fault per 4 KiB every decode.
     fn new(width: usize, height: usize) -> Plane {
         Plane {
             width,
             height,
-            values: vec![0; width * height],
+            values: scratch::zeroed(width * height),
         }
+    }
+
+    /// A row's first `width` values.
+    fn row(&self, row: usize, width: usize) -> &[u8] {
+        &self.values[row * self.width..][..width]
     }
 
     fn cropped(&self, width: usize, height: usize) -> Plane {
@@ -778,6 +825,12 @@ impl Plane {
         let wide = upsample_rows(self, fx);
         let tall = transpose(&upsample_rows(&transpose(&wide), fy));
         tall.cropped(width, height)
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        scratch::recycle_buffer(std::mem::take(&mut self.values));
     }
 }
 

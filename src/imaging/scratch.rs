@@ -14,8 +14,8 @@ use image::{ColorType, DynamicImage, ImageBuffer};
 /// it keeps at all); anything beyond goes back to the allocator.
 const KEPT_BYTES: usize = 64 << 20;
 /// Most spare pixel buffers a thread keeps (a job holds a decode and a
-/// resize or two at once).
-const KEPT_BUFFERS: usize = 4;
+/// resize or two at once; a 1/8 JPEG decode, its planes).
+const KEPT_BUFFERS: usize = 8;
 
 thread_local! {
     static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
@@ -80,15 +80,16 @@ pub fn blank(width: u32, height: u32, color: ColorType) -> DynamicImage {
 /// [`blank`]; other images are just dropped.
 pub fn recycle(image: DynamicImage) {
     match image {
-        DynamicImage::ImageRgb8(buffer) => keep(buffer.into_raw()),
-        DynamicImage::ImageRgba8(buffer) => keep(buffer.into_raw()),
-        DynamicImage::ImageLuma8(buffer) => keep(buffer.into_raw()),
-        DynamicImage::ImageLumaA8(buffer) => keep(buffer.into_raw()),
+        DynamicImage::ImageRgb8(buffer) => recycle_buffer(buffer.into_raw()),
+        DynamicImage::ImageRgba8(buffer) => recycle_buffer(buffer.into_raw()),
+        DynamicImage::ImageLuma8(buffer) => recycle_buffer(buffer.into_raw()),
+        DynamicImage::ImageLumaA8(buffer) => recycle_buffer(buffer.into_raw()),
         _ => {}
     }
 }
 
-fn keep(buffer: Vec<u8>) {
+/// Keeps a byte buffer for this thread's next [`zeroed`] or [`blank`].
+pub fn recycle_buffer(buffer: Vec<u8>) {
     if buffer.capacity() == 0 || buffer.capacity() > KEPT_BYTES {
         return;
     }
@@ -131,14 +132,14 @@ mod tests {
     fn spares_stay_within_the_budget() {
         for _ in 0..10 {
             recycle(blank(1000, 1000, ColorType::Rgba8));
-            keep(vec![0; 4_000_000]);
+            recycle_buffer(vec![0; 4_000_000]);
         }
         SPARE.with_borrow(|spare| {
             assert!(spare.len() <= KEPT_BUFFERS);
             assert!(spare.iter().map(Vec::capacity).sum::<usize>() <= KEPT_BYTES);
         });
         // Too big to keep at all.
-        keep(vec![0; KEPT_BYTES + 1]);
+        recycle_buffer(vec![0; KEPT_BYTES + 1]);
         SPARE.with_borrow(|spare| assert!(spare.iter().all(|b| b.capacity() <= KEPT_BYTES)));
     }
 
