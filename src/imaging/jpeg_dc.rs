@@ -817,11 +817,9 @@ impl Plane {
 
     /// Scaled up `fx` x `fy` and cropped to `width` x `height`: a factor of
     /// 2 with libjpeg's triangle filter (3/4 nearest, 1/4 next), others by
-    /// repeating samples.
+    /// repeating samples. A plane at full size is read in place instead
+    /// (`to_rgb`), so at least one factor is above 1.
     fn upsampled(&self, fx: usize, fy: usize, width: usize, height: usize) -> Plane {
-        if (fx, fy) == (1, 1) {
-            return self.cropped(width, height);
-        }
         let wide = upsample_rows(self, fx);
         let tall = transpose(&upsample_rows(&transpose(&wide), fy));
         tall.cropped(width, height)
