@@ -742,6 +742,29 @@ impl Storage {
         changed
     }
 
+    /// `update_media_record` where no record means nothing to change:
+    /// answers `None`, without taking the lock, when there is none. A new
+    /// record is written whole by `create_media_record`, which fails if
+    /// another got there first, so only existing records need the lock; a
+    /// dispatch of new URLs then costs no lock round trips.
+    pub async fn update_existing_media_record<T>(
+        &self,
+        code: &str,
+        change: impl FnOnce(MediaRecord) -> (Option<MediaRecord>, T),
+    ) -> Result<Option<T>> {
+        if self.media_record(code).await?.is_none() {
+            return Ok(None);
+        }
+        self.update_media_record(code, |current| match current {
+            Some(record) => {
+                let (write, answer) = change(record);
+                (write, Some(answer))
+            }
+            None => (None, None),
+        })
+        .await
+    }
+
     async fn change_media_record<T>(
         &self,
         code: &str,

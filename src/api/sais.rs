@@ -421,17 +421,14 @@ impl Context {
         refusal: Option<&Error>,
     ) -> Result<Option<MediaRecord>> {
         self.storage
-            .update_media_record(code, |current| {
-                let Some(mut record) = current else {
-                    return (None, None);
-                };
+            .update_existing_media_record(code, |mut record| {
                 let before = record.clone();
                 prepare_for_dispatch(&mut record, context, filters, refusal);
                 if record == before {
-                    return (None, Some(record));
+                    return (None, record);
                 }
                 record.updated_at = now_secs();
-                (Some(record.clone()), Some(record))
+                (Some(record.clone()), record)
             })
             .await
     }

@@ -501,6 +501,73 @@ async fn a_record_lock_left_by_a_dead_process_delays_updates_until_it_expires() 
     assert!(!exists);
 }
 
+/// A change that only applies to an existing record does not ask the lock
+/// when there is no record: a lock held for a minute by a dead process on a
+/// code with no record delays nothing. On a record that exists it does ask,
+/// and waits like any update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_an_existing_record_takes_no_lock_when_there_is_none() {
+    let store = Store::new(StoreKind::Local);
+    let redis = RedisServer::start();
+    let mut config = Config::load_from(Sources::default()).unwrap();
+    config.redis.url = redis.url();
+    let handle = Arc::new(RedisHandle::new(&config.redis).unwrap());
+    let keys = RedisKeys::new(&config.redis.prefix);
+    let lock = RedisRecordLock::new(
+        handle.clone(),
+        keys.clone(),
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    );
+    let storage = open(&store.toml).sharing_record_locks(Arc::new(lock));
+    let code = "00112233445566ff";
+    let mut conn = handle.conn().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(keys.record_lock(code))
+        .arg("a dead process's token")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let add_thumb = |record: MediaRecord| {
+        let mut record = record;
+        record.thumb_data.insert("small".into(), Thumb::pending());
+        (Some(record), "changed")
+    };
+
+    let absent = storage
+        .update_existing_media_record(code, add_thumb)
+        .await
+        .unwrap();
+    assert_eq!(
+        absent, None,
+        "no record, nothing changed, no lock waited for"
+    );
+    assert!(storage.media_record(code).await.unwrap().is_none());
+
+    assert!(storage
+        .create_media_record(&MediaRecord::new(code, "shop", None))
+        .await
+        .unwrap());
+    let refused = storage.update_existing_media_record(code, add_thumb).await;
+    let error = refused.expect_err("the record exists and its lock is held");
+    assert!(error.is_retryable(), "{error:?}");
+
+    let _: () = redis::cmd("DEL")
+        .arg(keys.record_lock(code))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let changed = storage
+        .update_existing_media_record(code, add_thumb)
+        .await
+        .unwrap();
+    assert_eq!(changed, Some("changed"));
+    let record = storage.media_record(code).await.unwrap().unwrap();
+    assert!(record.thumb_data.contains_key("small"));
+}
+
 async fn listing_and_delete(kind: StoreKind) {
     let store = Store::new(kind);
     let storage = &store.storage;
