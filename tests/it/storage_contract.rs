@@ -426,6 +426,14 @@ async fn record_updates_from_two_processes_sharing_redis_all_land(kind: StoreKin
     );
 }
 
+/// A Redis handle on `redis` and the key names of kiln's default prefix.
+fn redis_handle_and_keys(redis: &RedisServer) -> (Arc<RedisHandle>, RedisKeys) {
+    let mut config = Config::load_from(Sources::default()).unwrap();
+    config.redis.url = redis.url();
+    let handle = Arc::new(RedisHandle::new(&config.redis).unwrap());
+    (handle, RedisKeys::new(&config.redis.prefix))
+}
+
 /// A process that died holding a record's lock holds up that record until
 /// the lock expires, no longer; one waiting past `record_lock_wait_ms` gets
 /// a retryable error, and the record is as it was.
@@ -433,10 +441,7 @@ async fn record_updates_from_two_processes_sharing_redis_all_land(kind: StoreKin
 async fn a_record_lock_left_by_a_dead_process_delays_updates_until_it_expires() {
     let store = Store::new(StoreKind::Local);
     let redis = RedisServer::start();
-    let mut config = Config::load_from(Sources::default()).unwrap();
-    config.redis.url = redis.url();
-    let handle = Arc::new(RedisHandle::new(&config.redis).unwrap());
-    let keys = RedisKeys::new(&config.redis.prefix);
+    let (handle, keys) = redis_handle_and_keys(&redis);
     let waiting = |wait_ms| {
         let lock = RedisRecordLock::new(
             handle.clone(),
@@ -509,10 +514,7 @@ async fn a_record_lock_left_by_a_dead_process_delays_updates_until_it_expires() 
 async fn an_update_of_an_existing_record_takes_no_lock_when_there_is_none() {
     let store = Store::new(StoreKind::Local);
     let redis = RedisServer::start();
-    let mut config = Config::load_from(Sources::default()).unwrap();
-    config.redis.url = redis.url();
-    let handle = Arc::new(RedisHandle::new(&config.redis).unwrap());
-    let keys = RedisKeys::new(&config.redis.prefix);
+    let (handle, keys) = redis_handle_and_keys(&redis);
     let lock = RedisRecordLock::new(
         handle.clone(),
         keys.clone(),
