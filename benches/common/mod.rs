@@ -111,6 +111,21 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// CPU time (user + system) of those of `pid`'s threads whose name starts
+/// with `prefix`, from `/proc/<pid>/task/*`.
+pub fn threads_cpu_time(pid: &str, prefix: &str) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = Duration::ZERO;
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            total += cpu_time(&format!("{pid}/task/{tid}")).unwrap_or_default();
+        }
+    }
+    Some(total)
+}
+
 /// `/proc/loadavg`'s first three fields.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
