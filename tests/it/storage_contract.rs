@@ -434,6 +434,17 @@ fn redis_handle_and_keys(redis: &RedisServer) -> (Arc<RedisHandle>, RedisKeys) {
     (handle, RedisKeys::new(&config.redis.prefix))
 }
 
+/// Takes `code`'s record lock for `ttl_ms` as a process that then died would:
+/// nobody releases it.
+fn dead_holder(keys: &RedisKeys, code: &str, ttl_ms: u64) -> redis::Cmd {
+    redis::cmd("SET")
+        .arg(keys.record_lock(code))
+        .arg("a dead process's token")
+        .arg("PX")
+        .arg(ttl_ms)
+        .clone()
+}
+
 /// A process that died holding a record's lock holds up that record until
 /// the lock expires, no longer; one waiting past `record_lock_wait_ms` gets
 /// a retryable error, and the record is as it was.
@@ -465,16 +476,11 @@ async fn a_record_lock_left_by_a_dead_process_delays_updates_until_it_expires() 
         }
     };
     let mut conn = handle.conn().await.unwrap();
-    let dead_holder = |ttl_ms: u64| {
-        redis::cmd("SET")
-            .arg(keys.record_lock(code))
-            .arg("a dead process's token")
-            .arg("PX")
-            .arg(ttl_ms)
-            .clone()
-    };
 
-    let _: () = dead_holder(60_000).query_async(&mut conn).await.unwrap();
+    let _: () = dead_holder(&keys, code, 60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let refused = waiting(300).update_media_record(code, add("refused")).await;
     let error = refused.expect_err("the lock is held for a minute");
     assert!(error.is_retryable(), "{error:?}");
@@ -484,7 +490,10 @@ async fn a_record_lock_left_by_a_dead_process_delays_updates_until_it_expires() 
         "nothing written without the lock"
     );
 
-    let _: () = dead_holder(600).query_async(&mut conn).await.unwrap();
+    let _: () = dead_holder(&keys, code, 600)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let started = Instant::now();
     waiting(5_000)
         .update_media_record(code, add("after expiry"))
@@ -524,16 +533,11 @@ async fn an_update_of_an_existing_record_takes_no_lock_when_there_is_none() {
     let storage = open(&store.toml).sharing_record_locks(Arc::new(lock));
     let code = "00112233445566ff";
     let mut conn = handle.conn().await.unwrap();
-    let _: () = redis::cmd("SET")
-        .arg(keys.record_lock(code))
-        .arg("a dead process's token")
-        .arg("PX")
-        .arg(60_000)
+    let _: () = dead_holder(&keys, code, 60_000)
         .query_async(&mut conn)
         .await
         .unwrap();
-    let add_thumb = |record: MediaRecord| {
-        let mut record = record;
+    let add_thumb = |mut record: MediaRecord| {
         record.thumb_data.insert("small".into(), Thumb::pending());
         (Some(record), "changed")
     };
