@@ -220,7 +220,9 @@ pub struct QueueConfig {
     pub max_retry_backoff_ms: u64,
     /// Dead letters kept (older ones are dropped). Default 10 000.
     pub dead_letter_max: u64,
-    /// Jobs one worker process runs at once. Default 2.
+    /// Jobs one worker process runs at once. Default 4, twice the render
+    /// threads: while one job fetches, stores or calls back, another keeps
+    /// its render thread busy.
     pub worker_concurrency: usize,
     /// Milliseconds a claim blocks waiting for work. Default 1000.
     pub claim_block_ms: u64,
