@@ -30,6 +30,8 @@ use crate::metrics::{HitSource, Metrics, Route};
 use crate::security::normalize_path;
 use crate::ui::Ui;
 
+mod one_write;
+
 /// An answer before it is written: its head is built as it goes, so
 /// writing it converts nothing.
 pub struct Reply {
@@ -979,7 +981,10 @@ impl HttpServerApp for Front {
                 return None;
             }
         }
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        // Kept open unless the client asked to close (or, on HTTP/1.0, did
+        // not ask to keep it) or kiln is stopping.
+        let keep = session.get_keepalive().is_some() && !*shutdown.borrow();
+        session.set_keepalive(keep.then_some(60));
         // The clock is read only when the access log wants a duration.
         let started = self.access_log.then(std::time::Instant::now);
         let route = Route::of(session.req_header().uri.path());
@@ -1005,17 +1010,28 @@ impl HttpServerApp for Front {
         let with_body = !head && !reply.body.is_empty();
         let bytes = if with_body { reply.body.len() } else { 0 };
         let hit = reply.hit;
-        let response = Box::new(ResponseHeader::from(reply.head));
-        let mut written = session.write_response_header(response).await.is_ok();
-        if written && with_body {
-            written = session.write_response_body(reply.body, true).await.is_ok();
-        }
-        if let Some(started) = started {
+        let body = if with_body { reply.body } else { Bytes::new() };
+        let response = ResponseHeader::from(reply.head);
+        // Taken now: sending gives the session up.
+        let logged = started.map(|started| {
             let header = session.req_header();
+            (
+                started,
+                header.method.clone(),
+                header.uri.path().to_string(),
+            )
+        });
+        let (written, reused) = if one_write::applies(&session) {
+            let reused = one_write::send(session, response, body).await;
+            (reused.is_some(), reused)
+        } else {
+            send_through_pingora(session, response, body).await
+        };
+        if let Some((started, method, path)) = logged {
             tracing::info!(
                 target: "kiln::access",
-                method = %header.method,
-                path = header.uri.path(),
+                method = %method,
+                path,
                 route = route.as_str(),
                 status,
                 duration_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -1028,15 +1044,35 @@ impl HttpServerApp for Front {
         if !written {
             return None;
         }
-        let persistent = HttpPersistentSettings::for_session(&session);
-        let reused = match session.finish().await {
-            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
-            Err(_) => None,
-        };
-        // After `finish`, which flushes the answer: it leaves before the yield.
+        // After the answer went out: it leaves before the yield.
         self.core_yield.answered();
         reused
     }
+}
+
+/// Writes an answer the way pingora does (a closing connection, HTTP/2):
+/// whether it was written, and the connection if it stays open.
+async fn send_through_pingora(
+    mut session: ServerSession,
+    response: ResponseHeader,
+    body: Bytes,
+) -> (bool, Option<ReusedHttpStream>) {
+    let mut written = session
+        .write_response_header(Box::new(response))
+        .await
+        .is_ok();
+    if written && !body.is_empty() {
+        written = session.write_response_body(body, true).await.is_ok();
+    }
+    if !written {
+        return (false, None);
+    }
+    let persistent = HttpPersistentSettings::for_session(&session);
+    let reused = match session.finish().await {
+        Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
+        Err(_) => None,
+    };
+    (true, reused)
 }
 
 #[cfg(test)]

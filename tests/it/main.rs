@@ -8,6 +8,7 @@ mod kiln;
 
 mod cdn;
 mod cli;
+mod connections;
 mod distributed;
 mod docker;
 mod eager;

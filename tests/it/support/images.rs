@@ -28,6 +28,21 @@ pub fn png_rgba(w: u32, h: u32, rgba: [u8; 4]) -> Vec<u8> {
     )
 }
 
+/// An RGBA PNG of random-looking pixels: it does not compress, so its
+/// variants stay about as large as their pixels.
+pub fn png_noise(w: u32, h: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let img = RgbaImage::from_fn(w, h, |_, _| {
+        // xorshift64: a fixed sequence, so every run stores the same image.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let [r, g, b, ..] = state.to_le_bytes();
+        Rgba([r, g, b, 255])
+    });
+    encode(DynamicImage::ImageRgba8(img), ImageFormat::Png)
+}
+
 /// A solid-colour single-frame GIF.
 pub fn gif(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
     let [r, g, b] = rgb;

@@ -26,7 +26,7 @@ pub use gate::Gate;
 #[allow(unused_imports)]
 pub use images::{
     decode, dimensions, format_of, gif, jpeg, jpeg_with_orientation, mean_rgb, png_header_claiming,
-    png_rgba, webp_lossless,
+    png_noise, png_rgba, webp_lossless,
 };
 #[allow(unused_imports)]
 pub use nginx::Nginx;

@@ -1,0 +1,199 @@
+//! How answers leave a kept-open HTTP/1.1 connection (each in one write,
+//! straight from its bytes): in order when requests are pipelined, with
+//! `Date` and `Connection` as pingora wrote them, closed when the client
+//! asks or HTTP/1.0 does not ask to keep it, and whole when the body is
+//! large and read late.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::kiln::{until_ready, Backend, Kiln};
+use crate::support::{png_noise, png_rgba};
+
+/// One answer as read off the wire.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the next answer; None at the end of the connection. The answer to
+/// a HEAD has no body whatever its `Content-Length` says.
+async fn read_answer(reader: &mut BufReader<TcpStream>, to_head: bool) -> Option<Answer> {
+    let read = async {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap() == 0 {
+            return None;
+        }
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not a status line: {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).await.unwrap();
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(": ").expect("a header line");
+            headers.push((name.to_string(), value.to_string()));
+        }
+        let mut answer = Answer {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let length: usize = answer
+            .header("content-length")
+            .expect("every answer has a Content-Length")
+            .parse()
+            .unwrap();
+        if !to_head {
+            answer.body = vec![0; length];
+            reader.read_exact(&mut answer.body).await.unwrap();
+        }
+        Some(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("an answer or the end of the connection within 10 s")
+}
+
+async fn connect(kiln: &Kiln) -> BufReader<TcpStream> {
+    let addr = kiln.url("").trim_start_matches("http://").to_string();
+    BufReader::new(TcpStream::connect(addr).await.unwrap())
+}
+
+fn request(method: &str, path: &str, version: &str, extra: &str) -> String {
+    format!("{method} {path} {version}\r\nHost: kiln\r\n{extra}\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    kiln.store("acme/0/logo.png", &png_rgba(900, 600, [20, 200, 40, 255]));
+    kiln.store("acme/0/other.png", &png_rgba(300, 300, [200, 20, 40, 255]));
+    let hit_path = "/media/cache/medium/acme/0/logo.png";
+    let expected = until_ready(&kiln.url(hit_path))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+
+    // Four requests in one packet: a hit, a miss, a HEAD of the hit, and a
+    // last one asking to close.
+    let mut connection = connect(&kiln).await;
+    let pipelined = [
+        request("GET", hit_path, "HTTP/1.1", ""),
+        request("GET", "/media/cache/small/acme/0/other.png", "HTTP/1.1", ""),
+        request("HEAD", hit_path, "HTTP/1.1", ""),
+        request("GET", "/healthz", "HTTP/1.1", "Connection: close\r\n"),
+    ]
+    .concat();
+    connection
+        .get_mut()
+        .write_all(pipelined.as_bytes())
+        .await
+        .unwrap();
+
+    let hit = read_answer(&mut connection, false).await.expect("the hit");
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.body, expected, "the variant's bytes");
+    assert_eq!(hit.header("content-type"), Some("image/png"));
+    assert_eq!(hit.header("connection"), Some("keep-alive"));
+    let date = hit.header("date").expect("a Date header");
+    assert!(date.ends_with(" GMT"), "an HTTP date: {date}");
+
+    let miss = read_answer(&mut connection, false).await.expect("the miss");
+    assert_eq!(miss.status, 202);
+    assert_eq!(miss.header("cache-control"), Some("no-store"));
+    assert_eq!(miss.header("connection"), Some("keep-alive"));
+
+    let head = read_answer(&mut connection, true).await.expect("the HEAD");
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some(expected.len().to_string().as_str())
+    );
+    assert_eq!(head.header("etag"), hit.header("etag"));
+
+    let last = read_answer(&mut connection, false).await.expect("the last");
+    assert_eq!(last.status, 200);
+    assert_eq!(last.body, br#"{"status":"ok"}"#);
+    assert_eq!(last.header("connection"), Some("close"));
+    assert!(
+        read_answer(&mut connection, false).await.is_none(),
+        "kiln closes after the answer to Connection: close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_connections_close_unless_asked_to_stay_open() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+
+    let mut plain = connect(&kiln).await;
+    let ask = request("GET", "/healthz", "HTTP/1.0", "");
+    plain.get_mut().write_all(ask.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut plain, false).await.expect("an answer");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(
+        read_answer(&mut plain, false).await.is_none(),
+        "then closed"
+    );
+
+    let mut kept = connect(&kiln).await;
+    let ask = request("GET", "/healthz", "HTTP/1.0", "Connection: keep-alive\r\n");
+    for _ in 0..2 {
+        kept.get_mut().write_all(ask.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut kept, false).await.expect("an answer");
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("connection"), Some("keep-alive"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_read_late_arrives_whole() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    kiln.store("acme/0/noise.png", &png_noise(1200, 800));
+    let path = "/media/cache/large/acme/0/noise.png";
+    until_ready(&kiln.url(path)).await;
+    let stored = std::fs::read(kiln.storage_path(path.trim_start_matches('/'))).unwrap();
+    assert!(stored.len() > 1_000_000, "{} bytes", stored.len());
+
+    // A small receive buffer and a late reader: the answer waits in the
+    // socket before it is read, and the connection then carries the next
+    // one intact. (Short writes themselves: `one_write`'s unit test.)
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = kiln.url("").trim_start_matches("http://").parse().unwrap();
+    let mut connection = BufReader::new(socket.connect(addr).await.unwrap());
+    let ask = request("GET", path, "HTTP/1.1", "");
+    for _ in 0..2 {
+        connection
+            .get_mut()
+            .write_all(ask.as_bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = read_answer(&mut connection, false)
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 200);
+        assert!(answer.body == stored, "the stored bytes, whole");
+    }
+}
