@@ -100,8 +100,9 @@ pub struct ServerConfig {
     /// in-process (`app::spawn`) always steals: pingora's no-steal runtime
     /// supports one front per process.
     pub work_stealing: bool,
-    /// Per-connection write buffer, bytes: an answer whose head and body fit
-    /// goes out in one write. Default 64 KiB.
+    /// Per-connection write buffer, bytes. Default 0: answers on kept-open
+    /// connections leave in one vectored write from their own bytes
+    /// (`front::one_write`), which a buffer would only copy.
     pub write_buffer_bytes: usize,
     /// A front thread yields its core after this many answers, so that a
     /// thread that never blocks under load does not hold its connections
