@@ -54,7 +54,7 @@ impl Reply {
     fn with_length(status: u16, body: Bytes, length: HeaderValue) -> Reply {
         let (mut head, ()) = http::Response::new(()).into_parts();
         head.status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        // Room for ours plus the Date and Connection pingora adds.
+        // Room for ours plus the Date and Connection added when it is written.
         head.headers.reserve(8);
         head.headers.insert(CONTENT_LENGTH, length);
         Reply {
