@@ -23,9 +23,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 const KEEP_ALIVE: HeaderValue = HeaderValue::from_static("keep-alive");
 
 /// Whether [`send`] can answer this session: HTTP/1.x on a connection that
-/// stays open. Otherwise pingora writes the answer and closes.
+/// stays open, by the same test pingora's `finish` makes (keep-alive on, and
+/// not its last allowed request). Otherwise `finish` would close the
+/// connection before the answer is written, so pingora must write it.
 pub fn applies(session: &ServerSession) -> bool {
-    matches!(session, ServerSession::H1(_)) && session.get_keepalive().is_some()
+    matches!(session, ServerSession::H1(_))
+        && session.get_keepalive().is_some()
+        && session.get_keepalive_reuses_remaining() != Some(0)
 }
 
 /// Writes `header` (with the `Date` and `Connection` pingora would add) and
