@@ -28,15 +28,17 @@ use crate::index::{Failure, HotVariant, Located, VariantInfo};
 use crate::keys;
 use crate::metrics::{HitSource, Metrics, Route};
 use crate::security::normalize_path;
+use crate::storage::Sendable;
 use crate::ui::Ui;
 
 mod one_write;
+use one_write::Body;
 
 /// An answer before it is written: its head is built as it goes, so
 /// writing it converts nothing.
 pub struct Reply {
     head: http::response::Parts,
-    body: Bytes,
+    body: Body,
     /// A header value that could not be encoded: the connection is dropped
     /// rather than answered without it.
     broken: bool,
@@ -51,7 +53,7 @@ impl Reply {
         Reply::with_length(status, body, length).header(CONTENT_TYPE, content_type)
     }
 
-    fn with_length(status: u16, body: Bytes, length: HeaderValue) -> Reply {
+    fn with_length(status: u16, body: impl Into<Body>, length: HeaderValue) -> Reply {
         let (mut head, ()) = http::Response::new(()).into_parts();
         head.status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         // Room for ours plus the Date and Connection added when it is written.
@@ -59,7 +61,7 @@ impl Reply {
         head.headers.insert(CONTENT_LENGTH, length);
         Reply {
             head,
-            body,
+            body: body.into(),
             broken: false,
             hit: None,
         }
@@ -444,14 +446,14 @@ impl Front {
                     .header(LOCATION, location)
                     .header(CACHE_CONTROL, NO_STORE));
             }
-            let (bytes, source) = match found {
+            let (body, source) = match found {
                 Found::Hot(hot) => return Ok(self.hot_hit(&hot, conditions)),
-                Found::Bytes(bytes) => (Some(bytes), HitSource::Storage),
-                Found::Entry => (self.variant_bytes(variant, &info).await?, HitSource::Index),
+                Found::Bytes(bytes) => (Some(Body::Memory(bytes)), HitSource::Storage),
+                Found::Entry => (self.variant_body(variant, &info).await?, HitSource::Index),
             };
             // An index entry whose bytes are gone is treated as a miss.
-            if let Some(bytes) = bytes {
-                let mut reply = self.hit(&info, bytes, conditions);
+            if let Some(body) = body {
+                let mut reply = self.hit(&info, body, conditions);
                 reply.hit = Some(source);
                 return Ok(reply);
             }
@@ -504,17 +506,28 @@ impl Front {
         Ok(())
     }
 
-    /// The bytes of a variant the index knows, from storage (kept hot when
-    /// they fit).
-    async fn variant_bytes(&self, variant: &str, info: &Arc<VariantInfo>) -> Result<Option<Bytes>> {
-        let Some(object) = self.ctx.storage.get_keeping_open(variant).await? else {
+    /// The body of a variant the index knows, from storage: read and kept
+    /// hot when it fits the hot cache, else (local storage, page cache
+    /// holding it) its file, for the kernel to send without a copy.
+    async fn variant_body(&self, variant: &str, info: &Arc<VariantInfo>) -> Result<Option<Body>> {
+        let storage = &self.ctx.storage;
+        let index = &self.ctx.index;
+        if !index.keeps_hot(info.size) {
+            return Ok(storage
+                .get_for_sending(variant)
+                .await?
+                .map(|sendable| match sendable {
+                    Sendable::Bytes(object) => Body::Memory(object.bytes),
+                    Sendable::File(file, _) => Body::File(file),
+                }));
+        }
+        let Some(object) = storage.get_keeping_open(variant).await? else {
             return Ok(None);
         };
-        self.ctx
-            .index
+        index
             .hot_put_known(variant, info.clone(), object.bytes.clone())
             .await;
-        Ok(Some(object.bytes))
+        Ok(Some(Body::Memory(object.bytes)))
     }
 
     /// A hit from memory: every header value was formatted when it was kept.
@@ -522,7 +535,7 @@ impl Front {
         let mut reply = self.hit_reply(
             conditions,
             &hot.info,
-            hot.bytes.clone(),
+            Body::Memory(hot.bytes.clone()),
             hot.content_length.clone(),
             [
                 hot.content_type.clone(),
@@ -535,13 +548,13 @@ impl Front {
     }
 
     /// A hit whose header values are formatted now.
-    fn hit(&self, info: &VariantInfo, bytes: Bytes, conditions: &Conditions<'_>) -> Reply {
-        let length = HeaderValue::from(bytes.len());
+    fn hit(&self, info: &VariantInfo, body: Body, conditions: &Conditions<'_>) -> Reply {
+        let length = HeaderValue::from(body.len());
         let last_modified = info.http_last_modified();
         self.hit_reply(
             conditions,
             info,
-            bytes,
+            body,
             length,
             [
                 info.content_type.as_str(),
@@ -558,7 +571,7 @@ impl Front {
         &self,
         conditions: &Conditions<'_>,
         info: &VariantInfo,
-        bytes: Bytes,
+        body: Body,
         length: HeaderValue,
         [content_type, etag, last_modified]: [V; 3],
     ) -> Reply {
@@ -567,7 +580,7 @@ impl Front {
             .is_some_and(|header| etag_matches(header, &info.etag));
         let range = match conditions.range {
             Some(range) if !not_modified && conditions.range_applies(info) => {
-                byte_range(range, bytes.len())
+                byte_range(range, body.len() as usize)
             }
             _ => ByteRange::Whole,
         };
@@ -575,17 +588,17 @@ impl Front {
             Reply::with_length(304, Bytes::new(), HeaderValue::from_static("0"))
         } else {
             match range {
-                ByteRange::Whole => Reply::with_length(200, bytes, length),
+                ByteRange::Whole => Reply::with_length(200, body, length),
                 ByteRange::Part(part) => {
                     let content_range =
-                        format!("bytes {}-{}/{}", part.start, part.end - 1, bytes.len());
-                    let part = bytes.slice(part);
-                    Reply::with_length(206, part.clone(), HeaderValue::from(part.len()))
-                        .header(CONTENT_RANGE, content_range)
+                        format!("bytes {}-{}/{}", part.start, part.end - 1, body.len());
+                    let part = body.slice(part.start as u64..part.end as u64);
+                    let length = HeaderValue::from(part.len());
+                    Reply::with_length(206, part, length).header(CONTENT_RANGE, content_range)
                 }
                 ByteRange::Unsatisfiable => {
                     Reply::with_length(416, Bytes::new(), HeaderValue::from_static("0"))
-                        .header(CONTENT_RANGE, format!("bytes */{}", bytes.len()))
+                        .header(CONTENT_RANGE, format!("bytes */{}", body.len()))
                 }
             }
         };
@@ -1010,7 +1023,11 @@ impl HttpServerApp for Front {
         let with_body = !head && !reply.body.is_empty();
         let bytes = if with_body { reply.body.len() } else { 0 };
         let hit = reply.hit;
-        let body = if with_body { reply.body } else { Bytes::new() };
+        let body = if with_body {
+            reply.body
+        } else {
+            Body::Memory(Bytes::new())
+        };
         let response = ResponseHeader::from(reply.head);
         // Taken now: sending gives the session up.
         let logged = started.map(|started| {
@@ -1055,8 +1072,11 @@ impl HttpServerApp for Front {
 async fn send_through_pingora(
     mut session: ServerSession,
     response: ResponseHeader,
-    body: Bytes,
+    body: Body,
 ) -> (bool, Option<ReusedHttpStream>) {
+    let Some(body) = body.into_bytes().await else {
+        return (false, None);
+    };
     let mut written = session
         .write_response_header(Box::new(response))
         .await

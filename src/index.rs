@@ -543,6 +543,12 @@ impl Index {
         }
     }
 
+    /// Whether bytes of this size are kept in memory once read; the front
+    /// sends others from their file.
+    pub fn keeps_hot(&self, size: u64) -> bool {
+        size <= self.hot_max_object_bytes && self.hot.policy().max_capacity() != Some(0)
+    }
+
     /// Keeps a variant's bytes in memory with what the index knows of them.
     pub async fn hot_put_known(&self, variant: &str, info: Arc<VariantInfo>, bytes: Bytes) {
         if bytes.len() as u64 > self.hot_max_object_bytes {

@@ -1,8 +1,10 @@
 //! kiln: an edge-cached image proxy with async pre-heat. See DESIGN.md in the
 //! shared folder and the README for the shape; each module's header says
 //! what it owns.
-// Denied, not forbidden: `imaging::decode_webp` alone calls libwebp's
-// scaled decoder, which no safe wrapper offers.
+// Denied, not forbidden: `imaging::decode_webp` calls libwebp's scaled
+// decoder, `storage::file_body` the kernel's `cachestat`, and `one_write`
+// borrows pingora's socket by its descriptor for `sendfile`; no safe
+// wrapper offers these.
 #![deny(unsafe_code)]
 
 pub mod api;

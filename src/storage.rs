@@ -38,6 +38,12 @@ pub struct StoredObject {
     pub info: ObjectInfo,
 }
 
+/// A stored object ready to answer with: its bytes, or its open file.
+pub enum Sendable {
+    Bytes(StoredObject),
+    File(FileBody, ObjectInfo),
+}
+
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
@@ -280,6 +286,30 @@ impl Storage {
         Self::local_finish(started).await
     }
 
+    /// `get_keeping_open` for an answer: a local object the page cache
+    /// holds comes back as its open file, for the kernel to send (no read,
+    /// no copy); anything else as bytes.
+    pub async fn get_for_sending(&self, path: &str) -> Result<Option<Sendable>> {
+        let Some(local) = &self.local else {
+            return Ok(self.get(path).await?.map(Sendable::Bytes));
+        };
+        let file = || local.file(&Self::location(path)?);
+        let opened = match &self.open_files {
+            Some(open_files) => open_files.open(path, file).await?,
+            None => local_read::open_file(&file()?)?,
+        };
+        let Some((open, metadata)) = opened else {
+            return Ok(None);
+        };
+        let info = local_read::info(&metadata);
+        if file_body::resident(&open.file, info.size) {
+            return Ok(Some(Sendable::File(FileBody::new(open, info.size), info)));
+        }
+        Ok(Self::local_finish(local_read::read(open, &metadata)?)
+            .await?
+            .map(Sendable::Bytes))
+    }
+
     async fn local_get(file: &std::path::Path) -> Result<Option<StoredObject>> {
         Self::local_finish(local_read::start(file)?).await
     }
@@ -365,7 +395,9 @@ impl Storage {
     }
 }
 
+mod file_body;
 mod open_files;
+pub use file_body::FileBody;
 
 /// Where a local store keeps its objects.
 struct LocalRoot {
@@ -433,7 +465,7 @@ mod local_read {
         Error::Storage(format!("{}: {e}", path.display()))
     }
 
-    fn info(metadata: &Metadata) -> ObjectInfo {
+    pub fn info(metadata: &Metadata) -> ObjectInfo {
         let modified = metadata
             .modified()
             .ok()
@@ -526,13 +558,19 @@ mod local_read {
 
     /// How much of `buf` the page cache could fill from the file's start
     /// without waiting for the disk.
-    #[cfg(target_os = "linux")]
     fn read_cached(file: &File, buf: &mut [u8]) -> usize {
+        read_cached_at(file, buf, 0)
+    }
+
+    /// Fills `buf` from `at` in the file with what the page cache holds;
+    /// answers how much it read.
+    #[cfg(target_os = "linux")]
+    pub fn read_cached_at(file: &File, buf: &mut [u8], at: u64) -> usize {
         use rustix::io::{preadv2, Errno, ReadWriteFlags};
         let mut read = 0;
         while read < buf.len() {
             let mut slice = [std::io::IoSliceMut::new(&mut buf[read..])];
-            match preadv2(file, &mut slice, read as u64, ReadWriteFlags::NOWAIT) {
+            match preadv2(file, &mut slice, at + read as u64, ReadWriteFlags::NOWAIT) {
                 Ok(0) => break,
                 Ok(n) => read += n,
                 Err(Errno::INTR) => {}
@@ -544,7 +582,7 @@ mod local_read {
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn read_cached(_file: &File, _buf: &mut [u8]) -> usize {
+    pub fn read_cached_at(_file: &File, _buf: &mut [u8], _at: u64) -> usize {
         0
     }
 }
@@ -980,6 +1018,61 @@ mod tests {
             assert_eq!(ours, theirs, "{path}");
         }
         assert!(local.file(&StorePath::from("")).is_err());
+    }
+
+    /// Whether this kernel has `cachestat` (Linux 6.5).
+    fn kernel_has_cachestat() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit());
+        let major: u32 = numbers.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let minor: u32 = numbers.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        (major, minor) >= (6, 5)
+    }
+
+    /// A local object the page cache holds is answered as its open file
+    /// (the kept one while it is linked, a new one once it is replaced);
+    /// other stores answer bytes.
+    #[tokio::test]
+    async fn objects_for_sending_are_their_cached_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap())
+            .unwrap()
+            .keeping_files_open(10, Duration::from_secs(60));
+        assert!(storage
+            .get_for_sending("a/none.png")
+            .await
+            .unwrap()
+            .is_none());
+
+        for content in [&b"first version"[..], b"second, longer version"] {
+            storage
+                .put("a/b.png", Bytes::copy_from_slice(content))
+                .await
+                .unwrap();
+            let sendable = storage.get_for_sending("a/b.png").await.unwrap().unwrap();
+            let bytes = match sendable {
+                Sendable::File(file, info) => {
+                    assert_eq!(
+                        (file.len(), info.size),
+                        (content.len() as u64, content.len() as u64)
+                    );
+                    file.read_all().await.unwrap()
+                }
+                Sendable::Bytes(object) => {
+                    assert!(!kernel_has_cachestat(), "a just-written file is cached");
+                    object.bytes
+                }
+            };
+            assert_eq!(bytes, content);
+        }
+
+        let memory = Storage::open("memory://").unwrap();
+        memory
+            .put("a/b.png", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let sendable = memory.get_for_sending("a/b.png").await.unwrap().unwrap();
+        assert!(matches!(sendable, Sendable::Bytes(object) if object.bytes == "x"));
     }
 
     /// Local reads answer as object_store's local backend does.

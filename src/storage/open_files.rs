@@ -6,6 +6,7 @@
 //! link, so the `fstat` of each read notices a change made by any process
 //! (a re-render, a purge) without being told.
 
+use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,21 +40,35 @@ impl OpenFiles {
         key: &str,
         path: impl FnOnce() -> Result<PathBuf>,
     ) -> Result<Started> {
+        match self.open(key, path).await? {
+            Some((open, metadata)) => local_read::read(open, &metadata),
+            None => Ok(Started::Absent),
+        }
+    }
+
+    /// The object `key`'s open file and its `fstat`: the kept descriptor
+    /// while that file is still linked, else the file `path` names (kept
+    /// open); None when there is no such file.
+    pub async fn open(
+        &self,
+        key: &str,
+        path: impl FnOnce() -> Result<PathBuf>,
+    ) -> Result<Option<(Arc<OpenFile>, Metadata)>> {
         if let Some(open) = self.files.get(key).await {
             let metadata = open
                 .file
                 .metadata()
                 .map_err(|e| local_read::failed(&open.path, e))?;
             if metadata.nlink() > 0 {
-                return local_read::read(open, &metadata);
+                return Ok(Some((open, metadata)));
             }
             self.files.invalidate(key).await;
         }
         let Some((open, metadata)) = local_read::open_file(&path()?)? else {
-            return Ok(Started::Absent);
+            return Ok(None);
         };
         self.files.insert(key.to_string(), open.clone()).await;
-        local_read::read(open, &metadata)
+        Ok(Some((open, metadata)))
     }
 
     /// How many descriptors are kept (tests).

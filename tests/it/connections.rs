@@ -2,7 +2,8 @@
 //! straight from its bytes): in order when requests are pipelined, with
 //! `Date` and `Connection` as pingora wrote them, closed when the client
 //! asks or HTTP/1.0 does not ask to keep it, and whole when the body is
-//! large and read late.
+//! large and read late; and, when bodies are not kept in memory, sent
+//! from their files as well.
 
 use std::time::Duration;
 
@@ -78,6 +79,23 @@ async fn connect(kiln: &Kiln) -> BufReader<TcpStream> {
     BufReader::new(TcpStream::connect(addr).await.unwrap())
 }
 
+/// A connection whose receive buffer is small, so an answer not read yet
+/// fills the socket and kiln's writes wait.
+async fn connect_small_window(kiln: &Kiln) -> BufReader<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = kiln.url("").trim_start_matches("http://").parse().unwrap();
+    BufReader::new(socket.connect(addr).await.unwrap())
+}
+
+async fn send(connection: &mut BufReader<TcpStream>, text: &str) {
+    connection
+        .get_mut()
+        .write_all(text.as_bytes())
+        .await
+        .unwrap();
+}
+
 fn request(method: &str, path: &str, version: &str, extra: &str) -> String {
     format!("{method} {path} {version}\r\nHost: kiln\r\n{extra}\r\n")
 }
@@ -104,11 +122,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
         request("GET", "/healthz", "HTTP/1.1", "Connection: close\r\n"),
     ]
     .concat();
-    connection
-        .get_mut()
-        .write_all(pipelined.as_bytes())
-        .await
-        .unwrap();
+    send(&mut connection, &pipelined).await;
 
     let hit = read_answer(&mut connection, false).await.expect("the hit");
     assert_eq!(hit.status, 200);
@@ -147,7 +161,7 @@ async fn http_1_0_connections_close_unless_asked_to_stay_open() {
 
     let mut plain = connect(&kiln).await;
     let ask = request("GET", "/healthz", "HTTP/1.0", "");
-    plain.get_mut().write_all(ask.as_bytes()).await.unwrap();
+    send(&mut plain, &ask).await;
     let answer = read_answer(&mut plain, false).await.expect("an answer");
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("connection"), Some("close"));
@@ -159,7 +173,7 @@ async fn http_1_0_connections_close_unless_asked_to_stay_open() {
     let mut kept = connect(&kiln).await;
     let ask = request("GET", "/healthz", "HTTP/1.0", "Connection: keep-alive\r\n");
     for _ in 0..2 {
-        kept.get_mut().write_all(ask.as_bytes()).await.unwrap();
+        send(&mut kept, &ask).await;
         let answer = read_answer(&mut kept, false).await.expect("an answer");
         assert_eq!(answer.status, 200);
         assert_eq!(answer.header("connection"), Some("keep-alive"));
@@ -178,17 +192,10 @@ async fn a_large_body_read_late_arrives_whole() {
     // A small receive buffer and a late reader: the answer waits in the
     // socket before it is read, and the connection then carries the next
     // one intact. (Short writes themselves: `one_write`'s unit test.)
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let addr = kiln.url("").trim_start_matches("http://").parse().unwrap();
-    let mut connection = BufReader::new(socket.connect(addr).await.unwrap());
+    let mut connection = connect_small_window(&kiln).await;
     let ask = request("GET", path, "HTTP/1.1", "");
     for _ in 0..2 {
-        connection
-            .get_mut()
-            .write_all(ask.as_bytes())
-            .await
-            .unwrap();
+        send(&mut connection, &ask).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let answer = read_answer(&mut connection, false)
             .await
@@ -196,4 +203,99 @@ async fn a_large_body_read_late_arrives_whole() {
         assert_eq!(answer.status, 200);
         assert!(answer.body == stored, "the stored bytes, whole");
     }
+}
+
+/// With no hot cache (`hot_max_object_bytes = 0`) every hit comes from the
+/// variant's file, handed to the socket by `sendfile` where the page cache
+/// holds it: whole bodies, ranges, HEAD and 304 answer as from memory, a
+/// closing HTTP/1.0 connection (written by pingora) gets the same bytes,
+/// and a large body read late arrives whole with the next answer after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_not_kept_in_memory_are_sent_from_their_files() {
+    let kiln = Kiln::start_with(Backend::Embedded, "[index]\nhot_max_object_bytes = 0\n").await;
+    kiln.store("acme/0/noise.png", &png_noise(1200, 800));
+    let small = "/media/cache/small/acme/0/noise.png";
+    let large = "/media/cache/large/acme/0/noise.png";
+    until_ready(&kiln.url(small)).await;
+    until_ready(&kiln.url(large)).await;
+    let small_bytes = std::fs::read(kiln.storage_path(small.trim_start_matches('/'))).unwrap();
+    let large_bytes = std::fs::read(kiln.storage_path(large.trim_start_matches('/'))).unwrap();
+    assert!(large_bytes.len() > 1_000_000, "{} bytes", large_bytes.len());
+
+    let mut connection = connect_small_window(&kiln).await;
+    let whole = read_after(
+        &mut connection,
+        request("GET", small, "HTTP/1.1", ""),
+        false,
+    )
+    .await;
+    assert_eq!(whole.status, 200);
+    assert!(whole.body == small_bytes, "the stored bytes");
+    let etag = whole.header("etag").expect("an ETag").to_string();
+
+    let part = read_after(
+        &mut connection,
+        request("GET", small, "HTTP/1.1", "Range: bytes=100-1099\r\n"),
+        false,
+    )
+    .await;
+    assert_eq!(part.status, 206);
+    assert!(part.body == small_bytes[100..1100], "the range's bytes");
+    let range = format!("bytes 100-1099/{}", small_bytes.len());
+    assert_eq!(part.header("content-range"), Some(range.as_str()));
+
+    let head = read_after(
+        &mut connection,
+        request("HEAD", small, "HTTP/1.1", ""),
+        true,
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    let length = small_bytes.len().to_string();
+    assert_eq!(head.header("content-length"), Some(length.as_str()));
+
+    let unchanged = format!("If-None-Match: {etag}\r\n");
+    let not_modified = read_after(
+        &mut connection,
+        request("GET", small, "HTTP/1.1", &unchanged),
+        false,
+    )
+    .await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+
+    // Pipelined behind a large body that waits in the socket.
+    let pipelined = [
+        request("GET", large, "HTTP/1.1", ""),
+        request("GET", small, "HTTP/1.1", ""),
+    ]
+    .concat();
+    send(&mut connection, &pipelined).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = read_answer(&mut connection, false)
+        .await
+        .expect("the large one");
+    assert_eq!(first.status, 200);
+    assert!(first.body == large_bytes, "the large variant, whole");
+    let second = read_answer(&mut connection, false).await.expect("the next");
+    assert!(second.body == small_bytes, "then the small one");
+
+    let mut closing = connect(&kiln).await;
+    let answer = read_after(&mut closing, request("GET", large, "HTTP/1.0", ""), false).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(
+        answer.body == large_bytes,
+        "the same bytes through pingora's writer"
+    );
+    assert!(
+        read_answer(&mut closing, false).await.is_none(),
+        "then closed"
+    );
+}
+
+/// Sends one request and reads its answer.
+async fn read_after(connection: &mut BufReader<TcpStream>, ask: String, to_head: bool) -> Answer {
+    send(connection, &ask).await;
+    read_answer(connection, to_head).await.expect("an answer")
 }
