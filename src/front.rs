@@ -429,6 +429,15 @@ impl Front {
         let mut looked_up_failure = None;
         let found = match index.hot_get(variant).await {
             Some(hot) => Some((hot.info.clone(), Found::Hot(hot))),
+            // Asked again just after this front queued it: answered from
+            // memory, with no look-up in Redis (a storm of misses would
+            // otherwise ask once per request). A render or failure recorded
+            // by this process clears the mark at once; one recorded by
+            // another is seen when it expires (index.negative_ttl_secs).
+            None if index.is_recently_queued(variant) => {
+                self.metrics.miss();
+                return Ok(self.busy(filter, &path, variant).await);
+            }
             None => match index.locate(&self.ctx.storage, variant).await? {
                 Located::Stored(info, _source, bytes) => {
                     Some((info, bytes.map_or(Found::Entry, Found::Bytes)))

@@ -501,6 +501,8 @@ impl Index {
         self.failed
             .insert(variant.to_string(), Arc::new(failure))
             .await;
+        // Misses answer the failure now, not "queued".
+        self.queued.invalidate(variant).await;
         Ok(())
     }
 
@@ -572,16 +574,11 @@ impl Index {
         self.absent.invalidate(key).await;
     }
 
-    /// Remembers briefly that this variant's job is queued or in flight, so
-    /// repeated misses answer 202 without asking the queue again (a failure
-    /// recorded meanwhile is answered once this expires).
-    pub async fn remember_queued(&self, variant: &str) {
-        self.queued.insert(variant.to_string(), ()).await;
-    }
-
     /// Runs `enqueue` once however many misses of the variant come at the
-    /// same time (the others wait for its answer), and remembers its success
-    /// as `remember_queued` does.
+    /// same time (the others wait for its answer), and remembers its
+    /// success briefly (`negative_ttl_secs`): misses meanwhile answer 202
+    /// without asking Redis or the queue. `mark_all`, `mark_failed` and
+    /// purges clear it.
     pub async fn queue_once(
         &self,
         variant: &str,

@@ -227,6 +227,55 @@ async fn a_job_held_by_a_dead_worker_is_reclaimed_and_called_back_once() {
     assert_eq!(origin.hits("/q.jpg"), 1);
 }
 
+/// A front answers misses of a variant it has just queued from memory: a
+/// storm of them makes no Redis look-up and no second job, until the mark
+/// expires (`index.negative_ttl_secs`); then one look-up finds the render
+/// still pending and queues nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_misses_of_a_queued_variant_are_answered_from_memory() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "[index]\nnegative_ttl_secs = 1\n");
+    let original = d.dir.path().join("storage/acme/0/a.jpg");
+    std::fs::create_dir_all(original.parent().unwrap()).unwrap();
+    std::fs::write(&original, jpeg(300, 200, [10, 120, 200])).unwrap();
+    // No worker: the job stays queued.
+    let _front = Process::start("front", &d.config, &d.dir.path().join("front.log"));
+    wait_healthy(&d.base).await;
+    let url = format!("{}/media/cache/small/acme/0/a.jpg", d.base);
+    let client = reqwest::Client::new();
+    let status = |url: String| {
+        let client = client.clone();
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+
+    assert_eq!(status(url.clone()).await, 202);
+    let lookups = redis.command_calls("hgetall");
+    assert!(lookups >= 1, "the first miss looked the variant up");
+    assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:urgent"]), 1);
+
+    let storm: Vec<u16> = futures::future::join_all((0..50).map(|_| status(url.clone()))).await;
+    assert!(storm.iter().all(|s| *s == 202), "{storm:?}");
+    assert_eq!(
+        redis.command_calls("hgetall"),
+        lookups,
+        "answered from memory"
+    );
+    assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:urgent"]), 1);
+
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(status(url.clone()).await, 202);
+    assert_eq!(
+        redis.command_calls("hgetall"),
+        lookups + 1,
+        "looked up once the mark expired"
+    );
+    assert_eq!(
+        redis.redis_int(&["XLEN", "kiln:jobs:urgent"]),
+        1,
+        "still one job"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn system_proxy_variables_are_ignored() {
     let redis = RedisServer::start();

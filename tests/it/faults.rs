@@ -58,17 +58,6 @@ fn pending(redis: &RedisServer) -> Vec<Pending> {
         .collect()
 }
 
-/// How often Redis has run `command` (also from scripts), per `INFO commandstats`.
-fn command_calls(redis: &RedisServer, command: &str) -> u64 {
-    let stats = redis.redis_cli(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{command}:calls=");
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().expect("a call count"))
-}
-
 fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -668,7 +657,7 @@ async fn webhooks_a_killed_worker_was_sending_are_sent_by_another_after_their_le
     let id = webhook_ids(&held)[0].clone();
     // webhook_take.lua reads each delivery it leases with HGET; nothing else does.
     assert_eq!(
-        command_calls(&redis, "hget"),
+        redis.command_calls("hget"),
         0,
         "the worker sent its own webhook without taking it from Redis"
     );
@@ -691,11 +680,7 @@ async fn webhooks_a_killed_worker_was_sending_are_sent_by_another_after_their_le
 
     let _second = start(&d, "worker", "worker-2");
     let hooks = sink.wait_for(2, WAIT).await;
-    assert_eq!(
-        command_calls(&redis, "hget"),
-        1,
-        "taken from Redis this time"
-    );
+    assert_eq!(redis.command_calls("hget"), 1, "taken from Redis this time");
     assert_eq!(
         webhook_ids(&hooks),
         vec![id.clone(), id],

@@ -127,6 +127,17 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("redis command {args:?} on port {}: {e}", self.port))
     }
 
+    /// How often Redis has run `command` (also from scripts), per `INFO commandstats`.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let stats = self.redis_cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().expect("a call count"))
+    }
+
     /// Runs a command that must answer an integer (`XLEN`, `DBSIZE`, ...).
     pub fn redis_int(&self, args: &[&str]) -> i64 {
         let reply = self.redis_cli(args);
