@@ -256,9 +256,12 @@ pub struct IndexConfig {
     pub ttl_secs: u64,
     /// Bytes of hot variant data in memory. Default 64 MiB.
     pub hot_bytes: u64,
-    /// Largest variant kept hot, bytes. Default 1 MiB.
+    /// Largest variant kept hot, bytes; larger local ones are sent by
+    /// `sendfile`. Default 1 MiB.
     pub hot_max_object_bytes: u64,
-    /// Seconds a negative answer (original missing, variant just queued) is remembered. Default 2.
+    /// Seconds a negative answer (original missing, variant just queued) is
+    /// remembered; misses of a variant this front just queued are answered
+    /// from memory that long. Default 2.
     pub negative_ttl_secs: u64,
     /// Seconds "storage does not hold this variant, its render is queued"
     /// is remembered (in Redis with that backend, so every front and worker
