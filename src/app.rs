@@ -51,7 +51,9 @@ struct Backends {
     redis: Option<Arc<RedisHandle>>,
 }
 
-fn backends(config: &Config) -> Result<Backends> {
+/// `front`: the index of this process's front, whose "just queued" marks a
+/// worker's index shares.
+fn backends(config: &Config, front: Option<&Index>) -> Result<Backends> {
     Ok(match config.queue.backend {
         QueueBackend::Embedded => Backends {
             queue: Arc::new(EmbeddedQueue::new(&config.queue)),
@@ -68,10 +70,16 @@ fn backends(config: &Config) -> Result<Backends> {
                     &config.redis,
                     &config.queue,
                 )),
-                index: Arc::new(Index::new(
-                    &config.index,
-                    Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
-                )),
+                index: Arc::new({
+                    let mut index = Index::new(
+                        &config.index,
+                        Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
+                    );
+                    if let Some(front) = front {
+                        index.share_queued_marks_with(front);
+                    }
+                    index
+                }),
                 outbox: Arc::new(RedisOutbox::new(
                     handle.clone(),
                     &config.redis.prefix,
@@ -280,7 +288,7 @@ pub fn run(
         crate::reuseport::ensure_unused(&config.server.listen)?;
     }
 
-    let front_backends = backends(&config)?;
+    let front_backends = backends(&config, None)?;
     // Embedded parts must be shared in-process; Redis clients stay per runtime.
     let worker_backends = match config.queue.backend {
         QueueBackend::Embedded => Backends {
@@ -290,7 +298,7 @@ pub fn run(
             recent: front_backends.recent.clone(),
             redis: None,
         },
-        QueueBackend::Redis => backends(&config)?,
+        QueueBackend::Redis => backends(&config, Some(&front_backends.index))?,
     };
     let front_storage = front_backends.locking_records(&storage, &config);
     let worker_storage = worker_backends.locking_records(&storage, &config);

@@ -590,6 +590,14 @@ impl Index {
             .map_err(Arc::unwrap_or_clone)
     }
 
+    /// Shares `other`'s "just queued" marks: a process's worker index and
+    /// front index are separate (each has its runtime's Redis connection),
+    /// and the worker's renders and failures must clear what the front
+    /// queued.
+    pub fn share_queued_marks_with(&mut self, other: &Index) {
+        self.queued = other.queued.clone();
+    }
+
     pub fn is_recently_queued(&self, variant: &str) -> bool {
         self.queued.contains_key(variant)
     }
