@@ -469,10 +469,6 @@ impl Front {
         }
         self.metrics.miss();
 
-        // Asked again while its job is queued: answered from memory.
-        if index.is_recently_queued(variant) {
-            return Ok(self.busy(filter, &path, variant).await);
-        }
         let path = path.into_owned();
         let failure = match looked_up_failure {
             Some(failure) => failure,
@@ -527,7 +523,7 @@ impl Front {
                 .await?
                 .map(|sendable| match sendable {
                     Sendable::Bytes(object) => Body::Memory(object.bytes),
-                    Sendable::File(file, _) => Body::File(file),
+                    Sendable::File(file) => Body::File(file),
                 }));
         }
         let Some(object) = storage.get_keeping_open(variant).await? else {

@@ -553,7 +553,7 @@ impl Index {
 
     /// Keeps a variant's bytes in memory with what the index knows of them.
     pub async fn hot_put_known(&self, variant: &str, info: Arc<VariantInfo>, bytes: Bytes) {
-        if bytes.len() as u64 > self.hot_max_object_bytes {
+        if !self.keeps_hot(bytes.len() as u64) {
             return;
         }
         if let Some(hot) = HotVariant::new(info, bytes) {

@@ -41,7 +41,7 @@ pub struct StoredObject {
 /// A stored object ready to answer with: its bytes, or its open file.
 pub enum Sendable {
     Bytes(StoredObject),
-    File(FileBody, ObjectInfo),
+    File(FileBody),
 }
 
 #[derive(Clone)]
@@ -277,13 +277,13 @@ impl Storage {
     /// `get`, for objects read often (variants served from storage): a
     /// local store keeps the file open for the next read.
     pub async fn get_keeping_open(&self, path: &str) -> Result<Option<StoredObject>> {
-        let (Some(local), Some(open_files)) = (&self.local, &self.open_files) else {
+        let Some(local) = &self.local else {
             return self.get(path).await;
         };
-        let started = open_files
-            .start(path, || local.file(&Self::location(path)?))
-            .await?;
-        Self::local_finish(started).await
+        let Some((open, metadata)) = self.open_local(local, path).await? else {
+            return Ok(None);
+        };
+        Self::local_finish(local_read::read(open, &metadata)?).await
     }
 
     /// `get_keeping_open` for an answer: a local object the page cache
@@ -293,21 +293,29 @@ impl Storage {
         let Some(local) = &self.local else {
             return Ok(self.get(path).await?.map(Sendable::Bytes));
         };
-        let file = || local.file(&Self::location(path)?);
-        let opened = match &self.open_files {
-            Some(open_files) => open_files.open(path, file).await?,
-            None => local_read::open_file(&file()?)?,
-        };
-        let Some((open, metadata)) = opened else {
+        let Some((open, metadata)) = self.open_local(local, path).await? else {
             return Ok(None);
         };
-        let info = local_read::info(&metadata);
-        if file_body::resident(&open.file, info.size) {
-            return Ok(Some(Sendable::File(FileBody::new(open, info.size), info)));
+        if file_body::resident(&open.file, metadata.len()) {
+            return Ok(Some(Sendable::File(FileBody::new(open, metadata.len()))));
         }
         Ok(Self::local_finish(local_read::read(open, &metadata)?)
             .await?
             .map(Sendable::Bytes))
+    }
+
+    /// The local object's open file and its `fstat`: the kept descriptor
+    /// when files are kept open, else the file opened now.
+    async fn open_local(
+        &self,
+        local: &LocalRoot,
+        path: &str,
+    ) -> Result<Option<(Arc<local_read::OpenFile>, std::fs::Metadata)>> {
+        let file = || local.file(&Self::location(path)?);
+        match &self.open_files {
+            Some(open_files) => open_files.open(path, file).await,
+            None => local_read::open_file(&file()?),
+        }
     }
 
     async fn local_get(file: &std::path::Path) -> Result<Option<StoredObject>> {
@@ -465,7 +473,7 @@ mod local_read {
         Error::Storage(format!("{}: {e}", path.display()))
     }
 
-    pub fn info(metadata: &Metadata) -> ObjectInfo {
+    fn info(metadata: &Metadata) -> ObjectInfo {
         let modified = metadata
             .modified()
             .ok()
@@ -1051,11 +1059,8 @@ mod tests {
                 .unwrap();
             let sendable = storage.get_for_sending("a/b.png").await.unwrap().unwrap();
             let bytes = match sendable {
-                Sendable::File(file, info) => {
-                    assert_eq!(
-                        (file.len(), info.size),
-                        (content.len() as u64, content.len() as u64)
-                    );
+                Sendable::File(file) => {
+                    assert_eq!(file.len(), content.len() as u64);
                     file.read_all().await.unwrap()
                 }
                 Sendable::Bytes(object) => {

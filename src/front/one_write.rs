@@ -121,14 +121,18 @@ pub async fn send(
     let (mut stream, pipelined) = reusable.into_parts();
 
     match body {
-        Body::Memory(body) => {
+        // TLS encrypts in user space: the kernel cannot send the file.
+        Body::File(file) if stream.get_ssl().is_none() => {
+            send_file(&mut stream, &head, &file).await.ok()?
+        }
+        body => {
+            let body = body.into_bytes().await?;
             write_all_vectored(&mut stream, &mut [IoSlice::new(&head), IoSlice::new(&body)])
                 .await
                 .ok()?;
             // A no-op without a write buffer; with one, the answer may sit in it.
             stream.flush().await.ok()?;
         }
-        Body::File(file) => send_file(&mut stream, &head, &file).await.ok()?,
     }
 
     if let Some(prefix) = pipelined {
@@ -140,7 +144,7 @@ pub async fn send(
 /// The most of a file read into memory at once when its socket is full.
 const FILE_CHUNK_BYTES: u64 = 256 * 1024;
 
-/// Writes `head` then `file` to a plain socket: the head with `MSG_MORE`,
+/// Writes `head` then `file` to a plain (not TLS) socket: the head with `MSG_MORE`,
 /// so it waits for the body's first bytes and leaves with them, then the
 /// file by `sendfile`. The socket is the async stream's own non-blocking
 /// descriptor, so when it is full the next chunk is read and written
@@ -155,12 +159,6 @@ async fn send_file(
 
     // Nothing may sit in the stream's write buffer ahead of the raw writes.
     stream.flush().await?;
-    if stream.get_ssl().is_some() {
-        // TLS encrypts in user space: the kernel cannot send the file.
-        let body = file.read_all().await.map_err(std::io::Error::other)?;
-        write_all_vectored(stream, &mut [IoSlice::new(head), IoSlice::new(&body)]).await?;
-        return stream.flush().await;
-    }
     // SAFETY: the descriptor is the stream's socket, which `stream` keeps
     // open for as long as this borrow (it does not outlive this function).
     #[allow(unsafe_code)]

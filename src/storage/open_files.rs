@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
-use super::local_read::{self, OpenFile, Started};
+use super::local_read::{self, OpenFile};
 use crate::error::Result;
 
 pub struct OpenFiles {
@@ -30,19 +30,6 @@ impl OpenFiles {
                 .max_capacity(max)
                 .time_to_idle(idle)
                 .build(),
-        }
-    }
-
-    /// Starts reading the object `key`: from its kept descriptor while that
-    /// file is still linked, else from the file `path` names (kept open).
-    pub async fn start(
-        &self,
-        key: &str,
-        path: impl FnOnce() -> Result<PathBuf>,
-    ) -> Result<Started> {
-        match self.open(key, path).await? {
-            Some((open, metadata)) => local_read::read(open, &metadata),
-            None => Ok(Started::Absent),
         }
     }
 
