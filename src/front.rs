@@ -535,36 +535,46 @@ impl Front {
         Ok(Some(Body::Memory(object.bytes)))
     }
 
-    /// A hit from memory: every header value was formatted when it was kept.
+    /// A hit from memory.
     fn hot_hit(&self, hot: &HotVariant, conditions: &Conditions<'_>) -> Reply {
-        let mut reply = self.hit_reply(
-            conditions,
-            &hot.info,
-            Body::Memory(hot.bytes.clone()),
-            hot.content_length.clone(),
-            [
-                hot.content_type.clone(),
-                hot.etag.clone(),
-                hot.last_modified.clone(),
-            ],
-        );
+        let mut reply = self.hit(&hot.info, Body::Memory(hot.bytes.clone()), conditions);
         reply.hit = Some(HitSource::Memory);
         reply
     }
 
-    /// A hit whose header values are formatted now.
+    /// A hit, with the header values its index entry keeps formatted.
     fn hit(&self, info: &VariantInfo, body: Body, conditions: &Conditions<'_>) -> Reply {
-        let length = HeaderValue::from(body.len());
-        let last_modified = info.http_last_modified();
+        let Some(headers) = info.hit_headers() else {
+            // A field that cannot be a header value: formatted here, and refused.
+            let last_modified = info.http_last_modified();
+            let length = HeaderValue::from(body.len());
+            return self.hit_reply(
+                conditions,
+                info,
+                body,
+                length,
+                [
+                    info.content_type.as_str(),
+                    info.etag.as_str(),
+                    last_modified.as_str(),
+                ],
+            );
+        };
+        // The body read may differ from the entry (its file replaced since).
+        let length = if body.len() == info.size {
+            headers.content_length.clone()
+        } else {
+            HeaderValue::from(body.len())
+        };
         self.hit_reply(
             conditions,
             info,
             body,
             length,
             [
-                info.content_type.as_str(),
-                info.etag.as_str(),
-                last_modified.as_str(),
+                headers.content_type.clone(),
+                headers.etag.clone(),
+                headers.last_modified.clone(),
             ],
         )
     }

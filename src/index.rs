@@ -31,7 +31,33 @@ pub struct VariantInfo {
     pub content_type: String,
     /// Unix seconds.
     pub last_modified: i64,
+    /// Its header values, formatted by the first hit that needs them.
+    #[serde(skip)]
+    headers: FormattedOnce,
 }
+
+/// The header values a hit of a variant answers with.
+#[derive(Debug, Clone)]
+pub struct HitHeaders {
+    pub content_type: HeaderValue,
+    pub etag: HeaderValue,
+    pub last_modified: HeaderValue,
+    /// The length `VariantInfo::size` says.
+    pub content_length: HeaderValue,
+}
+
+/// A cache of derived values, not part of what an entry says: equal to any
+/// other, and cloned empty-or-full like the rest.
+#[derive(Debug, Clone, Default)]
+struct FormattedOnce(std::sync::OnceLock<Option<HitHeaders>>);
+
+impl PartialEq for FormattedOnce {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for FormattedOnce {}
 
 impl VariantInfo {
     /// Describes stored bytes: the type from their magic, never a file extension.
@@ -39,12 +65,39 @@ impl VariantInfo {
         let content_type = image::guess_format(bytes)
             .map(|f| f.to_mime_type())
             .unwrap_or("application/octet-stream");
-        VariantInfo {
-            size: bytes.len() as u64,
-            etag: crate::keys::etag(bytes),
-            content_type: content_type.to_string(),
+        VariantInfo::new(
+            bytes.len() as u64,
+            crate::keys::etag(bytes),
+            content_type.to_string(),
             last_modified,
+        )
+    }
+
+    pub fn new(size: u64, etag: String, content_type: String, last_modified: i64) -> VariantInfo {
+        VariantInfo {
+            size,
+            etag,
+            content_type,
+            last_modified,
+            headers: FormattedOnce::default(),
         }
+    }
+
+    /// The header values a hit answers with, formatted once per entry
+    /// instead of on every request; `None` when a stored field cannot be a
+    /// header value (a hit then formats them itself, and fails on it).
+    pub fn hit_headers(&self) -> Option<&HitHeaders> {
+        self.headers
+            .0
+            .get_or_init(|| {
+                Some(HitHeaders {
+                    content_type: HeaderValue::from_str(&self.content_type).ok()?,
+                    etag: HeaderValue::from_str(&self.etag).ok()?,
+                    last_modified: HeaderValue::from_str(&self.http_last_modified()).ok()?,
+                    content_length: HeaderValue::from(self.size),
+                })
+            })
+            .as_ref()
     }
 
     /// `last_modified` as an HTTP date.
@@ -55,32 +108,12 @@ impl VariantInfo {
     }
 }
 
-/// A variant kept in memory: its bytes, what the index knows of it, and the
-/// header values a hit answers with, formatted once when it was kept instead
-/// of on every request.
+/// A variant kept in memory: its bytes and what the index knows of them
+/// (whose header values are formatted once, `VariantInfo::hit_headers`).
 #[derive(Debug)]
 pub struct HotVariant {
     pub info: Arc<VariantInfo>,
     pub bytes: Bytes,
-    pub content_type: HeaderValue,
-    pub etag: HeaderValue,
-    pub last_modified: HeaderValue,
-    pub content_length: HeaderValue,
-}
-
-impl HotVariant {
-    /// `None` when a stored field cannot be a header value (a hit then
-    /// formats its headers itself, as for a variant that is not hot).
-    pub fn new(info: Arc<VariantInfo>, bytes: Bytes) -> Option<HotVariant> {
-        Some(HotVariant {
-            content_type: HeaderValue::from_str(&info.content_type).ok()?,
-            etag: HeaderValue::from_str(&info.etag).ok()?,
-            last_modified: HeaderValue::from_str(&info.http_last_modified()).ok()?,
-            content_length: HeaderValue::from(bytes.len()),
-            info,
-            bytes,
-        })
-    }
 }
 
 /// Why a variant's job failed for good; answered instead of queueing the
@@ -153,6 +186,8 @@ pub struct Index {
     failed: Cache<String, Arc<Failure>>,
     failure_ttl: Duration,
     hot_max_object_bytes: u64,
+    /// Whether the hot cache can hold anything at all.
+    keeps_any_hot: bool,
     redis: Option<(Arc<RedisHandle>, RedisKeys)>,
 }
 
@@ -190,6 +225,7 @@ impl Index {
                 .build(),
             failure_ttl: Duration::from_secs(config.failure_ttl_secs.max(1)),
             hot_max_object_bytes: config.hot_max_object_bytes,
+            keeps_any_hot: config.hot_bytes > 0 && config.hot_max_object_bytes > 0,
             redis,
         }
     }
@@ -359,12 +395,12 @@ impl Index {
                 };
                 let field = |name: &str| fields.get(name).cloned();
                 let info = (|| {
-                    Some(VariantInfo {
-                        size: field("size")?.parse().ok()?,
-                        etag: field("etag")?,
-                        content_type: field("type")?,
-                        last_modified: field("mtime")?.parse().ok()?,
-                    })
+                    Some(VariantInfo::new(
+                        field("size")?.parse().ok()?,
+                        field("etag")?,
+                        field("type")?,
+                        field("mtime")?.parse().ok()?,
+                    ))
                 })();
                 Ok(RedisEntry {
                     info,
@@ -534,6 +570,10 @@ impl Index {
     /// The variant's bytes, info and header values when they are in memory:
     /// a hit that needs no other look-up.
     pub async fn hot_get(&self, variant: &str) -> Option<Arc<HotVariant>> {
+        if !self.keeps_any_hot {
+            // Nothing to find: spare every hit the look-up.
+            return None;
+        }
         self.hot.get(variant).await
     }
 
@@ -548,7 +588,7 @@ impl Index {
     /// Whether bytes of this size are kept in memory once read; the front
     /// sends others from their file.
     pub fn keeps_hot(&self, size: u64) -> bool {
-        size <= self.hot_max_object_bytes && self.hot.policy().max_capacity() != Some(0)
+        self.keeps_any_hot && size <= self.hot_max_object_bytes
     }
 
     /// Keeps a variant's bytes in memory with what the index knows of them.
@@ -556,9 +596,9 @@ impl Index {
         if !self.keeps_hot(bytes.len() as u64) {
             return;
         }
-        if let Some(hot) = HotVariant::new(info, bytes) {
-            self.hot.insert(variant.to_string(), Arc::new(hot)).await;
-        }
+        self.hot
+            .insert(variant.to_string(), Arc::new(HotVariant { info, bytes }))
+            .await;
     }
 
     /// Remembers briefly that storage answered "absent" for this key.
