@@ -240,25 +240,28 @@ impl Index {
         }
         let (absent, shared_failure) = match self.redis.as_ref() {
             None => (self.absent_locally(variant), None),
-            Some((handle, keys)) => match Self::redis_get_all(handle, keys, &[variant], true).await
-            {
-                Ok(mut found) => {
-                    let entry = found.pop().expect("one answer per variant");
-                    if let Some(info) = entry.info {
-                        let info = Arc::new(info);
-                        self.entries.insert(variant.to_string(), info.clone()).await;
-                        return Known::Stored(info, Source::Redis);
+            // Boxed, like the storage probe: the future of a look-up that
+            // memory answers stays small, and a hit moves it once.
+            Some((handle, keys)) => {
+                match Box::pin(Self::redis_get_all(handle, keys, &[variant], true)).await {
+                    Ok(mut found) => {
+                        let entry = found.pop().expect("one answer per variant");
+                        if let Some(info) = entry.info {
+                            let info = Arc::new(info);
+                            self.entries.insert(variant.to_string(), info.clone()).await;
+                            return Known::Stored(info, Source::Redis);
+                        }
+                        // Not copied into memory: the Redis entry carries the
+                        // expiry, and a render elsewhere clears it.
+                        (entry.absent, entry.failure.map(Arc::new))
                     }
-                    // Not copied into memory: the Redis entry carries the
-                    // expiry, and a render elsewhere clears it.
-                    (entry.absent, entry.failure.map(Arc::new))
+                    Err(e) => {
+                        tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
+                        // Redis down: storage is asked at most once per negative_ttl_secs.
+                        (self.absent_locally(variant), None)
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
-                    // Redis down: storage is asked at most once per negative_ttl_secs.
-                    (self.absent_locally(variant), None)
-                }
-            },
+            }
         };
         let failure = self.failed.get(variant).await.or(shared_failure);
         if absent {
@@ -287,6 +290,14 @@ impl Index {
             Known::Absent(failure) => return Ok(Located::Missing(failure)),
             Known::Unknown(failure) => failure,
         };
+        match Box::pin(self.probe_once(storage, variant)).await? {
+            Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
+            Probe::Absent => Ok(Located::Missing(failure)),
+        }
+    }
+
+    /// Storage's answer, read once for however many ask at the same time.
+    async fn probe_once(&self, storage: &Storage, variant: &str) -> Result<Probe> {
         let probed = self
             .probes
             .try_get_with_by_ref(variant, self.probe(storage, variant))
@@ -294,10 +305,7 @@ impl Index {
         // Only the waiters of this read share it; the answer lives on in
         // the index (entry, hot bytes or absent marker).
         self.probes.invalidate(variant).await;
-        match probed.map_err(Arc::unwrap_or_clone)? {
-            Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
-            Probe::Absent => Ok(Located::Missing(failure)),
-        }
+        probed.map_err(Arc::unwrap_or_clone)
     }
 
     async fn probe(&self, storage: &Storage, variant: &str) -> Result<Probe> {

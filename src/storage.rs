@@ -299,9 +299,12 @@ impl Storage {
         if file_body::resident(&open.file, metadata.len()) {
             return Ok(Some(Sendable::File(FileBody::new(open, metadata.len()))));
         }
-        Ok(Self::local_finish(local_read::read(open, &metadata)?)
-            .await?
-            .map(Sendable::Bytes))
+        // Boxed: rare, and a hit's future would otherwise carry its state.
+        Ok(
+            Box::pin(Self::local_finish(local_read::read(open, &metadata)?))
+                .await?
+                .map(Sendable::Bytes),
+        )
     }
 
     /// The local object's open file and its `fstat`: the kept descriptor
