@@ -1275,8 +1275,6 @@ mod tests {
             .collect()
     }
 
-    /// A hit answers the same whether its bytes were just read from storage,
-    /// kept hot with their header values, or read again (hot cache too small).
     /// Each request moves its answer's future (a memcpy of the whole of
     /// it) as it starts it, so the routes and branches a hit does not take
     /// are boxed. Unboxed, the future was 8.6 KB in a release build and a
@@ -1290,6 +1288,8 @@ mod tests {
         assert!(size <= 3 * 1024, "{size} bytes");
     }
 
+    /// A hit answers the same whether its bytes were just read from storage,
+    /// kept hot with their header values, or read again (hot cache too small).
     #[tokio::test]
     async fn hits_answer_alike_from_storage_and_memory() {
         for extra in ["", "[index]\nhot_max_object_bytes = 0\n"] {

@@ -49,18 +49,18 @@ impl OpenFiles {
             if metadata.nlink() > 0 {
                 return Ok(Some((open, metadata)));
             }
+            self.files.invalidate(key).await;
         }
         // Boxed: rare once warm, and a kept descriptor's future stays small.
         Box::pin(self.reopen(key, path)).await
     }
 
-    /// `open` of a descriptor not kept, or kept for a file since replaced.
+    /// Opens the file `path` names and keeps its descriptor under `key`.
     async fn reopen(
         &self,
         key: &str,
         path: impl FnOnce() -> Result<PathBuf>,
     ) -> Result<Option<(Arc<OpenFile>, Metadata)>> {
-        self.files.invalidate(key).await;
         let Some((open, metadata)) = local_read::open_file(&path()?)? else {
             return Ok(None);
         };
