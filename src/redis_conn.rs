@@ -1,9 +1,9 @@
-//! One lazily opened Redis connection per process part, shared by `index`,
-//! `queue` and the outbox, behind a circuit breaker. Opened on first use so
-//! it lives on the runtime that uses it.
+//! Lazily opened Redis connections per process part, shared by `index`,
+//! `queue` and the outbox, behind a circuit breaker: one per tokio runtime
+//! that uses them, opened on its first use so it lives on that runtime.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{
@@ -15,9 +15,15 @@ use tokio::sync::OnceCell;
 use crate::config::RedisConfig;
 use crate::error::{Error, Result};
 
+type ConnectionSlot = Arc<OnceCell<ConnectionManager>>;
+
 pub struct RedisHandle {
     client: redis::Client,
-    manager: OnceCell<ConnectionManager>,
+    /// One connection per runtime. pingora runs each front thread on a
+    /// runtime of its own: a connection driven by another thread's runtime
+    /// costs two cross-thread wake-ups per command, and loads that thread
+    /// with every thread's Redis I/O.
+    managers: RwLock<Vec<(tokio::runtime::Id, ConnectionSlot)>>,
     timeout: Duration,
     breaker: Arc<Breaker>,
 }
@@ -28,7 +34,7 @@ impl RedisHandle {
             .map_err(|e| Error::Config(format!("redis.url: {e}")))?;
         Ok(RedisHandle {
             client,
-            manager: OnceCell::new(),
+            managers: RwLock::new(Vec::new()),
             timeout: Duration::from_millis(config.timeout_ms),
             breaker: Arc::new(Breaker::new(Duration::from_millis(
                 config.breaker_cooldown_ms,
@@ -36,18 +42,19 @@ impl RedisHandle {
         })
     }
 
-    /// The shared, auto-reconnecting connection for short commands. Fails at
-    /// once while the breaker is open, so callers degrade instead of waiting
-    /// out a timeout per request.
+    /// The calling runtime's shared, auto-reconnecting connection for short
+    /// commands. Fails at once while the breaker is open, so callers degrade
+    /// instead of waiting out a timeout per request.
     pub async fn conn(&self) -> Result<Guarded<ConnectionManager>> {
         self.breaker.admit()?;
+        let manager = self.runtime_manager();
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
         let opened = tokio::time::timeout(
             self.timeout,
-            self.manager.get_or_try_init(|| {
+            manager.get_or_try_init(|| {
                 ConnectionManager::new_with_config(self.client.clone(), config)
             }),
         )
@@ -67,6 +74,27 @@ impl RedisHandle {
             inner: manager,
             breaker: self.breaker.clone(),
         })
+    }
+
+    /// The calling runtime's connection slot, added on its first call.
+    fn runtime_manager(&self) -> ConnectionSlot {
+        let runtime = tokio::runtime::Handle::current().id();
+        let find = |managers: &[(tokio::runtime::Id, ConnectionSlot)]| {
+            managers
+                .iter()
+                .find(|(id, _)| *id == runtime)
+                .map(|(_, manager)| manager.clone())
+        };
+        if let Some(manager) = find(&self.managers.read().unwrap_or_else(|e| e.into_inner())) {
+            return manager;
+        }
+        let mut managers = self.managers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(manager) = find(&managers) {
+            return manager;
+        }
+        let manager = Arc::new(OnceCell::new());
+        managers.push((runtime, manager.clone()));
+        manager
     }
 
     /// A connection of its own, for commands that block (XREADGROUP BLOCK)
@@ -236,6 +264,28 @@ impl<C: ConnectionLike + Send> ConnectionLike for Guarded<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_runtime_gets_a_connection_of_its_own() {
+        let config = crate::config::Config::load_from(Default::default()).unwrap();
+        let handle = RedisHandle::new(&config.redis).unwrap();
+        let slot_on = |runtime: &tokio::runtime::Runtime| {
+            runtime.block_on(async { (handle.runtime_manager(), handle.runtime_manager()) })
+        };
+        let single = || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+        };
+        let (first, again) = slot_on(&single());
+        assert!(Arc::ptr_eq(&first, &again), "one slot per runtime");
+        let (other, _) = slot_on(&single());
+        assert!(
+            !Arc::ptr_eq(&first, &other),
+            "another runtime, another slot"
+        );
+        assert_eq!(handle.managers.read().unwrap().len(), 2);
+    }
 
     #[test]
     fn breaker_fails_fast_then_lets_one_probe_through() {
