@@ -1,7 +1,13 @@
 -- Enqueue a job once per dedupe key, attaching the caller's callback either way.
--- KEYS[1] in-flight marker, KEYS[2] callback list, KEYS[3] job stream
--- ARGV[1] in-flight TTL (s), ARGV[2] callback URL or "", ARGV[3] job id, ARGV[4] job JSON
+-- KEYS[1] in-flight marker, KEYS[2] callback list, KEYS[3] job stream,
+-- KEYS[4] (optional) a marker to set first, in flight or not: the index's
+-- "absent until rendered", so the render's index entry comes after it
+-- ARGV[1] in-flight TTL (s), ARGV[2] callback URL or "", ARGV[3] job id, ARGV[4] job JSON,
+-- ARGV[5] the KEYS[4] marker's TTL (s)
 -- Returns 1 when a job was added, 0 when one was already in flight.
+if KEYS[4] then
+  redis.call('SET', KEYS[4], 1, 'EX', tonumber(ARGV[5]))
+end
 if ARGV[2] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[2])
 end

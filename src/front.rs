@@ -510,17 +510,19 @@ impl Front {
         // Concurrent misses of one variant share one look at its original
         // (an S3 request on S3) and one enqueue.
         index
-            .queue_once(variant, self.queue_miss_job(filter, path.clone()))
+            .queue_once(variant, self.queue_miss_job(filter, path.clone(), variant))
             .await?;
         Ok(self.busy(filter, &path, variant).await)
     }
 
     /// Enqueues a miss's job: of a stored original, or of one a pre-heat is
-    /// still downloading; `SourceNotFound` (remembered briefly) for neither.
-    async fn queue_miss_job(&self, filter: &str, path: String) -> Result<()> {
+    /// still downloading; `SourceNotFound` (remembered briefly, the
+    /// variant's absence too) for neither.
+    async fn queue_miss_job(&self, filter: &str, path: String, variant: &str) -> Result<()> {
         let index = &self.ctx.index;
         let original_absent = format!("original:{path}");
         if index.is_known_absent(&original_absent).await {
+            index.mark_unrendered(variant).await;
             return Err(Error::SourceNotFound(path));
         }
         let source_url = if self.ctx.storage.head(&path).await?.is_some() {
@@ -530,6 +532,7 @@ impl Front {
                 Some(url) => Some(url),
                 None => {
                     index.remember_absent(&original_absent).await;
+                    index.mark_unrendered(variant).await;
                     return Err(Error::SourceNotFound(path));
                 }
             }
@@ -1427,10 +1430,15 @@ mod tests {
 
     #[async_trait]
     impl crate::queue::Queue for CountingQueue {
-        async fn enqueue(&self, job: &crate::queue::Job, callback: Option<&str>) -> Result<bool> {
+        async fn enqueue_marked(
+            &self,
+            job: &crate::queue::Job,
+            callback: Option<&str>,
+            marker: Option<&crate::keys::ExpiringMarker>,
+        ) -> Result<bool> {
             self.enqueues
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.enqueue(job, callback).await
+            self.inner.enqueue_marked(job, callback, marker).await
         }
         async fn claim(
             &self,

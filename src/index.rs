@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::IndexConfig;
 use crate::error::Result;
-use crate::keys::RedisKeys;
+use crate::keys::{ExpiringMarker, RedisKeys};
 use crate::redis_conn::RedisHandle;
 use crate::storage::{Storage, StoredObject};
 
@@ -281,9 +281,10 @@ impl Index {
 
     /// The index, then storage (the source of truth), asked once however
     /// many ask at the same time. A variant found only in storage is
-    /// recorded, its bytes kept hot and returned, and never re-rendered. An
-    /// "absent" answer is kept until a render records the variant (or
-    /// `absent_ttl_secs`), so storage is not asked again.
+    /// recorded, its bytes kept hot and returned, and never re-rendered.
+    /// Storage's "absent" is kept in memory briefly; in Redis by whoever
+    /// decides what follows it: `expect_render` as a render is queued,
+    /// `mark_unrendered` when none will be (here, for a failed variant).
     pub async fn locate(&self, storage: &Storage, variant: &str) -> Result<Located> {
         let failure = match self.known(variant).await {
             Known::Stored(info, source) => return Ok(Located::Stored(info, source, None)),
@@ -292,7 +293,13 @@ impl Index {
         };
         match Box::pin(self.probe_once(storage, variant)).await? {
             Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
-            Probe::Absent => Ok(Located::Missing(failure)),
+            Probe::Absent => {
+                // Failed for good: no render will mark it, so the index does.
+                if failure.is_some() {
+                    self.mark_unrendered(variant).await;
+                }
+                Ok(Located::Missing(failure))
+            }
         }
     }
 
@@ -315,7 +322,7 @@ impl Index {
                 Ok(Probe::Found(info, object.bytes))
             }
             None => {
-                self.remember_variant_absent(variant).await;
+                self.absent.insert(variant.to_string(), ()).await;
                 Ok(Probe::Absent)
             }
         }
@@ -333,43 +340,42 @@ impl Index {
         info
     }
 
-    /// Keeps "storage does not hold this variant" briefly
-    /// (`negative_ttl_secs`): in Redis when there is one (every front and
-    /// worker then knows), and in memory. Kept longer only once a render is
-    /// queued (`expect_render`), so paths nobody renders cost no lasting key.
-    async fn remember_variant_absent(&self, variant: &str) {
-        self.absent.insert(variant.to_string(), ()).await;
-        self.mark_absent(variant, self.negative_ttl).await;
-    }
-
-    /// A render of this variant is about to be queued, and storage did not
-    /// hold it: the index answers "absent" until the render records it (or
-    /// `absent_ttl_secs`), so misses meanwhile never ask storage. Call
-    /// before enqueueing, so the render's `mark` comes after.
-    pub async fn expect_render(&self, variant: &str) {
-        if self.redis.is_none() {
-            self.absent_variants.insert(variant.to_string(), ()).await;
-        }
-        self.mark_absent(variant, self.absent_ttl).await;
-    }
-
-    /// The Redis marker (none without Redis). A Redis failure only costs the
-    /// next asker another storage read.
-    async fn mark_absent(&self, variant: &str, ttl: Duration) {
+    /// Storage lacks this variant (`locate` said so) and no render will be
+    /// queued (failed for good, or its original is missing): "absent" is
+    /// kept in Redis briefly (`negative_ttl_secs`), so no front asks storage
+    /// again meanwhile. Only what a render is queued for is kept longer
+    /// (`expect_render`), so paths nobody renders cost no lasting key.
+    pub async fn mark_unrendered(&self, variant: &str) {
         let Some((handle, keys)) = &self.redis else {
             return;
         };
         let marked: Result<()> = async {
             let mut conn = handle.conn().await?;
             let () = conn
-                .set_ex(keys.variant_absent(variant), 1, ttl.as_secs())
+                .set_ex(keys.variant_absent(variant), 1, self.negative_ttl.as_secs())
                 .await?;
             Ok(())
         }
         .await;
+        // It only costs the next asker another storage read.
         if let Err(e) = marked {
             tracing::warn!(error = %e, variant, "could not record an absent variant in the index");
         }
+    }
+
+    /// A render of this variant is about to be queued, and storage did not
+    /// hold it: the index answers "absent" until the render records it (or
+    /// `absent_ttl_secs`), so misses meanwhile never ask storage. Without
+    /// Redis it is kept here; with Redis the marker is returned for the
+    /// queue to set with the job (`Queue::enqueue_marked`), which puts it
+    /// before the render's `mark`, in the same round trip.
+    #[must_use = "the marker must go to the queue with the job"]
+    pub async fn expect_render(&self, variant: &str) -> Option<ExpiringMarker> {
+        let Some((_, keys)) = &self.redis else {
+            self.absent_variants.insert(variant.to_string(), ()).await;
+            return None;
+        };
+        Some(keys.render_expected(variant, self.absent_ttl.as_secs()))
     }
 
     /// Several variants' index fields and absent markers (and failures,

@@ -262,6 +262,15 @@ pub fn job_id() -> String {
 /// preset's sample rendering is made from.
 pub const UI_SAMPLE_PATH: &str = "kiln-ui/sample.png";
 
+/// A Redis key one module hands another to set (to 1, expiring) in that
+/// module's next round trip: the index's "absent until rendered" marker
+/// rides with the queue's enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiringMarker {
+    pub key: String,
+    pub ttl_secs: u64,
+}
+
 /// Redis key names, all under one prefix. Keys that a Lua script touches
 /// together share a `{dedupe}` hash tag.
 #[derive(Debug, Clone)]
@@ -322,6 +331,15 @@ impl RedisKeys {
     /// until a render records the variant).
     pub fn variant_absent(&self, variant_path: &str) -> String {
         format!("{}absent:{variant_path}", self.prefix)
+    }
+
+    /// The marker saying a variant's render is queued and storage lacks it
+    /// (`variant_absent`), to be set in the queue's round trip.
+    pub fn render_expected(&self, variant_path: &str, ttl_secs: u64) -> ExpiringMarker {
+        ExpiringMarker {
+            key: self.variant_absent(variant_path),
+            ttl_secs,
+        }
     }
 
     /// A lock on one media record, held by the process changing it.

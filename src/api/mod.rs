@@ -253,11 +253,14 @@ impl Context {
                 }
                 .encode()
             });
-            if !exists {
-                // Before the job exists, so its render's index entry comes after.
-                self.index.expect_render(&variant).await;
-            }
-            self.queue.enqueue(&job, subscriber.as_deref()).await?
+            let marker = if exists {
+                None
+            } else {
+                self.index.expect_render(&variant).await
+            };
+            self.queue
+                .enqueue_marked(&job, subscriber.as_deref(), marker.as_ref())
+                .await?
         };
         Ok(PreheatAnswer {
             url: keys::variant_url(&self.public_base, filter, &path),
@@ -311,11 +314,11 @@ impl Context {
             &code,
             vec![filter.to_string()],
         );
-        // Before the job exists, so its render's index entry comes after.
-        self.index
+        let marker = self
+            .index
             .expect_render(&keys::variant_path(filter, original))
             .await;
-        self.queue.enqueue(&job, None).await
+        self.queue.enqueue_marked(&job, None, marker.as_ref()).await
     }
 }
 

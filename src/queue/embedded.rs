@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::{Claimed, Depths, Job, Priority, Queue};
 use crate::config::QueueConfig;
 use crate::error::Result;
+use crate::keys::ExpiringMarker;
 use crate::metrics::StreamStats;
 
 struct Pending {
@@ -134,7 +135,13 @@ impl EmbeddedQueue {
 
 #[async_trait]
 impl Queue for EmbeddedQueue {
-    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool> {
+    async fn enqueue_marked(
+        &self,
+        job: &Job,
+        callback: Option<&str>,
+        marker: Option<&ExpiringMarker>,
+    ) -> Result<bool> {
+        debug_assert!(marker.is_none(), "an in-memory index keeps its own marks");
         let fresh = {
             let mut state = self.state.lock();
             if let Some(url) = callback {

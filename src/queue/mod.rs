@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::keys::ExpiringMarker;
 use crate::metrics::StreamStats;
 
 pub use embedded::EmbeddedQueue;
@@ -135,7 +136,20 @@ impl Depths {
 pub trait Queue: Send + Sync {
     /// Adds the job unless one with its dedupe key is in flight; attaches
     /// the callback either way. True when a new job was added.
-    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool>;
+    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool> {
+        self.enqueue_marked(job, callback, None).await
+    }
+
+    /// `enqueue`, setting `marker` first in the same step (in flight or
+    /// not): one round trip instead of two, and whatever the job records
+    /// comes after the marker. Only a Redis queue is handed markers; an
+    /// in-memory index keeps its own.
+    async fn enqueue_marked(
+        &self,
+        job: &Job,
+        callback: Option<&str>,
+        marker: Option<&ExpiringMarker>,
+    ) -> Result<bool>;
 
     /// The next job, urgent first, waiting up to `wait`. Jobs claimed by a
     /// worker that went quiet for the visibility timeout are handed out again.

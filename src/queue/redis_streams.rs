@@ -16,7 +16,7 @@ use redis::AsyncCommands;
 use super::{Claimed, Depths, Job, Priority, Queue};
 use crate::config::{QueueConfig, RedisConfig};
 use crate::error::{Error, Result};
-use crate::keys::RedisKeys;
+use crate::keys::{ExpiringMarker, RedisKeys};
 use crate::metrics::StreamStats;
 use crate::redis_conn::{Guarded, RedisHandle};
 use redis::aio::MultiplexedConnection;
@@ -305,19 +305,26 @@ impl RedisQueue {
 
 #[async_trait]
 impl Queue for RedisQueue {
-    async fn enqueue(&self, job: &Job, callback: Option<&str>) -> Result<bool> {
+    async fn enqueue_marked(
+        &self,
+        job: &Job,
+        callback: Option<&str>,
+        marker: Option<&ExpiringMarker>,
+    ) -> Result<bool> {
         let mut conn = self.handle.conn().await?;
-        let added: i64 = self
-            .enqueue_script
+        let mut invocation = self.enqueue_script.prepare_invoke();
+        invocation
             .key(self.keys.inflight(&job.dedupe))
             .key(self.keys.callbacks(&job.dedupe))
             .key(self.keys.stream(job.priority.as_str()))
             .arg(self.inflight_ttl_secs)
             .arg(callback.unwrap_or(""))
             .arg(&job.id)
-            .arg(serde_json::to_string(job)?)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(serde_json::to_string(job)?);
+        if let Some(marker) = marker {
+            invocation.key(&marker.key).arg(marker.ttl_secs);
+        }
+        let added: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(added == 1)
     }
 

@@ -276,6 +276,34 @@ async fn repeated_misses_of_a_queued_variant_are_answered_from_memory() {
     );
 }
 
+/// A first miss makes two Redis round trips: the index look-up, then one
+/// script that marks the variant absent until rendered and queues its job.
+/// The storage probe's "absent" is not sent on its own (no `SETEX`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_miss_marks_the_variant_and_queues_it_in_one_script() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "");
+    let original = d.dir.path().join("storage/acme/0/b.jpg");
+    std::fs::create_dir_all(original.parent().unwrap()).unwrap();
+    std::fs::write(&original, jpeg(300, 200, [10, 120, 200])).unwrap();
+    // No worker: the job stays queued and the marker stays.
+    let _front = Process::start("front", &d.config, &d.dir.path().join("front.log"));
+    wait_healthy(&d.base).await;
+    let (setex, hgetall) = (redis.command_calls("setex"), redis.command_calls("hgetall"));
+
+    let url = format!("{}/media/cache/small/acme/0/b.jpg", d.base);
+    assert_eq!(reqwest::get(&url).await.unwrap().status(), 202);
+
+    assert_eq!(redis.command_calls("hgetall"), hgetall + 1, "one look-up");
+    assert_eq!(redis.command_calls("setex"), setex, "no marker sent alone");
+    assert_eq!(redis.redis_int(&["XLEN", "kiln:jobs:urgent"]), 1);
+    let ttl = redis.redis_int(&["TTL", "kiln:absent:media/cache/small/acme/0/b.jpg"]);
+    assert!(
+        (3000..=3600).contains(&ttl),
+        "absent until rendered (absent_ttl_secs), set by the script: TTL {ttl}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn system_proxy_variables_are_ignored() {
     let redis = RedisServer::start();
