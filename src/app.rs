@@ -41,7 +41,7 @@ pub enum Role {
     Worker,
 }
 
-/// A queue, an index and a webhook outbox, embedded or over one Redis connection.
+/// A queue, an index and a webhook outbox, embedded or sharing Redis connections (one per runtime).
 struct Backends {
     queue: Arc<dyn Queue>,
     index: Arc<Index>,

@@ -8,6 +8,8 @@
 //! the variant is queued, until that render records it), so misses never go
 //! to storage (an S3 request) again.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use http::HeaderValue;
 use moka::future::Cache;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
 
 use crate::config::IndexConfig;
 use crate::error::Result;
@@ -140,7 +143,17 @@ enum Known {
     Stored(Arc<VariantInfo>, Source),
     /// Storage said it does not hold it, and nothing recorded it since.
     Absent(Option<Arc<Failure>>),
-    Unknown(Option<Arc<Failure>>),
+    /// Storage must be asked. `kept_here`: no Redis answered, so an
+    /// "absent" from storage is kept in this process's memory.
+    Unknown(Option<Arc<Failure>>, KeptHere),
+}
+
+/// Whether this process keeps storage's "absent" itself (no Redis, or
+/// Redis failed); else Redis keeps it (`expect_render`, `mark_unrendered`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeptHere {
+    Yes,
+    No,
 }
 
 /// Where a variant is, as `Index::locate` found it.
@@ -169,6 +182,61 @@ enum Probe {
     Absent,
 }
 
+/// One run at a time per key, its answer handed to every caller that
+/// came while it ran; later callers run again (the answer lives on
+/// elsewhere). Lighter than a moka cache used the same way: no eviction
+/// bookkeeping for entries that live a few microseconds.
+struct SingleFlight<T> {
+    running: parking_lot::Mutex<HashMap<String, Arc<OnceCell<T>>>>,
+}
+
+impl<T> Default for SingleFlight<T> {
+    fn default() -> Self {
+        SingleFlight {
+            running: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> SingleFlight<T> {
+    /// `work`'s answer, or the answer of the same key's run under way. A
+    /// run that fails or is dropped leaves a waiter to run its own.
+    async fn run(&self, key: &str, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let cell = self
+            .running
+            .lock()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let _leave = Leave {
+            running: &self.running,
+            key,
+            cell: cell.clone(),
+        };
+        cell.get_or_try_init(|| work).await.cloned()
+    }
+}
+
+/// Takes a run's cell out of the map when its caller is done or dropped,
+/// unless a later run has replaced it.
+struct Leave<'a, T> {
+    running: &'a parking_lot::Mutex<HashMap<String, Arc<OnceCell<T>>>>,
+    key: &'a str,
+    cell: Arc<OnceCell<T>>,
+}
+
+impl<T> Drop for Leave<'_, T> {
+    fn drop(&mut self) {
+        let mut running = self.running.lock();
+        if running
+            .get(self.key)
+            .is_some_and(|cell| Arc::ptr_eq(cell, &self.cell))
+        {
+            running.remove(self.key);
+        }
+    }
+}
+
 pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
     hot: Cache<String, Arc<HotVariant>>,
@@ -177,9 +245,8 @@ pub struct Index {
     /// backend's only record of it; with Redis the shared marker is the one
     /// consulted).
     absent_variants: Cache<String, ()>,
-    /// Storage reads in progress, one per variant (moka runs one init per
-    /// key and hands its result to every waiter); emptied as each ends.
-    probes: Cache<String, Probe>,
+    /// Storage reads in progress, one per variant.
+    probes: SingleFlight<Probe>,
     absent_ttl: Duration,
     negative_ttl: Duration,
     queued: Cache<String, ()>,
@@ -212,7 +279,7 @@ impl Index {
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.absent_ttl_secs.max(1)))
                 .build(),
-            probes: Cache::builder().max_capacity(config.max_entries).build(),
+            probes: SingleFlight::default(),
             absent_ttl: Duration::from_secs(config.absent_ttl_secs.max(1)),
             negative_ttl: Duration::from_secs(config.negative_ttl_secs.max(1)),
             queued: Cache::builder()
@@ -238,8 +305,8 @@ impl Index {
         if let Some(info) = self.entries.get(variant).await {
             return Known::Stored(info, Source::Memory);
         }
-        let (absent, shared_failure) = match self.redis.as_ref() {
-            None => (self.absent_locally(variant), None),
+        let (absent, shared_failure, kept_here) = match self.redis.as_ref() {
+            None => (self.absent_locally(variant), None, KeptHere::Yes),
             // Boxed, like the storage probe: the future of a look-up that
             // memory answers stays small, and a hit moves it once.
             Some((handle, keys)) => {
@@ -253,12 +320,12 @@ impl Index {
                         }
                         // Not copied into memory: the Redis entry carries the
                         // expiry, and a render elsewhere clears it.
-                        (entry.absent, entry.failure.map(Arc::new))
+                        (entry.absent, entry.failure.map(Arc::new), KeptHere::No)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
                         // Redis down: storage is asked at most once per negative_ttl_secs.
-                        (self.absent_locally(variant), None)
+                        (self.absent_locally(variant), None, KeptHere::Yes)
                     }
                 }
             }
@@ -267,7 +334,7 @@ impl Index {
         if absent {
             Known::Absent(failure)
         } else {
-            Known::Unknown(failure)
+            Known::Unknown(failure, kept_here)
         }
     }
 
@@ -286,12 +353,12 @@ impl Index {
     /// decides what follows it: `expect_render` as a render is queued,
     /// `mark_unrendered` when none will be (here, for a failed variant).
     pub async fn locate(&self, storage: &Storage, variant: &str) -> Result<Located> {
-        let failure = match self.known(variant).await {
+        let (failure, kept_here) = match self.known(variant).await {
             Known::Stored(info, source) => return Ok(Located::Stored(info, source, None)),
             Known::Absent(failure) => return Ok(Located::Missing(failure)),
-            Known::Unknown(failure) => failure,
+            Known::Unknown(failure, kept_here) => (failure, kept_here),
         };
-        match Box::pin(self.probe_once(storage, variant)).await? {
+        match Box::pin(self.probe_once(storage, variant, kept_here)).await? {
             Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
             Probe::Absent => {
                 // Failed for good: no render will mark it, so the index does.
@@ -304,25 +371,27 @@ impl Index {
     }
 
     /// Storage's answer, read once for however many ask at the same time.
-    async fn probe_once(&self, storage: &Storage, variant: &str) -> Result<Probe> {
-        let probed = self
-            .probes
-            .try_get_with_by_ref(variant, self.probe(storage, variant))
-            .await;
-        // Only the waiters of this read share it; the answer lives on in
-        // the index (entry, hot bytes or absent marker).
-        self.probes.invalidate(variant).await;
-        probed.map_err(Arc::unwrap_or_clone)
+    async fn probe_once(
+        &self,
+        storage: &Storage,
+        variant: &str,
+        kept_here: KeptHere,
+    ) -> Result<Probe> {
+        self.probes
+            .run(variant, self.probe(storage, variant, kept_here))
+            .await
     }
 
-    async fn probe(&self, storage: &Storage, variant: &str) -> Result<Probe> {
+    async fn probe(&self, storage: &Storage, variant: &str, kept_here: KeptHere) -> Result<Probe> {
         match storage.get(variant).await? {
             Some(object) => {
                 let info = self.found_in_storage(variant, &object).await;
                 Ok(Probe::Found(info, object.bytes))
             }
             None => {
-                self.absent.insert(variant.to_string(), ()).await;
+                if kept_here == KeptHere::Yes {
+                    self.absent.insert(variant.to_string(), ()).await;
+                }
                 Ok(Probe::Absent)
             }
         }
@@ -752,4 +821,43 @@ pub async fn follow_purges(
 /// Resolves once `stop` is true (its guard is not held across an await).
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_single_flight_shares_the_run_under_way_and_forgets_it_after() {
+        let flight = SingleFlight::<u32>::default();
+        let runs = AtomicUsize::new(0);
+        let gate = tokio::sync::Notify::new();
+        let work = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            gate.notified().await;
+            Ok(7)
+        };
+        let (answers, ()) = tokio::join!(
+            futures::future::join_all((0..5).map(|_| flight.run("k", work()))),
+            async { gate.notify_one() }
+        );
+        assert!(answers.iter().all(|a| matches!(a, Ok(7))));
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "one run for five callers");
+        assert!(flight.running.lock().is_empty());
+
+        let again = flight.run("k", async { Ok(8) }).await;
+        assert!(matches!(again, Ok(8)), "a later caller runs again");
+
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(10),
+            flight.run("d", std::future::pending()),
+        )
+        .await;
+        assert!(dropped.is_err());
+        assert!(
+            flight.running.lock().is_empty(),
+            "a dropped run leaves nothing"
+        );
+    }
 }
