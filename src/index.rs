@@ -209,7 +209,7 @@ impl<T: Clone> SingleFlight<T> {
             .or_default()
             .clone();
         let _leave = Leave {
-            running: &self.running,
+            flight: self,
             key,
             cell: cell.clone(),
         };
@@ -220,14 +220,14 @@ impl<T: Clone> SingleFlight<T> {
 /// Takes a run's cell out of the map when its caller is done or dropped,
 /// unless a later run has replaced it.
 struct Leave<'a, T> {
-    running: &'a parking_lot::Mutex<HashMap<String, Arc<OnceCell<T>>>>,
+    flight: &'a SingleFlight<T>,
     key: &'a str,
     cell: Arc<OnceCell<T>>,
 }
 
 impl<T> Drop for Leave<'_, T> {
     fn drop(&mut self) {
-        let mut running = self.running.lock();
+        let mut running = self.flight.running.lock();
         if running
             .get(self.key)
             .is_some_and(|cell| Arc::ptr_eq(cell, &self.cell))
@@ -358,7 +358,11 @@ impl Index {
             Known::Absent(failure) => return Ok(Located::Missing(failure)),
             Known::Unknown(failure, kept_here) => (failure, kept_here),
         };
-        match Box::pin(self.probe_once(storage, variant, kept_here)).await? {
+        // Storage's answer, read once for however many ask at the same time.
+        let probe = self
+            .probes
+            .run(variant, self.probe(storage, variant, kept_here));
+        match Box::pin(probe).await? {
             Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
             Probe::Absent => {
                 // Failed for good: no render will mark it, so the index does.
@@ -368,18 +372,6 @@ impl Index {
                 Ok(Located::Missing(failure))
             }
         }
-    }
-
-    /// Storage's answer, read once for however many ask at the same time.
-    async fn probe_once(
-        &self,
-        storage: &Storage,
-        variant: &str,
-        kept_here: KeptHere,
-    ) -> Result<Probe> {
-        self.probes
-            .run(variant, self.probe(storage, variant, kept_here))
-            .await
     }
 
     async fn probe(&self, storage: &Storage, variant: &str, kept_here: KeptHere) -> Result<Probe> {
