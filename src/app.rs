@@ -133,7 +133,7 @@ impl Workers {
         let (drain, drain_rx) = watch::channel(false);
         let (abandon, mut abandon_rx) = watch::channel(false);
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.server.threads.max(1))
+            .worker_threads(config.queue.worker_threads)
             .max_blocking_threads(config.imaging.render_threads.max(1) + 8)
             .thread_name("kiln-worker")
             .enable_all()

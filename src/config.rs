@@ -225,6 +225,11 @@ pub struct QueueConfig {
     /// threads: while one job fetches, stores or calls back, another keeps
     /// its render thread busy.
     pub worker_concurrency: usize,
+    /// Threads of the workers' async runtime: claims, downloads, storage
+    /// calls, Redis and webhooks (rendering has threads of its own).
+    /// Default 1: that work is about a sixth of a render's CPU, and each
+    /// extra thread wakes and preempts the render threads for nothing.
+    pub worker_threads: usize,
     /// Milliseconds a claim blocks waiting for work. Default 1000.
     pub claim_block_ms: u64,
     /// Seconds a stopping worker gets to finish its jobs. Default 10.
@@ -507,6 +512,9 @@ impl Config {
         if self.queue.worker_concurrency == 0 {
             return bad("queue.worker_concurrency", "must be at least 1".into());
         }
+        if self.queue.worker_threads == 0 {
+            return bad("queue.worker_threads", "must be at least 1".into());
+        }
         if self.queue.max_attempts == 0 {
             return bad("queue.max_attempts", "must be at least 1".into());
         }
@@ -664,5 +672,12 @@ mod tests {
             .unwrap_err();
             assert!(err.to_string().contains("imaging.render_nice"), "{err}");
         }
+
+        let err = Config::load_from(Sources {
+            extra_toml: Some("[queue]\nworker_threads = 0"),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("queue.worker_threads"), "{err}");
     }
 }
