@@ -358,7 +358,8 @@ impl Worker {
             .iter()
             .map(|preset| keys::variant_path(&preset.name, &original))
             .collect();
-        let stored = self.index.stored_of(&self.storage, &variants).await?;
+        let fresh = downloaded.is_some();
+        let stored = self.stored_of(&variants, fresh).await?;
         for ((preset, variant), stored) in presets.into_iter().zip(&variants).zip(stored) {
             let recorded = record
                 .thumb_data
@@ -401,7 +402,7 @@ impl Worker {
                 .iter()
                 .map(|preset| keys::variant_path(&preset.name, &original))
                 .collect();
-            let stored = self.index.stored_of(&self.storage, &variants).await?;
+            let stored = self.stored_of(&variants, fresh).await?;
             for (preset, stored) in eager.into_iter().zip(stored) {
                 if stored.is_none() {
                     to_render.push(preset.clone());
@@ -425,6 +426,20 @@ impl Worker {
             }
         }
         Ok(original)
+    }
+
+    /// Which of `variants` are stored. None are under a just-downloaded
+    /// original's path: any there came from an earlier download its record
+    /// lost, and are rendered again from this one rather than asked about.
+    async fn stored_of(
+        &self,
+        variants: &[String],
+        fresh_original: bool,
+    ) -> Result<Vec<Option<(Arc<VariantInfo>, Option<Bytes>)>>> {
+        if fresh_original {
+            return Ok(vec![None; variants.len()]);
+        }
+        self.index.stored_of(&self.storage, variants).await
     }
 
     /// Decodes once, computes the previews, renders every preset, and
