@@ -341,6 +341,10 @@ impl Storage {
     /// Writes the whole object at once (the local backend writes a temp file
     /// and renames it), so readers never see a partial object.
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<ObjectInfo> {
+        if self.local.is_some() {
+            let mut written = self.put_all(vec![(path.to_string(), bytes)]).await?;
+            return Ok(written.remove(0));
+        }
         let size = bytes.len() as u64;
         self.store
             .put(&Self::location(path)?, PutPayload::from(bytes))
@@ -349,6 +353,30 @@ impl Storage {
             size,
             last_modified: now_secs(),
         })
+    }
+
+    /// Writes several whole objects, each as `put` does. A local store
+    /// writes them all in one trip to the blocking pool instead of one trip
+    /// each (the worker stores every variant of a render at once).
+    pub async fn put_all(&self, objects: Vec<(String, Bytes)>) -> Result<Vec<ObjectInfo>> {
+        let Some(local) = &self.local else {
+            let puts = objects
+                .into_iter()
+                .map(|(path, bytes)| async move { self.put(&path, bytes).await });
+            return futures::future::try_join_all(puts).await;
+        };
+        let files = objects
+            .into_iter()
+            .map(|(path, bytes)| Ok((local.file(&Self::location(&path)?)?, bytes)))
+            .collect::<Result<Vec<_>>>()?;
+        tokio::task::spawn_blocking(move || {
+            files
+                .iter()
+                .map(|(file, bytes)| local_write::whole(file, bytes))
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("storage write task: {e}")))?
     }
 
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
@@ -432,6 +460,72 @@ impl LocalRoot {
             _ => Err(Error::InvalidPath(format!(
                 "{location}: not an object's path"
             ))),
+        }
+    }
+}
+
+/// object_store's local `put`, for callers already off the async threads.
+mod local_write {
+    use std::io::{ErrorKind, Write};
+    use std::path::{Path, PathBuf};
+
+    use super::{now_secs, ObjectInfo};
+    use crate::error::{Error, Result};
+
+    /// Writes a staging file beside `file` (`<name>#<n>`, a name reads and
+    /// listings skip), then renames it over `file`: readers see the old
+    /// object or the new one, never part of one.
+    pub(super) fn whole(file: &Path, bytes: &[u8]) -> Result<ObjectInfo> {
+        let failed = |what: &str, path: &Path, e: std::io::Error| {
+            Error::Storage(format!("{what} {}: {e}", path.display()))
+        };
+        let (mut staged, staging) = staging_file(file)?;
+        let written = staged
+            .write_all(bytes)
+            .map_err(|e| failed("cannot write", &staging, e));
+        drop(staged);
+        let renamed = written.and_then(|()| {
+            std::fs::rename(&staging, file).map_err(|e| failed("cannot rename to", file, e))
+        });
+        if let Err(e) = renamed {
+            let _ = std::fs::remove_file(&staging);
+            return Err(e);
+        }
+        Ok(ObjectInfo {
+            size: bytes.len() as u64,
+            last_modified: now_secs(),
+        })
+    }
+
+    /// A new staging file for `file`, creating its directories if missing.
+    fn staging_file(file: &Path) -> Result<(std::fs::File, PathBuf)> {
+        let mut suffix = 1u32;
+        let mut made_dirs = false;
+        loop {
+            let mut name = file.as_os_str().to_owned();
+            name.push(format!("#{suffix}"));
+            let staging = PathBuf::from(name);
+            match std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+            {
+                Ok(opened) => return Ok((opened, staging)),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => suffix += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => {
+                    let parent = file.parent().unwrap_or(Path::new("."));
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        Error::Storage(format!("cannot create {}: {e}", parent.display()))
+                    })?;
+                    made_dirs = true;
+                }
+                Err(e) => {
+                    return Err(Error::Storage(format!(
+                        "cannot create {}: {e}",
+                        staging.display()
+                    )))
+                }
+            }
         }
     }
 }
@@ -971,6 +1065,63 @@ mod tests {
             "invalid-path"
         );
         storage.ping().await.unwrap();
+    }
+
+    /// Local writes land whole, through a staging file that is gone after,
+    /// in directories made on the way; an overwrite replaces the object.
+    /// object_store reads and lists what they write like its own.
+    #[tokio::test]
+    async fn local_writes_are_whole_objects_object_store_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        storage
+            .put("x/old.jpg", Bytes::from_static(b"old"))
+            .await
+            .unwrap();
+        let written = storage
+            .put_all(vec![
+                ("x/old.jpg".into(), Bytes::from_static(b"newer")),
+                ("y/z/new.jpg".into(), Bytes::from(vec![7u8; 70_000])),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            written.iter().map(|w| w.size).collect::<Vec<_>>(),
+            [5, 70_000]
+        );
+        let object_store = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let read = |path: &'static str| {
+            let object_store = &object_store;
+            async move {
+                let got = object_store.get(&StorePath::from(path)).await.unwrap();
+                got.bytes().await.unwrap()
+            }
+        };
+        assert_eq!(&read("x/old.jpg").await[..], b"newer");
+        assert_eq!(read("y/z/new.jpg").await.len(), 70_000);
+        let mut listed = storage.list("").await.unwrap();
+        listed.sort();
+        assert_eq!(listed, ["x/old.jpg", "y/z/new.jpg"]);
+        let mut names: Vec<String> = ["x", "y/z"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(dir.path().join(d)).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["new.jpg", "old.jpg"], "no staging file is left");
+
+        let refused = storage
+            .put_all(vec![
+                ("ok.jpg".into(), Bytes::new()),
+                ("../out".into(), Bytes::new()),
+            ])
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), "invalid-path");
+        assert!(
+            storage.get("ok.jpg").await.unwrap().is_none(),
+            "nothing is written"
+        );
     }
 
     /// `s3://bucket/prefix` opens S3 (never the local fast path) with the

@@ -477,16 +477,31 @@ impl Worker {
 
         // Storage first, index second: the index never points at missing
         // bytes. The variants are written at once and indexed in one go.
-        let stored = futures::future::try_join_all(variants.into_iter().map(
-            |(filter, variant, _)| async move {
+        let variants: Vec<_> = variants
+            .into_iter()
+            .map(|(filter, variant, _)| {
                 let path = keys::variant_path(&filter, original);
-                let bytes = Bytes::from(variant.bytes);
-                let stored = self.storage.put(&path, bytes.clone()).await?;
-                let info = VariantInfo::of_bytes(&bytes, stored.last_modified);
-                Ok::<_, Error>((filter, path, bytes, info, (variant.width, variant.height)))
-            },
-        ))
-        .await?;
+                let size = (variant.width, variant.height);
+                (filter, path, Bytes::from(variant.bytes), size)
+            })
+            .collect();
+        let written = self
+            .storage
+            .put_all(
+                variants
+                    .iter()
+                    .map(|(_, path, bytes, _)| (path.clone(), bytes.clone()))
+                    .collect(),
+            )
+            .await?;
+        let stored: Vec<_> = variants
+            .into_iter()
+            .zip(written)
+            .map(|((filter, path, bytes, size), written)| {
+                let info = VariantInfo::of_bytes(&bytes, written.last_modified);
+                (filter, path, bytes, info, size)
+            })
+            .collect();
         self.index
             .mark_all(
                 stored
