@@ -506,9 +506,10 @@ fn run(settings: &Settings) -> Result<bool, String> {
             e2e,
         };
         if !settings.smoke {
+            let beside = |cpu: Duration| cpu.as_secs_f64() / r.e2e.render_cpu.as_secs_f64();
             println!(
                 "round {round}: pure {:.2} -> {:.2} images/s (CPU {:.0} % / {:.0} % of its threads) | e2e {:.2} images/s in {:.2}s (steady {:.2}) | overhead {:+.1} % \
-                 | CPU/image kiln+redis vs pure {:+.1} % | beside kiln's renders {:.1} % | kiln busy {:.0} % of {} cores, redis CPU {:.2}s, harness CPU {:.2}s, kiln peak RSS {:.0} MiB{}",
+                 | CPU/image kiln+redis vs pure {:+.1} % | beside kiln's renders {:.1} % (kiln {:.1} + redis {:.1}) | kiln busy {:.0} % of {} cores, redis CPU {:.2}s, harness CPU {:.2}s, kiln peak RSS {:.0} MiB{}",
                 rate(pure_before.wall),
                 rate(pure_after.wall),
                 share(&pure_before) * 100.0,
@@ -519,6 +520,8 @@ fn run(settings: &Settings) -> Result<bool, String> {
                 r.overhead * 100.0,
                 r.cpu_overhead * 100.0,
                 r.beside_render * 100.0,
+                beside(r.e2e.kiln_cpu.saturating_sub(r.e2e.render_cpu)) * 100.0,
+                beside(r.e2e.redis_cpu) * 100.0,
                 r.e2e.kiln_cpu.as_secs_f64() / r.e2e.wall.as_secs_f64() / common::cores() as f64
                     * 100.0,
                 common::cores(),
