@@ -679,7 +679,40 @@ mod local_read {
                 Ok(0) => break,
                 Ok(n) => read += n,
                 Err(Errno::INTR) => {}
-                // EAGAIN (not cached), or a kernel without RWF_NOWAIT: the pool reads it.
+                // tmpfs has no RWF_NOWAIT, and nothing to wait for.
+                Err(Errno::OPNOTSUPP) if in_memory(file) => {
+                    return read + read_plain_at(file, &mut buf[read..], at + read as u64);
+                }
+                // EAGAIN (not cached), or a kernel or file system without
+                // RWF_NOWAIT: the pool reads it.
+                Err(_) => break,
+            }
+        }
+        read
+    }
+
+    /// Whether the file lives in memory (tmpfs, ramfs): a read of it never
+    /// waits for a disk.
+    #[cfg(target_os = "linux")]
+    fn in_memory(file: &File) -> bool {
+        const TMPFS_MAGIC: u64 = 0x0102_1994;
+        const RAMFS_MAGIC: u64 = 0x8584_58f6;
+        // f_type's integer type differs between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        rustix::fs::fstatfs(file)
+            .is_ok_and(|fs| matches!(fs.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC))
+    }
+
+    /// Fills `buf` from `at` with plain reads; answers how much it read.
+    #[cfg(target_os = "linux")]
+    fn read_plain_at(file: &File, buf: &mut [u8], at: u64) -> usize {
+        use std::os::unix::fs::FileExt;
+        let mut read = 0;
+        while read < buf.len() {
+            match file.read_at(&mut buf[read..], at + read as u64) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
@@ -1420,5 +1453,20 @@ mod tests {
             local_read::start(&dir.path().join("none")).unwrap(),
             local_read::Started::Absent
         ));
+    }
+
+    /// tmpfs refuses RWF_NOWAIT, yet holds every byte in memory: its files
+    /// are read at once, not on the blocking pool.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_tmpfs_file_is_read_at_once() {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm, a tmpfs on Linux");
+        let path = dir.path().join("f");
+        let body: Vec<u8> = (0..200_000u32).map(|n| n as u8).collect();
+        std::fs::write(&path, &body).unwrap();
+        let local_read::Started::Done(object) = local_read::start(&path).unwrap() else {
+            panic!("a tmpfs file went to the blocking pool");
+        };
+        assert_eq!(object.bytes, body);
     }
 }
