@@ -549,8 +549,13 @@ impl Index {
     /// Records stored variants, in one Redis round trip. Call only after
     /// their bytes are in storage.
     pub async fn mark_all(&self, variants: Vec<(String, VariantInfo)>) -> Result<()> {
+        if variants.is_empty() {
+            // Redis refuses an empty pipeline; a job that only made previews marks nothing.
+            return Ok(());
+        }
         if let Some((handle, keys)) = &self.redis {
             let mut pipe = redis::pipe();
+            let mut stale = Vec::with_capacity(variants.len() * 2);
             for (variant, info) in &variants {
                 pipe.hset_multiple(
                     keys.variant_index(variant),
@@ -561,12 +566,12 @@ impl Index {
                         ("mtime", info.last_modified.to_string()),
                     ],
                 )
-                .ignore()
-                .del(keys.variant_failure(variant))
-                .ignore()
-                .del(keys.variant_absent(variant))
                 .ignore();
+                stale.push(keys.variant_failure(variant));
+                stale.push(keys.variant_absent(variant));
             }
+            // One DEL for every variant's markers: Redis pays per command.
+            pipe.del(stale).ignore();
             let mut conn = handle.conn().await?;
             let () = pipe.query_async(&mut conn).await?;
         }

@@ -27,9 +27,14 @@ async fn a_workers_batched_lookup_asks_storage_only_about_unknown_variants() {
 
     // One process stores two variants and marks them in one go.
     let (small, medium) = ("small/a/x.png", "medium/a/x.png");
+    // An earlier attempt failed one; a front marked the other absent.
+    let stale = [keys.variant_failure(small), keys.variant_absent(medium)];
+    server.redis_cli(&["SET", &stale[0], "{}"]);
+    server.redis_cli(&["SET", &stale[1], "1"]);
     for variant in [small, medium] {
         storage.put(variant, png.clone()).await.unwrap();
     }
+    let dels = server.command_calls("del");
     new_index()
         .mark_all(vec![
             (small.into(), info.clone()),
@@ -37,6 +42,13 @@ async fn a_workers_batched_lookup_asks_storage_only_about_unknown_variants() {
         ])
         .await
         .unwrap();
+    assert_eq!(
+        server.redis_cli(&["EXISTS", &stale[0], &stale[1]]),
+        ":0",
+        "marking clears the failure and absent markers"
+    );
+    assert_eq!(server.command_calls("del") - dels, 1, "in one DEL");
+    new_index().mark_all(Vec::new()).await.unwrap();
     // In storage only (written by an older kiln, say).
     let large = "large/a/x.png";
     storage.put(large, png.clone()).await.unwrap();
