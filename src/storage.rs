@@ -673,15 +673,16 @@ mod local_read {
     pub fn read_cached_at(file: &File, buf: &mut [u8], at: u64) -> usize {
         use rustix::io::{preadv2, Errno, ReadWriteFlags};
         let mut read = 0;
+        let mut flags = ReadWriteFlags::NOWAIT;
         while read < buf.len() {
             let mut slice = [std::io::IoSliceMut::new(&mut buf[read..])];
-            match preadv2(file, &mut slice, at + read as u64, ReadWriteFlags::NOWAIT) {
+            match preadv2(file, &mut slice, at + read as u64, flags) {
                 Ok(0) => break,
                 Ok(n) => read += n,
                 Err(Errno::INTR) => {}
-                // tmpfs has no RWF_NOWAIT, and nothing to wait for.
-                Err(Errno::OPNOTSUPP) if in_memory(file) => {
-                    return read + read_plain_at(file, &mut buf[read..], at + read as u64);
+                // tmpfs has no RWF_NOWAIT, and nothing to wait for: plain reads.
+                Err(Errno::OPNOTSUPP) if !flags.is_empty() && in_memory(file) => {
+                    flags = ReadWriteFlags::empty();
                 }
                 // EAGAIN (not cached), or a kernel or file system without
                 // RWF_NOWAIT: the pool reads it.
@@ -701,22 +702,6 @@ mod local_read {
         #[allow(clippy::unnecessary_cast)]
         rustix::fs::fstatfs(file)
             .is_ok_and(|fs| matches!(fs.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC))
-    }
-
-    /// Fills `buf` from `at` with plain reads; answers how much it read.
-    #[cfg(target_os = "linux")]
-    fn read_plain_at(file: &File, buf: &mut [u8], at: u64) -> usize {
-        use std::os::unix::fs::FileExt;
-        let mut read = 0;
-        while read < buf.len() {
-            match file.read_at(&mut buf[read..], at + read as u64) {
-                Ok(0) => break,
-                Ok(n) => read += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        read
     }
 
     #[cfg(not(target_os = "linux"))]
