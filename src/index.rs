@@ -250,6 +250,8 @@ pub struct Index {
     absent_ttl: Duration,
     negative_ttl: Duration,
     queued: Cache<String, ()>,
+    /// Enqueues in progress, one per variant.
+    queueing: SingleFlight<()>,
     failed: Cache<String, Arc<Failure>>,
     failure_ttl: Duration,
     hot_max_object_bytes: u64,
@@ -286,6 +288,7 @@ impl Index {
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
                 .build(),
+            queueing: SingleFlight::default(),
             failed: Cache::builder()
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.failure_ttl_secs.max(1)))
@@ -695,7 +698,8 @@ impl Index {
     }
 
     /// Runs `enqueue` once however many misses of the variant come at the
-    /// same time (the others wait for its answer), and remembers its
+    /// same time (the others wait for its answer; should it fail, each
+    /// runs its own), and remembers its
     /// success briefly (`negative_ttl_secs`): misses meanwhile answer 202
     /// without asking Redis or the queue. `mark_all`, `mark_failed` and
     /// purges clear it.
@@ -704,10 +708,18 @@ impl Index {
         variant: &str,
         enqueue: impl std::future::Future<Output = Result<()>>,
     ) -> Result<()> {
-        self.queued
-            .try_get_with_by_ref(variant, enqueue)
-            .await
-            .map_err(Arc::unwrap_or_clone)
+        if self.queued.contains_key(variant) {
+            return Ok(());
+        }
+        // Not moka's own `try_get_with`: its per-key waiter bookkeeping was
+        // a tenth of a first miss's CPU in a miss storm. The mark is set
+        // inside the run, so a miss arriving as the run ends finds it.
+        let enqueue_and_mark = async {
+            enqueue.await?;
+            self.queued.insert(variant.to_string(), ()).await;
+            Ok(())
+        };
+        self.queueing.run(variant, enqueue_and_mark).await
     }
 
     /// Shares `other`'s "just queued" marks: a process's worker index and
@@ -824,6 +836,49 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_misses_queue_once_and_a_failed_enqueue_marks_nothing() {
+        let config = crate::config::Config::load_from(Default::default()).unwrap();
+        let index = Index::new(&config.index, None);
+        let enqueues = AtomicUsize::new(0);
+        let gate = tokio::sync::Notify::new();
+        let enqueue = || async {
+            enqueues.fetch_add(1, Ordering::SeqCst);
+            gate.notified().await;
+            Ok(())
+        };
+        let (answers, ()) = tokio::join!(
+            futures::future::join_all((0..5).map(|_| index.queue_once("v", enqueue()))),
+            async { gate.notify_one() }
+        );
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(
+            enqueues.load(Ordering::SeqCst),
+            1,
+            "one enqueue for five misses"
+        );
+        assert!(index.is_recently_queued("v"));
+        index.queue_once("v", enqueue()).await.unwrap();
+        assert_eq!(
+            enqueues.load(Ordering::SeqCst),
+            1,
+            "a later miss finds the mark"
+        );
+
+        let failed = index
+            .queue_once("w", async {
+                Err(crate::error::Error::SourceNotFound("w".into()))
+            })
+            .await;
+        assert_eq!(failed.unwrap_err().code(), "source-not-found");
+        assert!(
+            !index.is_recently_queued("w"),
+            "a failed enqueue marks nothing"
+        );
+        index.queue_once("w", async { Ok(()) }).await.unwrap();
+        assert!(index.is_recently_queued("w"));
+    }
 
     #[tokio::test]
     async fn a_single_flight_shares_the_run_under_way_and_forgets_it_after() {

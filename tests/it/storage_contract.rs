@@ -226,6 +226,9 @@ async fn objects_round_trip_with_bytes_and_sizes_intact(kind: StoreKind) {
         let age = kiln::storage::now_secs() - head.last_modified;
         assert!((-5..300).contains(&age), "{path}: last modified {age}s ago");
     }
+    // The folder holding the original (a prefix on S3) is no object.
+    let folder = original.rsplit_once('/').expect("a nested path").0;
+    assert!(storage.head(folder).await.unwrap().is_none(), "{folder}");
     assert_eq!(storage.media_record(&code).await.unwrap(), Some(record));
     assert_eq!(
         storage.account("shop").await.unwrap(),
