@@ -51,8 +51,8 @@ struct Backends {
     redis: Option<Arc<RedisHandle>>,
 }
 
-/// `front`: the index of this process's front, whose "just queued" marks a
-/// worker's index shares.
+/// `front`: the index of this process's front, whose memory (queued marks,
+/// entries, hot bytes) a worker's index shares.
 fn backends(config: &Config, front: Option<&Index>) -> Result<Backends> {
     Ok(match config.queue.backend {
         QueueBackend::Embedded => Backends {
@@ -76,7 +76,7 @@ fn backends(config: &Config, front: Option<&Index>) -> Result<Backends> {
                         Some((handle.clone(), RedisKeys::new(&config.redis.prefix))),
                     );
                     if let Some(front) = front {
-                        index.share_queued_marks_with(front);
+                        index.share_memory_with(front);
                     }
                     index
                 }),

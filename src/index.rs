@@ -722,12 +722,16 @@ impl Index {
         self.queueing.run(variant, enqueue_and_mark).await
     }
 
-    /// Shares `other`'s "just queued" marks: a process's worker index and
-    /// front index are separate (each has its runtime's Redis connection),
-    /// and the worker's renders and failures must clear what the front
-    /// queued.
-    pub fn share_queued_marks_with(&mut self, other: &Index) {
+    /// Shares `other`'s memory: its "just queued" marks, index entries and
+    /// hot bytes. A process's worker index and front index are separate
+    /// (each has its runtime's Redis connection), but one memory: the
+    /// worker's renders and failures must clear what the front queued, and
+    /// what the worker renders and marks is what the front serves next,
+    /// hot, rather than a second copy only the worker holds.
+    pub fn share_memory_with(&mut self, other: &Index) {
         self.queued = other.queued.clone();
+        self.entries = other.entries.clone();
+        self.hot = other.hot.clone();
     }
 
     pub fn is_recently_queued(&self, variant: &str) -> bool {
