@@ -1291,6 +1291,19 @@ mod tests {
         assert!(size <= 3 * 1024, "{size} bytes");
     }
 
+    /// A first miss's future is moved (copied) by every layer that awaits
+    /// it; the enqueue-and-mark run inside `queue_once` is boxed, since
+    /// unboxed it made this future 14.7 KB (2 KB boxed) in a debug build
+    /// and its copies showed in a profile of a miss storm.
+    #[test]
+    fn a_miss_future_stays_small() {
+        let front = front("");
+        let variant = "media/cache/small/a/b.png";
+        let miss = front.miss("small", "a/b.png".into(), variant, None);
+        let size = std::mem::size_of_val(&miss);
+        assert!(size <= 4 * 1024, "{size} bytes");
+    }
+
     /// A hit answers the same whether its bytes were just read from storage,
     /// kept hot with their header values, or read again (hot cache too small).
     #[tokio::test]

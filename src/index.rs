@@ -714,11 +714,12 @@ impl Index {
         // Not moka's own `try_get_with`: its per-key waiter bookkeeping was
         // a tenth of a first miss's CPU in a miss storm. The mark is set
         // inside the run, so a miss arriving as the run ends finds it.
-        let enqueue_and_mark = async {
+        // Boxed: each layer awaiting it would otherwise copy it whole.
+        let enqueue_and_mark = Box::pin(async {
             enqueue.await?;
             self.queued.insert(variant.to_string(), ()).await;
             Ok(())
-        };
+        });
         self.queueing.run(variant, enqueue_and_mark).await
     }
 
