@@ -699,9 +699,9 @@ impl Index {
 
     /// Runs `enqueue` once however many misses of the variant come at the
     /// same time (the others wait for its answer; should it fail, each
-    /// runs its own), and remembers its
-    /// success briefly (`negative_ttl_secs`): misses meanwhile answer 202
-    /// without asking Redis or the queue. `mark_all`, `mark_failed` and
+    /// runs its own), and remembers its success briefly
+    /// (`negative_ttl_secs`): misses meanwhile answer 202 without asking
+    /// Redis or the queue. `mark_all`, `mark_failed` and
     /// purges clear it.
     pub async fn queue_once(
         &self,
