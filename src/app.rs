@@ -260,6 +260,16 @@ impl ShutdownSignalWatch for StopSignal {
     }
 }
 
+/// `config` as this role uses it: a worker-only process serves nothing, so
+/// keeping its renders' bytes hot would hold up to `index.hot_bytes` of
+/// memory that nothing reads.
+fn settings_for_role(mut config: Config, role: Role) -> Config {
+    if role == Role::Worker {
+        config.index.hot_bytes = 0;
+    }
+    config
+}
+
 /// Runs until stopped. Validates everything before any port binds. With
 /// `upgrade`, takes over the listening sockets of a running kiln (sent when
 /// that one gets SIGQUIT) instead of binding them.
@@ -275,7 +285,7 @@ pub fn run(
             "`kiln front` needs queue.backend = \"redis\": an embedded queue has no workers in another process".into(),
         ));
     }
-    let config = Arc::new(config);
+    let config = Arc::new(settings_for_role(config, role));
     let filters = Arc::new(FilterSet::from_config(&config)?);
     for name in &config.sais.default_filters {
         filters.get(name).map_err(|_| {
@@ -540,5 +550,24 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_process_that_serves_keeps_renders_hot() {
+        let config = Config::load_from(Default::default()).unwrap();
+        for (role, keeps_hot) in [
+            (Role::Serve, true),
+            (Role::Front, true),
+            (Role::Worker, false),
+        ] {
+            let config = settings_for_role(config.clone(), role);
+            let index = Index::new(&config.index, None);
+            assert_eq!(index.keeps_hot(1024), keeps_hot, "{role:?}");
+        }
     }
 }
