@@ -582,11 +582,18 @@ mod local_read {
         }
     }
 
+    /// A look-up of `path`'s answer: "not found" is no object, not an error.
+    fn found<T>(path: &Path, looked_up: std::io::Result<T>) -> Result<Option<T>> {
+        match looked_up {
+            Ok(found) => Ok(Some(found)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(failed(path, e)),
+        }
+    }
+
     fn open(path: &Path) -> Result<Option<(File, Metadata)>> {
-        let file = match File::open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(failed(path, e)),
+        let Some(file) = found(path, File::open(path))? else {
+            return Ok(None);
         };
         let metadata = file.metadata().map_err(|e| failed(path, e))?;
         Ok((!metadata.is_dir()).then_some((file, metadata)))
@@ -596,11 +603,8 @@ mod local_read {
     /// `fstat` took three system calls (a third of a first miss's storage
     /// time, which asks after the original).
     pub fn stat(path: &Path) -> Result<Option<ObjectInfo>> {
-        match std::fs::metadata(path) {
-            Ok(metadata) => Ok((!metadata.is_dir()).then(|| info(&metadata))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(failed(path, e)),
-        }
+        let metadata = found(path, std::fs::metadata(path))?;
+        Ok(metadata.filter(|m| !m.is_dir()).map(|m| info(&m)))
     }
 
     /// `open`, keeping the path beside the file for errors.
