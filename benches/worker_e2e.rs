@@ -16,17 +16,23 @@
 //!    all originals are pre-heated with `POST /dispatch_process` in batches
 //!    of BATCH, timed from the first dispatch sent to the last webhook
 //!    received (a media webhook per original and a thumb webhook per filter);
-//! 4. steps 3 and 2 again for ROUNDS rounds (a fresh kiln, Redis and
-//!    storage each time); each round's end to end is set against the mean
-//!    of the pure runs just before and after it. A round whose pure runs
-//!    disagree by more than 15 %, or did not get 85 % of their threads'
-//!    CPU (other processes on the machine), is shown but not judged; with
-//!    no round left the verdict says it is inconclusive.
+//! 4. the I/O floor: pure render on the same threads, each of which also
+//!    downloads its original from the same origin, archives it, writes the
+//!    variants and posts the webhooks itself, blocking, with no queue,
+//!    Redis or media record: what the unavoidable I/O costs by itself;
+//! 5. steps 3, 4 and 2 again for ROUNDS rounds (a fresh kiln, Redis and
+//!    storage each time); each round's end to end and floor are set against
+//!    the mean of the pure runs just before and after them. A round whose
+//!    pure runs disagree by more than 15 %, or did not get 85 % of their
+//!    threads' CPU (other processes on the machine), is shown but not
+//!    judged; with no round left the verdict says it is inconclusive.
 //!
-//! It prints images/s for both, the overhead `1 - e2e/pure` (median over
-//! rounds) against the <= 10 % target, and the CPU time kiln, Redis and
-//! the harness spent per image against pure render's, which other work
-//! on the machine moves much less than wall-clock rates.
+//! It prints images/s for all three, the overhead `1 - e2e/pure` (median
+//! over rounds) against the <= 10 % target, how much of it the floor
+//! already takes (`1 - floor/pure`) and what kiln adds (`1 - e2e/floor`),
+//! and the CPU time kiln, Redis and the harness spent per image against
+//! pure render's, which other work on the machine moves much less than
+//! wall-clock rates.
 //!
 //! Run by `cargo test --all-targets` (no `--bench`), it does the same with a
 //! handful of small synthesized originals and fails loudly if any webhook
@@ -189,6 +195,216 @@ fn pure_render(
     match failure.into_inner().unwrap() {
         Some(e) => Err(format!("pure render failed: {e}")),
         None => Ok(Pure { wall, cpu }),
+    }
+}
+
+// ---- the I/O floor ---------------------------------------------------------------------------
+
+/// Pure render plus the I/O no worker can skip, with no queue, no Redis, no
+/// media record and no async runtime: each of `threads` plain threads takes
+/// the next original, downloads it from the harness origin (keep-alive
+/// HTTP/1.1), archives it, renders it as `pure_render` does, writes its
+/// variants (a staging file renamed into place, as kiln's local store
+/// does) and posts a media webhook and one per filter to the receiver. Set
+/// against pure render it is the least a worker's I/O costs on this
+/// machine; set against it, the end to end shows what kiln's queue, Redis
+/// and async hand-offs add on top.
+fn io_floor(
+    originals: &[Bytes],
+    presets: &[Preset],
+    limits: Limits,
+    threads: usize,
+    dir: &Path,
+) -> Result<Pure, String> {
+    let harness = Harness::start(originals)?;
+    let folders: Vec<PathBuf> = std::iter::once("originals")
+        .chain(presets.iter().map(|p| p.name.as_str()))
+        .map(|name| dir.join("floor").join(name))
+        .collect();
+    for folder in &folders {
+        std::fs::create_dir_all(folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    }
+    let next = AtomicUsize::new(0);
+    let (origin, sink) = (harness.origin, harness.sink);
+    let cpu0 = common::cpu_time("self").unwrap_or_default();
+    let started = Instant::now();
+    // The floor's threads report here; this thread serves the harness's
+    // origin and receiver until all of them have.
+    let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+    let next = &next;
+    let folders = &folders;
+    let outcome = std::thread::scope(|s| {
+        for _ in 0..threads {
+            let done = done.clone();
+            s.spawn(move || {
+                let run = || -> Result<(), String> {
+                    let mut origin = Http::connect(origin)?;
+                    let mut sink = Http::connect(sink)?;
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= originals.len() {
+                            return Ok(());
+                        }
+                        floor_job(n, presets, limits, folders, &mut origin, &mut sink)
+                            .map_err(|e| format!("floor, original {n}: {e}"))?;
+                    }
+                };
+                let _ = done.send(run());
+            });
+        }
+        drop(done);
+        harness.runtime.block_on(async {
+            let mut outcome = Ok(());
+            while let Some(result) = finished.recv().await {
+                outcome = outcome.and(result);
+            }
+            outcome
+        })
+    });
+    outcome?;
+    let wall = started.elapsed();
+    let cpu = common::cpu_time("self").unwrap_or_default() - cpu0;
+    let webhooks = harness.webhooks.lock().unwrap();
+    let want = originals.len() * (presets.len() + 1);
+    if webhooks.media.len() + webhooks.thumbs != want || !webhooks.failures.is_empty() {
+        return Err(format!(
+            "floor: {} webhooks received, {} failed, want {want}",
+            webhooks.media.len() + webhooks.thumbs,
+            webhooks.failures.len()
+        ));
+    }
+    Ok(Pure { wall, cpu })
+}
+
+/// One original through the floor: download, archive, render, store, post.
+fn floor_job(
+    n: usize,
+    presets: &[Preset],
+    limits: Limits,
+    folders: &[PathBuf],
+    origin: &mut Http,
+    sink: &mut Http,
+) -> Result<(), String> {
+    let (status, bytes) =
+        origin.call(format!("GET /o/{n}.jpg HTTP/1.1\r\nhost: origin\r\n\r\n").as_bytes())?;
+    if status != 200 {
+        return Err(format!("origin answered {status}"));
+    }
+    let name = format!("{n}.jpg");
+    store(&folders[0], &name, &bytes)?;
+    let source = imaging::decode_for(&bytes, limits, presets).map_err(|e| e.to_string())?;
+    let previews = imaging::previews(&source).map_err(|e| e.to_string())?;
+    let mut thumbs = serde_json::Map::new();
+    for (preset, folder) in presets.iter().zip(&folders[1..]) {
+        let variant = imaging::render(&source, preset).map_err(|e| e.to_string())?;
+        store(folder, &name, &variant.bytes)?;
+        let thumb = json!({
+            "marking": "done",
+            "url": format!("http://kiln/media/cache/{}/default/{name}", preset.name),
+            "size": variant.bytes.len(),
+            "width": variant.width,
+            "height": variant.height,
+            "mime_type": imaging::mime_of(variant.format),
+        });
+        post(
+            sink,
+            "thumb",
+            &json!({"code": n, "filter": preset.name, "thumb": thumb}),
+        )?;
+        thumbs.insert(preset.name.clone(), thumb);
+    }
+    let media = json!({
+        "code": n,
+        "root": "default",
+        "path": format!("default/{name}"),
+        "original_url": format!("http://origin/o/{name}"),
+        "mime_type": "image/jpeg",
+        "size": bytes.len(),
+        "original_width": source.width(),
+        "original_height": source.height(),
+        "blurhash": previews.blurhash,
+        "blur": previews.thumbhash,
+        "thumb_data": thumbs,
+        "marking": "resized",
+    });
+    post(sink, "media", &media)
+}
+
+/// Writes a whole file under a staging name, then renames it into place.
+fn store(folder: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let staging = folder.join(format!("{name}#1"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&staging)
+        .map_err(|e| format!("{}: {e}", staging.display()))?;
+    file.write_all(bytes).map_err(|e| e.to_string())?;
+    drop(file);
+    std::fs::rename(&staging, folder.join(name)).map_err(|e| e.to_string())
+}
+
+fn post(sink: &mut Http, kind: &str, body: &Value) -> Result<(), String> {
+    let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+    let mut request = format!(
+        "POST /hook/{kind} HTTP/1.1\r\nhost: sink\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    match sink.call(&request)? {
+        (200, _) => Ok(()),
+        (status, _) => Err(format!("webhook receiver answered {status}")),
+    }
+}
+
+/// A blocking keep-alive HTTP/1.1 connection that knows just enough of the
+/// protocol for the harness's servers (answers carry a Content-Length).
+struct Http {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl Http {
+    fn connect(addr: SocketAddr) -> Result<Http, String> {
+        let stream = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(Http {
+            stream: std::io::BufReader::new(stream),
+        })
+    }
+
+    /// Sends one request; answers the status and body.
+    fn call(&mut self, request: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        use std::io::{BufRead, Read, Write};
+        let io = |e: std::io::Error| e.to_string();
+        self.stream.get_mut().write_all(request).map_err(io)?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).map_err(io)?;
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {line:?}"))?;
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).map_err(io)?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("bad {header:?}"))?;
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).map_err(io)?;
+        Ok((status, body))
     }
 }
 
@@ -369,6 +585,88 @@ struct Webhooks {
     last: Option<Instant>,
 }
 
+/// The harness's loopback origin (`/o/<n>.jpg` serves original n) and
+/// webhook receiver (`.../thumb` counts a thumb, anything else a media
+/// webhook; a failure or unreadable body is kept for the report), served
+/// by `runtime` on the bench's own thread whenever it runs `block_on`.
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    origin: SocketAddr,
+    sink: SocketAddr,
+    webhooks: Arc<Mutex<Webhooks>>,
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+impl Harness {
+    fn start(originals: &[Bytes]) -> Result<Harness, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let served: Arc<Vec<Bytes>> = Arc::new(originals.to_vec());
+        let webhooks: Arc<Mutex<Webhooks>> = Arc::default();
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (origin, sink) = runtime.block_on(async {
+            let origin = serve(move |req: Request<Incoming>| {
+                let served = served.clone();
+                async move {
+                    let n = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/o/")
+                        .and_then(|p| p.strip_suffix(".jpg"))
+                        .and_then(|p| p.parse::<usize>().ok());
+                    Ok(match n.and_then(|n| served.get(n)) {
+                        Some(bytes) => respond(200, bytes.clone(), "image/jpeg"),
+                        None => respond(404, Bytes::new(), "text/plain"),
+                    })
+                }
+            })
+            .await;
+            let (hooks, arrived) = (webhooks.clone(), arrived.clone());
+            let sink = serve(move |req: Request<Incoming>| {
+                let (hooks, arrived) = (hooks.clone(), arrived.clone());
+                async move {
+                    let thumb = req.uri().path().ends_with("/thumb");
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let now = Instant::now();
+                    let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    {
+                        let mut hooks = hooks.lock().unwrap();
+                        hooks.last = Some(now);
+                        let failed = value["marking"] == "failed" || value["status"] == "failed";
+                        if failed || value.is_null() {
+                            hooks
+                                .failures
+                                .push(String::from_utf8_lossy(&body).chars().take(400).collect());
+                        } else if thumb {
+                            hooks.thumbs += 1;
+                        } else {
+                            hooks.media.push(now);
+                        }
+                    }
+                    arrived.notify_one();
+                    Ok(respond(200, Bytes::new(), "text/plain"))
+                }
+            })
+            .await;
+            (origin, sink)
+        });
+        Ok(Harness {
+            runtime,
+            origin,
+            sink,
+            webhooks,
+            arrived,
+        })
+    }
+}
+
 // ---- the run -------------------------------------------------------------------------------
 
 fn load_originals(settings: &Settings) -> Result<Vec<Bytes>, String> {
@@ -473,7 +771,7 @@ fn run(settings: &Settings) -> Result<bool, String> {
             temp.display()
         );
         println!(
-            "method:     {} rounds of [end to end on a fresh kiln + Redis + storage, then pure render]; pure render once more \
+            "method:     {} rounds of [end to end on a fresh kiln + Redis + storage, I/O floor, pure render]; pure render once more \
              before the first; each round's overhead against the mean of the pure runs beside it; medians over rounds",
             settings.rounds
         );
@@ -488,6 +786,18 @@ fn run(settings: &Settings) -> Result<bool, String> {
     let mut dirs = Vec::new();
     for round in 1..=settings.rounds {
         let e2e = end_to_end(settings, &originals, &mut dirs)?;
+        let floor_dir = tempfile::Builder::new()
+            .prefix("kiln-worker-floor-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let floor = io_floor(
+            &originals,
+            &presets,
+            limits,
+            settings.render_threads,
+            floor_dir.path(),
+        )?;
+        dirs.push(floor_dir);
         let pure_after = pure_render(&originals, &presets, limits, settings.render_threads)?;
         let pure_rate = (rate(pure_before.wall) + rate(pure_after.wall)) / 2.0;
         let pure_cpu = (pure_before.cpu + pure_after.cpu) / 2;
@@ -498,6 +808,10 @@ fn run(settings: &Settings) -> Result<bool, String> {
             pure_rate,
             e2e_rate: rate(e2e.wall),
             overhead: 1.0 - rate(e2e.wall) / pure_rate,
+            floor_rate: rate(floor.wall),
+            floor_overhead: 1.0 - rate(floor.wall) / pure_rate,
+            over_floor: 1.0 - rate(e2e.wall) / rate(floor.wall),
+            floor_busy: floor.cpu.as_secs_f64() / floor.wall.as_secs_f64() / common::cores() as f64,
             cpu_overhead: (e2e.kiln_cpu + e2e.redis_cpu).as_secs_f64() / pure_cpu.as_secs_f64()
                 - 1.0,
             beside_render: (e2e.kiln_cpu.saturating_sub(e2e.render_cpu) + e2e.redis_cpu)
@@ -509,7 +823,7 @@ fn run(settings: &Settings) -> Result<bool, String> {
             let beside = |cpu: Duration| cpu.as_secs_f64() / r.e2e.render_cpu.as_secs_f64();
             println!(
                 "round {round}: pure {:.2} -> {:.2} images/s (CPU {:.0} % / {:.0} % of its threads) | e2e {:.2} images/s in {:.2}s (steady {:.2}) | overhead {:+.1} % \
-                 | CPU/image kiln+redis vs pure {:+.1} % | beside kiln's renders {:.1} % (kiln {:.1} + redis {:.1}) | kiln busy {:.0} % of {} cores, redis CPU {:.2}s, harness CPU {:.2}s, kiln peak RSS {:.0} MiB{}",
+                 | I/O floor {:.2} images/s ({:+.1} % under pure, busy {:.0} % of {} cores; e2e {:+.1} % under it) | CPU/image kiln+redis vs pure {:+.1} % | beside kiln's renders {:.1} % (kiln {:.1} + redis {:.1}) | kiln busy {:.0} % of {} cores, redis CPU {:.2}s, harness CPU {:.2}s, kiln peak RSS {:.0} MiB{}",
                 rate(pure_before.wall),
                 rate(pure_after.wall),
                 share(&pure_before) * 100.0,
@@ -518,6 +832,11 @@ fn run(settings: &Settings) -> Result<bool, String> {
                 r.e2e.wall.as_secs_f64(),
                 r.e2e.steady_rate,
                 r.overhead * 100.0,
+                r.floor_rate,
+                r.floor_overhead * 100.0,
+                r.floor_busy * 100.0,
+                common::cores(),
+                r.over_floor * 100.0,
                 r.cpu_overhead * 100.0,
                 r.beside_render * 100.0,
                 beside(r.e2e.kiln_cpu.saturating_sub(r.e2e.render_cpu)) * 100.0,
@@ -565,11 +884,13 @@ fn run(settings: &Settings) -> Result<bool, String> {
     let (pure_rate, e2e_rate) = (med(|r| r.pure_rate), med(|r| r.e2e_rate));
     let (overhead, cpu_overhead) = (med(|r| r.overhead), med(|r| r.cpu_overhead));
     let beside_render = med(|r| r.beside_render);
+    let (floor_rate, floor_overhead) = (med(|r| r.floor_rate), med(|r| r.floor_overhead));
+    let over_floor = med(|r| r.over_floor);
 
     if settings.smoke {
         let e2e = &rounds[0].e2e;
         println!(
-            "worker_e2e smoke: {n} originals x {} filters: {} webhooks received in {:.2}s; pure render {pure_rate:.1} images/s",
+            "worker_e2e smoke: {n} originals x {} filters: {} webhooks received in {:.2}s; pure render {pure_rate:.1} images/s; I/O floor {floor_rate:.1} images/s",
             presets.len(),
             e2e.webhooks,
             e2e.wall.as_secs_f64(),
@@ -592,6 +913,17 @@ fn run(settings: &Settings) -> Result<bool, String> {
     println!("  pure render (bytes in memory; decode_for + render + previews)   {pure_rate:>8.2} images/s");
     println!(
         "  end to end (first dispatch sent -> last webhook received)      {e2e_rate:>8.2} images/s"
+    );
+    println!(
+        "  I/O floor (download, archive, render, store, post; no queue)   {floor_rate:>8.2} images/s"
+    );
+    println!(
+        "  the floor's own overhead, 1 - floor/pure                        {:>+8.1} %",
+        floor_overhead * 100.0
+    );
+    println!(
+        "  kiln's queue, Redis and hand-offs over the floor, 1 - e2e/floor {:>+8.1} %",
+        over_floor * 100.0
     );
     println!(
         "  CPU per image, kiln + redis over pure render                    {:>+8.1} %",
@@ -633,6 +965,14 @@ struct Round {
     pure_rate: f64,
     e2e_rate: f64,
     overhead: f64,
+    /// The I/O floor's rate (`io_floor`), its overhead against pure render,
+    /// and the end to end's against it.
+    floor_rate: f64,
+    floor_overhead: f64,
+    over_floor: f64,
+    /// The bench process's CPU during the floor (its threads and the
+    /// harness's origin and receiver) over all cores' time.
+    floor_busy: f64,
     cpu_overhead: f64,
     /// kiln's other threads' CPU and Redis's over kiln's render threads',
     /// all from the same round.
@@ -680,70 +1020,13 @@ fn end_to_end(
 }
 
 fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result<EndToEnd, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let harness = Harness::start(originals)?;
+    let runtime = &harness.runtime;
+    let (origin, sink) = (harness.origin, harness.sink);
+    let (webhooks, arrived) = (harness.webhooks.clone(), harness.arrived.clone());
     let (mut redis, redis_port) = start_redis(dir)?;
     let n = originals.len();
     let expected = n * (settings.filters.len() + 1);
-
-    // Origin and webhook receiver, on this thread's runtime.
-    let originals: Arc<Vec<Bytes>> = Arc::new(originals.to_vec());
-    let webhooks: Arc<Mutex<Webhooks>> = Arc::default();
-    let arrived = Arc::new(tokio::sync::Notify::new());
-    let (origin, sink) = runtime.block_on(async {
-        let served = originals.clone();
-        let origin = serve(move |req: Request<Incoming>| {
-            let served = served.clone();
-            async move {
-                let n = req
-                    .uri()
-                    .path()
-                    .strip_prefix("/o/")
-                    .and_then(|p| p.strip_suffix(".jpg"))
-                    .and_then(|p| p.parse::<usize>().ok());
-                Ok(match n.and_then(|n| served.get(n)) {
-                    Some(bytes) => respond(200, bytes.clone(), "image/jpeg"),
-                    None => respond(404, Bytes::new(), "text/plain"),
-                })
-            }
-        })
-        .await;
-        let (hooks, arrived) = (webhooks.clone(), arrived.clone());
-        let sink = serve(move |req: Request<Incoming>| {
-            let (hooks, arrived) = (hooks.clone(), arrived.clone());
-            async move {
-                let thumb = req.uri().path().ends_with("/thumb");
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let now = Instant::now();
-                let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                {
-                    let mut hooks = hooks.lock().unwrap();
-                    hooks.last = Some(now);
-                    let failed = value["marking"] == "failed" || value["status"] == "failed";
-                    if failed || value.is_null() {
-                        hooks
-                            .failures
-                            .push(String::from_utf8_lossy(&body).chars().take(400).collect());
-                    } else if thumb {
-                        hooks.thumbs += 1;
-                    } else {
-                        hooks.media.push(now);
-                    }
-                }
-                arrived.notify_one();
-                Ok(respond(200, Bytes::new(), "text/plain"))
-            }
-        })
-        .await;
-        (origin, sink)
-    });
 
     // kiln.
     let port = free_port();
@@ -933,6 +1216,5 @@ fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result
     });
     kiln.stop(Duration::from_secs(15));
     redis.stop(Duration::from_secs(5));
-    drop(runtime);
     outcome
 }
