@@ -357,7 +357,7 @@ impl Storage {
 
     /// Writes several whole objects, each as `put` does. A local store
     /// writes them all in one trip to the blocking pool instead of one trip
-    /// each.
+    /// each (the worker stores every variant of a render at once).
     pub async fn put_all(&self, objects: Vec<(String, Bytes)>) -> Result<Vec<ObjectInfo>> {
         let Some(local) = &self.local else {
             let puts = objects
@@ -365,19 +365,18 @@ impl Storage {
                 .map(|(path, bytes)| async move { self.put(&path, bytes).await });
             return futures::future::try_join_all(puts).await;
         };
-        let local = local.clone();
-        tokio::task::spawn_blocking(move || local.put_all(&objects))
-            .await
-            .map_err(|e| Error::Internal(format!("storage write task: {e}")))?
-    }
-
-    /// `put_all` on the calling thread, for a local store; `None` for any
-    /// other. For threads that may block: the render threads store their
-    /// variants themselves, since handing the write to the blocking pool
-    /// and waiting for it costs two thread wake-ups per job, which on two
-    /// cores preempt renders.
-    pub fn put_all_here(&self, objects: &[(String, Bytes)]) -> Option<Result<Vec<ObjectInfo>>> {
-        self.local.as_ref().map(|local| local.put_all(objects))
+        let files = objects
+            .into_iter()
+            .map(|(path, bytes)| Ok((local.file(&Self::location(&path)?)?, bytes)))
+            .collect::<Result<Vec<_>>>()?;
+        tokio::task::spawn_blocking(move || {
+            files
+                .iter()
+                .map(|(file, bytes)| local_write::whole(file, bytes))
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("storage write task: {e}")))?
     }
 
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
@@ -445,20 +444,6 @@ struct LocalRoot {
 }
 
 impl LocalRoot {
-    /// Writes each object whole, in turn, on this thread; with an invalid
-    /// path among them, none.
-    fn put_all(&self, objects: &[(String, Bytes)]) -> Result<Vec<ObjectInfo>> {
-        let files = objects
-            .iter()
-            .map(|(path, _)| self.file(&Storage::location(path)?))
-            .collect::<Result<Vec<_>>>()?;
-        files
-            .iter()
-            .zip(objects)
-            .map(|(file, (_, bytes))| local_write::whole(file, bytes))
-            .collect()
-    }
-
     /// The file object_store's `path_to_filesystem` names, without its
     /// round trip through a `file://` URL (percent-encoding each segment,
     /// then decoding it again), which a cold hit would pay on every read.
@@ -1165,45 +1150,6 @@ mod tests {
             storage.get("ok.jpg").await.unwrap().is_none(),
             "nothing is written"
         );
-    }
-
-    /// A local store writes on the calling thread (the render threads do),
-    /// whole objects as `put_all` writes them; other stores leave it to
-    /// `put_all` and write nothing.
-    #[tokio::test]
-    async fn only_a_local_store_writes_on_the_calling_thread() {
-        let dir = tempfile::tempdir().unwrap();
-        let local = Storage::open(dir.path().to_str().unwrap()).unwrap();
-        let objects = vec![
-            ("v/a.jpg".to_string(), Bytes::from_static(b"abc")),
-            ("v/b/c.jpg".to_string(), Bytes::from(vec![1u8; 40_000])),
-        ];
-        let written = local.put_all_here(&objects).unwrap().unwrap();
-        assert_eq!(
-            written.iter().map(|w| w.size).collect::<Vec<_>>(),
-            [3, 40_000]
-        );
-        assert_eq!(
-            &local.get("v/a.jpg").await.unwrap().unwrap().bytes[..],
-            b"abc"
-        );
-        assert_eq!(local.head("v/b/c.jpg").await.unwrap().unwrap().size, 40_000);
-        let refused = local
-            .put_all_here(&[
-                ("w/ok.jpg".to_string(), Bytes::new()),
-                ("../out".to_string(), Bytes::new()),
-            ])
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(refused.code(), "invalid-path");
-        assert!(
-            local.head("w/ok.jpg").await.unwrap().is_none(),
-            "nothing is written"
-        );
-
-        let memory = Storage::open("memory://").unwrap();
-        assert!(memory.put_all_here(&objects).is_none());
-        assert!(memory.head("v/a.jpg").await.unwrap().is_none());
     }
 
     /// `s3://bucket/prefix` opens S3 (never the local fast path) with the

@@ -443,8 +443,7 @@ impl Worker {
     }
 
     /// Decodes once, computes the previews, renders every preset, and
-    /// stores each variant: storage first, index second. A local store is
-    /// written by the render thread itself, right after the encodes.
+    /// stores each variant: storage first, index second.
     async fn render(
         &self,
         original: &str,
@@ -453,9 +452,7 @@ impl Worker {
         record: &mut MediaRecord,
     ) -> Result<()> {
         let limits = self.limits;
-        let storage = self.storage.clone();
-        let original_path = original.to_string();
-        let (width, height, previews, variants, written_here) = self
+        let (width, height, previews, variants) = self
             .blocking(move || {
                 let source = imaging::decode_for(&bytes, limits, &presets)?;
                 let previews = imaging::previews(&source)?;
@@ -463,31 +460,15 @@ impl Worker {
                     .iter()
                     .map(|preset| {
                         let started = std::time::Instant::now();
-                        imaging::render(&source, preset).map(|variant| RenderedVariant {
-                            path: keys::variant_path(&preset.name, &original_path),
-                            filter: preset.name.clone(),
-                            size: (variant.width, variant.height),
-                            bytes: Bytes::from(variant.bytes),
-                            took: started.elapsed(),
-                        })
+                        imaging::render(&source, preset)
+                            .map(|r| (preset.name.clone(), r, started.elapsed()))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let objects: Vec<_> = variants
-                    .iter()
-                    .map(|v| (v.path.clone(), v.bytes.clone()))
-                    .collect();
-                let written_here = storage.put_all_here(&objects).transpose()?;
-                Ok((
-                    source.width(),
-                    source.height(),
-                    previews,
-                    variants,
-                    written_here,
-                ))
+                Ok((source.width(), source.height(), previews, variants))
             })
             .await?;
-        for variant in &variants {
-            self.metrics.render(&variant.filter, variant.took);
+        for (filter, _, took) in &variants {
+            self.metrics.render(filter, *took);
         }
         record.original_width = Some(width);
         record.original_height = Some(height);
@@ -496,43 +477,43 @@ impl Worker {
 
         // Storage first, index second: the index never points at missing
         // bytes. The variants are written at once and indexed in one go.
-        let written = match written_here {
-            Some(written) => written,
-            None => {
-                self.storage
-                    .put_all(
-                        variants
-                            .iter()
-                            .map(|v| (v.path.clone(), v.bytes.clone()))
-                            .collect(),
-                    )
-                    .await?
-            }
-        };
-        let infos: Vec<_> = variants
-            .iter()
-            .zip(written)
-            .map(|(v, written)| VariantInfo::of_bytes(&v.bytes, written.last_modified))
+        let variants: Vec<_> = variants
+            .into_iter()
+            .map(|(filter, variant, _)| {
+                let path = keys::variant_path(&filter, original);
+                let size = (variant.width, variant.height);
+                (filter, path, Bytes::from(variant.bytes), size)
+            })
             .collect();
-        self.index
-            .mark_all(
+        let written = self
+            .storage
+            .put_all(
                 variants
                     .iter()
-                    .zip(&infos)
-                    .map(|(v, info)| (v.path.clone(), info.clone()))
+                    .map(|(_, path, bytes, _)| (path.clone(), bytes.clone()))
                     .collect(),
             )
             .await?;
-        for (variant, info) in variants.into_iter().zip(infos) {
-            let thumb = self.thumb(
-                &variant.filter,
-                original,
-                info.size,
-                variant.size,
-                &info.content_type,
-            );
-            note_thumb(record, &variant.filter, thumb);
-            self.index.hot_put(&variant.path, variant.bytes).await;
+        let stored: Vec<_> = variants
+            .into_iter()
+            .zip(written)
+            .map(|((filter, path, bytes, size), written)| {
+                let info = VariantInfo::of_bytes(&bytes, written.last_modified);
+                (filter, path, bytes, info, size)
+            })
+            .collect();
+        self.index
+            .mark_all(
+                stored
+                    .iter()
+                    .map(|(_, path, _, info, _)| (path.clone(), info.clone()))
+                    .collect(),
+            )
+            .await?;
+        for (filter, path, bytes, info, size) in stored {
+            self.index.hot_put(&path, bytes).await;
+            let thumb = self.thumb(&filter, original, info.size, size, &info.content_type);
+            note_thumb(record, &filter, thumb);
         }
         Ok(())
     }
@@ -667,15 +648,6 @@ fn with_failure(mut record: MediaRecord, error: &Error) -> MediaRecord {
     });
     record.updated_at = now_secs();
     record
-}
-
-/// One preset's output, encoded and named.
-struct RenderedVariant {
-    filter: String,
-    path: String,
-    bytes: Bytes,
-    size: (u32, u32),
-    took: Duration,
 }
 
 /// How a job ended, for its webhooks and its ack.
