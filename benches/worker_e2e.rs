@@ -41,7 +41,9 @@
 //! Environment: ORIGINALS (default 500), FILTERS (comma list of kiln's
 //! embedded presets, default small,medium,large), RENDER_THREADS (default
 //! 2), WORKER_CONCURRENCY (jobs in flight, default 4), BATCH (images per
-//! dispatch, default 100), ROUNDS (default 3), KEEP=1 (keep the temp dir:
+//! dispatch, default 100), ROUNDS (default 3), QUEUE_BACKEND (kiln's
+//! `queue.backend`, default redis; embedded keeps queue, index, records'
+//! lock and webhook outbox in kiln's memory), KEEP=1 (keep the temp dir:
 //! kiln's log, storage), BENCH_KILN_BIN (the kiln binary to run, default the one
 //! cargo built beside this bench), STRICT=1 (exit 1 when the target fails).
 
@@ -92,6 +94,8 @@ struct Settings {
     worker_concurrency: usize,
     batch: usize,
     rounds: usize,
+    /// kiln's `queue.backend`: `redis` (the default) or `embedded`.
+    backend: String,
     timeout: Duration,
     keep: bool,
     strict: bool,
@@ -117,6 +121,7 @@ impl Settings {
             render_threads: common::env_number("RENDER_THREADS", 2),
             worker_concurrency: common::env_number("WORKER_CONCURRENCY", 4),
             batch: common::env_number("BATCH", 100).max(1),
+            backend: std::env::var("QUEUE_BACKEND").unwrap_or_else(|_| "redis".into()),
             rounds: if smoke {
                 1
             } else {
@@ -702,7 +707,7 @@ graceful_shutdown_timeout_secs = 1
 url = "{storage}"
 
 [queue]
-backend = "redis"
+backend = "{backend}"
 worker_concurrency = {concurrency}
 
 [redis]
@@ -718,12 +723,19 @@ allow = ["127.0.0.1/32"]
 admin_key = "{ADMIN_KEY}"
 "#,
         storage = dir.join("storage").display(),
+        backend = settings.backend,
         concurrency = settings.worker_concurrency,
         render_threads = settings.render_threads,
     )
 }
 
 fn run(settings: &Settings) -> Result<bool, String> {
+    if !["redis", "embedded"].contains(&settings.backend.as_str()) {
+        return Err(format!(
+            "QUEUE_BACKEND={:?}: use redis or embedded",
+            settings.backend
+        ));
+    }
     let config = kiln::config::Config::load_from(kiln::config::Sources::default())
         .map_err(|e| e.to_string())?;
     let limits = Limits::from(&config.imaging);
@@ -748,12 +760,13 @@ fn run(settings: &Settings) -> Result<bool, String> {
         println!("worker_e2e: whole-worker pre-heat through Redis vs pure render, same run");
         println!("kiln code:  {}", common::code_version());
         println!(
-            "originals:  {n} distinct JPEGs, {:.1} MiB in all; filters {}; render_threads {}, worker_concurrency {}, dispatch batches of {}",
+            "originals:  {n} distinct JPEGs, {:.1} MiB in all; filters {}; render_threads {}, worker_concurrency {}, dispatch batches of {}, queue backend {}",
             total_bytes as f64 / 1048576.0,
             settings.filters.join(","),
             settings.render_threads,
             settings.worker_concurrency,
-            settings.batch
+            settings.batch,
+            settings.backend
         );
         println!(
             "machine:    {} cores, load average {load_start} at start",
