@@ -708,7 +708,7 @@ impl Index {
         variant: &str,
         enqueue: impl std::future::Future<Output = Result<()>>,
     ) -> Result<()> {
-        if self.queued.contains_key(variant) {
+        if self.is_recently_queued(variant) {
             return Ok(());
         }
         // Not moka's own `try_get_with`: its per-key waiter bookkeeping was
