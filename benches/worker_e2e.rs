@@ -466,18 +466,16 @@ fn free_port() -> u16 {
     }
 }
 
-/// Redis's `INFO commandstats`: (command, calls), most called first.
-fn redis_command_calls(port: u16) -> Vec<(String, u64)> {
+/// One section of Redis's `INFO`, or "" when Redis does not answer.
+fn redis_info(port: u16, section: &str) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return Vec::new();
+        return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
-        .is_err()
-    {
-        return Vec::new();
+    let command = format!("*2\r\n$4\r\nINFO\r\n${}\r\n{section}\r\n", section.len());
+    if stream.write_all(command.as_bytes()).is_err() {
+        return String::new();
     }
     let mut reader = BufReader::new(stream);
     let mut header = String::new();
@@ -489,22 +487,54 @@ fn redis_command_calls(port: u16) -> Vec<(String, u64)> {
         .unwrap_or(0);
     let mut body = vec![0u8; len];
     if reader.read_exact(&mut body).is_err() {
-        return Vec::new();
+        return String::new();
     }
-    let mut calls: Vec<(String, u64)> = String::from_utf8_lossy(&body)
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Times Redis read from a client socket (`total_reads_processed`): about
+/// one per round trip a client makes, each a wake-up of `redis-server` and
+/// a loopback write on the client's side. Its CPU follows these more than
+/// the commands they carry.
+fn redis_read_events(port: u16) -> u64 {
+    redis_info(port, "stats")
+        .lines()
+        .find_map(|l| l.strip_prefix("total_reads_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One line of Redis's `INFO commandstats`.
+struct CommandStat {
+    name: String,
+    calls: u64,
+    /// Time spent executing the command, in µs (a script's includes the
+    /// commands it calls, which also have lines of their own).
+    usec: u64,
+}
+
+/// Redis's `INFO commandstats`, most called first.
+fn redis_command_stats(port: u16) -> Vec<CommandStat> {
+    let mut stats: Vec<CommandStat> = redis_info(port, "commandstats")
         .lines()
         .filter_map(|l| {
-            let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let n = stats
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            Some((name.to_string(), n))
+            let (name, fields) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| -> Option<u64> {
+                fields
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))?
+                    .parse()
+                    .ok()
+            };
+            Some(CommandStat {
+                name: name.to_string(),
+                calls: field("calls")?,
+                usec: field("usec")?,
+            })
         })
         .collect();
-    calls.sort_by_key(|c| std::cmp::Reverse(c.1));
-    calls
+    stats.sort_by_key(|c| std::cmp::Reverse(c.calls));
+    stats
 }
 
 fn redis_ping(port: u16) -> bool {
@@ -868,18 +898,27 @@ fn run(settings: &Settings) -> Result<bool, String> {
             );
         }
         if !settings.smoke {
-            let total: u64 = r.e2e.redis_calls.iter().map(|(_, c)| c).sum();
-            let top: Vec<String> = r
-                .e2e
-                .redis_calls
+            let commands = &r.e2e.redis_commands;
+            let calls: u64 = commands.iter().map(|c| c.calls).sum();
+            let usec: u64 = commands.iter().map(|c| c.usec).sum();
+            let top: Vec<String> = commands
                 .iter()
                 .take(12)
-                .map(|(name, c)| format!("{name} {:.1}", *c as f64 / n as f64))
+                .map(|c| format!("{} {:.1}", c.name, c.calls as f64 / n as f64))
                 .collect();
             println!(
                 "  Redis commands per image: {:.1} in all; {}",
-                total as f64 / n as f64,
+                calls as f64 / n as f64,
                 top.join(", ")
+            );
+            // Where Redis's CPU goes: the commands themselves, or waking up
+            // and moving bytes for each round trip.
+            println!(
+                "  Redis per image: {:.0} µs CPU, {:.1} read events (round trips), \
+                 at most {:.0} µs executing commands (a script's own commands count twice)",
+                r.e2e.redis_cpu.as_secs_f64() * 1e6 / n as f64,
+                r.e2e.redis_reads as f64 / n as f64,
+                usec as f64 / n as f64
             );
         }
         rounds.push(r);
@@ -1004,7 +1043,9 @@ struct EndToEnd {
     harness_cpu: Duration,
     kiln_hwm_kib: u64,
     /// Redis commands run during the round (from kiln's start), most called first.
-    redis_calls: Vec<(String, u64)>,
+    redis_commands: Vec<CommandStat>,
+    /// Redis's read events over the whole run (`redis_read_events`).
+    redis_reads: u64,
 }
 
 /// One end-to-end run in a fresh temp dir, which goes into `dirs`: removed
@@ -1224,7 +1265,8 @@ fn end_to_end_in(settings: &Settings, originals: &[Bytes], dir: &Path) -> Result
             redis_cpu: cpu(&redis_pid) - redis_cpu0,
             harness_cpu: cpu("self") - self_cpu0,
             kiln_hwm_kib: common::status_kib(&kiln_pid, "VmHWM").unwrap_or(0),
-            redis_calls: redis_command_calls(redis_port),
+            redis_commands: redis_command_stats(redis_port),
+            redis_reads: redis_read_events(redis_port),
         })
     });
     kiln.stop(Duration::from_secs(15));
