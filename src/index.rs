@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -143,17 +143,8 @@ enum Known {
     Stored(Arc<VariantInfo>, Source),
     /// Storage said it does not hold it, and nothing recorded it since.
     Absent(Option<Arc<Failure>>),
-    /// Storage must be asked. `kept_here`: no Redis answered, so an
-    /// "absent" from storage is kept in this process's memory.
-    Unknown(Option<Arc<Failure>>, KeptHere),
-}
-
-/// Whether this process keeps storage's "absent" itself (no Redis, or
-/// Redis failed); else Redis keeps it (`expect_render`, `mark_unrendered`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum KeptHere {
-    Yes,
-    No,
+    /// Storage must be asked.
+    Unknown(Option<Arc<Failure>>),
 }
 
 /// Where a variant is, as `Index::locate` found it.
@@ -237,9 +228,66 @@ impl<T> Drop for Leave<'_, T> {
     }
 }
 
+/// Storage's "absent" answers of the last moments, by variant. A plain map
+/// under a lock: a moka insert per first miss cost about a tenth of its CPU.
+/// Answers older than `keep` do not count, and are swept out once the map
+/// has doubled since the last sweep.
+struct ProbedAbsent {
+    keep: Duration,
+    answers: parking_lot::Mutex<ProbedAnswers>,
+}
+
+#[derive(Default)]
+struct ProbedAnswers {
+    at: HashMap<String, Instant>,
+    sweep_at_len: usize,
+}
+
+impl ProbedAbsent {
+    /// The map is not swept below this many answers.
+    const SWEEP_FLOOR: usize = 1024;
+
+    fn new(keep: Duration) -> ProbedAbsent {
+        ProbedAbsent {
+            keep,
+            answers: Default::default(),
+        }
+    }
+
+    fn contains(&self, variant: &str) -> bool {
+        self.answers
+            .lock()
+            .at
+            .get(variant)
+            .is_some_and(|at| at.elapsed() < self.keep)
+    }
+
+    fn insert(&self, variant: &str) {
+        let now = Instant::now();
+        let mut answers = self.answers.lock();
+        if answers.at.len() >= answers.sweep_at_len {
+            answers
+                .at
+                .retain(|_, at| now.duration_since(*at) < self.keep);
+            answers.sweep_at_len = (answers.at.len() * 2).max(Self::SWEEP_FLOOR);
+        }
+        answers.at.insert(variant.to_string(), now);
+    }
+
+    fn remove(&self, variant: &str) {
+        self.answers.lock().at.remove(variant);
+    }
+
+    fn clear(&self) {
+        self.answers.lock().at.clear();
+    }
+}
+
 pub struct Index {
     entries: Cache<String, Arc<VariantInfo>>,
     hot: Cache<String, Arc<HotVariant>>,
+    /// Other keys remembered absent briefly (`remember_absent`): a missing
+    /// original, a media record not there yet.
     absent: Cache<String, ()>,
     /// Variants storage did not hold whose render is queued (the embedded
     /// backend's only record of it; with Redis the shared marker is the one
@@ -247,6 +295,8 @@ pub struct Index {
     absent_variants: Cache<String, ()>,
     /// Storage reads in progress, one per variant.
     probes: SingleFlight<Probe>,
+    /// What those reads answered "absent" (`negative_ttl_secs`).
+    probed_absent: ProbedAbsent,
     absent_ttl: Duration,
     negative_ttl: Duration,
     queued: Cache<String, ()>,
@@ -282,6 +332,7 @@ impl Index {
                 .time_to_live(Duration::from_secs(config.absent_ttl_secs.max(1)))
                 .build(),
             probes: SingleFlight::default(),
+            probed_absent: ProbedAbsent::new(Duration::from_secs(config.negative_ttl_secs.max(1))),
             absent_ttl: Duration::from_secs(config.absent_ttl_secs.max(1)),
             negative_ttl: Duration::from_secs(config.negative_ttl_secs.max(1)),
             queued: Cache::builder()
@@ -308,8 +359,8 @@ impl Index {
         if let Some(info) = self.entries.get(variant).await {
             return Known::Stored(info, Source::Memory);
         }
-        let (absent, shared_failure, kept_here) = match self.redis.as_ref() {
-            None => (self.absent_locally(variant), None, KeptHere::Yes),
+        let (absent, shared_failure) = match self.redis.as_ref() {
+            None => (self.absent_locally(variant), None),
             // Boxed, like the storage probe: the future of a look-up that
             // memory answers stays small, and a hit moves it once.
             Some((handle, keys)) => {
@@ -323,12 +374,12 @@ impl Index {
                         }
                         // Not copied into memory: the Redis entry carries the
                         // expiry, and a render elsewhere clears it.
-                        (entry.absent, entry.failure.map(Arc::new), KeptHere::No)
+                        (entry.absent, entry.failure.map(Arc::new))
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "index lookup in Redis failed; falling back to storage");
                         // Redis down: storage is asked at most once per negative_ttl_secs.
-                        (self.absent_locally(variant), None, KeptHere::Yes)
+                        (self.absent_locally(variant), None)
                     }
                 }
             }
@@ -337,7 +388,7 @@ impl Index {
         if absent {
             Known::Absent(failure)
         } else {
-            Known::Unknown(failure, kept_here)
+            Known::Unknown(failure)
         }
     }
 
@@ -345,7 +396,7 @@ impl Index {
     /// record (including renders queued here), with Redis the fallback when
     /// Redis fails.
     fn absent_locally(&self, variant: &str) -> bool {
-        self.absent.contains_key(variant)
+        self.probed_absent.contains(variant)
             || (self.redis.is_none() && self.absent_variants.contains_key(variant))
     }
 
@@ -356,15 +407,13 @@ impl Index {
     /// decides what follows it: `expect_render` as a render is queued,
     /// `mark_unrendered` when none will be (here, for a failed variant).
     pub async fn locate(&self, storage: &Storage, variant: &str) -> Result<Located> {
-        let (failure, kept_here) = match self.known(variant).await {
+        let failure = match self.known(variant).await {
             Known::Stored(info, source) => return Ok(Located::Stored(info, source, None)),
             Known::Absent(failure) => return Ok(Located::Missing(failure)),
-            Known::Unknown(failure, kept_here) => (failure, kept_here),
+            Known::Unknown(failure) => failure,
         };
         // Storage's answer, read once for however many ask at the same time.
-        let probe = self
-            .probes
-            .run(variant, self.probe(storage, variant, kept_here));
+        let probe = self.probes.run(variant, self.probe(storage, variant));
         match Box::pin(probe).await? {
             Probe::Found(info, bytes) => Ok(Located::Stored(info, Source::Storage, Some(bytes))),
             Probe::Absent => {
@@ -377,16 +426,23 @@ impl Index {
         }
     }
 
-    async fn probe(&self, storage: &Storage, variant: &str, kept_here: KeptHere) -> Result<Probe> {
+    /// Storage's answer, kept in memory when "absent" (`negative_ttl_secs`).
+    /// With Redis, the "absent" that every process sees is set only with
+    /// the render's job (`expect_render`). Until then, a miss whose Redis
+    /// look-up raced that job, or found the probe just ended, would ask
+    /// storage again. This answer of moments ago stands instead, and it is
+    /// kept before the probe's single flight ends, so none slips between.
+    async fn probe(&self, storage: &Storage, variant: &str) -> Result<Probe> {
+        if self.probed_absent.contains(variant) {
+            return Ok(Probe::Absent);
+        }
         match storage.get(variant).await? {
             Some(object) => {
                 let info = self.found_in_storage(variant, &object).await;
                 Ok(Probe::Found(info, object.bytes))
             }
             None => {
-                if kept_here == KeptHere::Yes {
-                    self.absent.insert(variant.to_string(), ()).await;
-                }
+                self.probed_absent.insert(variant);
                 Ok(Probe::Absent)
             }
         }
@@ -580,7 +636,7 @@ impl Index {
         }
         for (variant, info) in variants {
             self.absent_variants.invalidate(&variant).await;
-            self.absent.invalidate(&variant).await;
+            self.probed_absent.remove(&variant);
             self.queued.invalidate(&variant).await;
             self.failed.invalidate(&variant).await;
             // Hot bytes answer without the entry: they must describe the same bytes.
@@ -765,6 +821,7 @@ impl Index {
         self.hot.invalidate(key).await;
         self.absent.invalidate(key).await;
         self.absent_variants.invalidate(key).await;
+        self.probed_absent.remove(key);
         self.queued.invalidate(key).await;
         self.failed.invalidate(key).await;
     }
@@ -776,6 +833,7 @@ impl Index {
         self.hot.invalidate_all();
         self.absent.invalidate_all();
         self.absent_variants.invalidate_all();
+        self.probed_absent.clear();
         self.queued.invalidate_all();
         self.failed.invalidate_all();
     }
@@ -883,6 +941,56 @@ mod tests {
         );
         index.queue_once("w", async { Ok(()) }).await.unwrap();
         assert!(index.is_recently_queued("w"));
+    }
+
+    /// Storage's "absent" stands for `negative_ttl_secs`, kept before the
+    /// probe's single flight ends: a miss that comes as it ends (its Redis
+    /// look-up raced the render's job) does not ask storage again. A purge
+    /// forgets it.
+    #[tokio::test]
+    async fn a_probes_absent_answer_is_kept_briefly_and_a_purge_forgets_it() {
+        let config = crate::config::Config::load_from(Default::default()).unwrap();
+        let index = Index::new(&config.index, None);
+        let storage = Storage::open("memory://").unwrap();
+        let variant = "media/cache/small/default/late.png";
+        let probe = || index.probes.run(variant, index.probe(&storage, variant));
+        assert!(matches!(probe().await.unwrap(), Probe::Absent));
+        assert!(
+            index.probes.running.lock().is_empty(),
+            "the probe's flight has ended"
+        );
+
+        storage
+            .put(variant, Bytes::from_static(b"stored just after"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(probe().await.unwrap(), Probe::Absent),
+            "answered from memory, not storage"
+        );
+
+        index.forget_locally(variant).await;
+        assert!(matches!(probe().await.unwrap(), Probe::Found(..)));
+    }
+
+    #[test]
+    fn probed_absent_answers_expire_and_are_swept() {
+        let kept = ProbedAbsent::new(Duration::from_secs(3600));
+        kept.insert("a");
+        assert!(kept.contains("a"));
+        kept.remove("a");
+        assert!(!kept.contains("a"));
+
+        let stale = ProbedAbsent::new(Duration::ZERO);
+        for i in 0..=ProbedAbsent::SWEEP_FLOOR {
+            stale.insert(&i.to_string());
+        }
+        assert!(!stale.contains("0"), "too old to count");
+        assert_eq!(
+            stale.answers.lock().at.len(),
+            1,
+            "swept when the floor was reached"
+        );
     }
 
     #[tokio::test]
