@@ -312,6 +312,9 @@ pub struct Index {
 
 impl Index {
     pub fn new(config: &IndexConfig, redis: Option<(Arc<RedisHandle>, RedisKeys)>) -> Index {
+        let negative_ttl = Duration::from_secs(config.negative_ttl_secs.max(1));
+        let absent_ttl = Duration::from_secs(config.absent_ttl_secs.max(1));
+        let failure_ttl = Duration::from_secs(config.failure_ttl_secs.max(1));
         Index {
             entries: Cache::builder()
                 .max_capacity(config.max_entries)
@@ -325,26 +328,26 @@ impl Index {
                 .build(),
             absent: Cache::builder()
                 .max_capacity(config.max_entries)
-                .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
+                .time_to_live(negative_ttl)
                 .build(),
             absent_variants: Cache::builder()
                 .max_capacity(config.max_entries)
-                .time_to_live(Duration::from_secs(config.absent_ttl_secs.max(1)))
+                .time_to_live(absent_ttl)
                 .build(),
             probes: SingleFlight::default(),
-            probed_absent: ProbedAbsent::new(Duration::from_secs(config.negative_ttl_secs.max(1))),
-            absent_ttl: Duration::from_secs(config.absent_ttl_secs.max(1)),
-            negative_ttl: Duration::from_secs(config.negative_ttl_secs.max(1)),
+            probed_absent: ProbedAbsent::new(negative_ttl),
+            absent_ttl,
+            negative_ttl,
             queued: Cache::builder()
                 .max_capacity(config.max_entries)
-                .time_to_live(Duration::from_secs(config.negative_ttl_secs.max(1)))
+                .time_to_live(negative_ttl)
                 .build(),
             queueing: SingleFlight::default(),
             failed: Cache::builder()
                 .max_capacity(config.max_entries)
-                .time_to_live(Duration::from_secs(config.failure_ttl_secs.max(1)))
+                .time_to_live(failure_ttl)
                 .build(),
-            failure_ttl: Duration::from_secs(config.failure_ttl_secs.max(1)),
+            failure_ttl,
             hot_max_object_bytes: config.hot_max_object_bytes,
             keeps_any_hot: config.hot_bytes > 0 && config.hot_max_object_bytes > 0,
             redis,
