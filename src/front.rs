@@ -1460,18 +1460,20 @@ mod tests {
         ) -> Result<Option<crate::queue::Claimed>> {
             self.inner.claim(consumer, wait).await
         }
-        async fn peek_callbacks(&self, claimed: &crate::queue::Claimed) -> Result<Vec<String>> {
-            self.inner.peek_callbacks(claimed).await
-        }
-        async fn complete(&self, claimed: &crate::queue::Claimed) -> Result<Vec<String>> {
-            self.inner.complete(claimed).await
+        async fn complete(
+            &self,
+            claimed: &crate::queue::Claimed,
+            filed: usize,
+        ) -> Result<crate::queue::Finish> {
+            self.inner.complete(claimed, filed).await
         }
         async fn dead_letter(
             &self,
             claimed: &crate::queue::Claimed,
             reason: &str,
-        ) -> Result<Vec<String>> {
-            self.inner.dead_letter(claimed, reason).await
+            filed: usize,
+        ) -> Result<crate::queue::Finish> {
+            self.inner.dead_letter(claimed, reason, filed).await
         }
         async fn retry_later(
             &self,

@@ -22,7 +22,7 @@ use crate::imaging::{self, Limits};
 use crate::index::{Failure, Index, VariantInfo};
 use crate::keys;
 use crate::metrics::{JobOutcome, Metrics};
-use crate::queue::{Claimed, Job, Queue};
+use crate::queue::{Claimed, Finish, Job, Queue};
 use crate::storage::{now_secs, FailureSummary, MediaRecord, Storage, Thumb};
 use crate::ui::{RecentJob, RecentJobs};
 
@@ -200,24 +200,27 @@ impl Worker {
         }
     }
 
-    /// Webhooks first, ack second: the subscribers' deliveries go to the
-    /// outbox before the ack drops them, and again (same ids, so no
-    /// duplicates) for any that attached in between.
+    /// Webhooks first, ack second: the queue acks only once every attached
+    /// subscriber's deliveries are in the outbox, and hands back any that
+    /// attached since, to be filed before the next try. A job without
+    /// callbacks settles in one step.
     async fn settle(&self, claimed: &Claimed, outcome: Outcome<'_>) -> Result<()> {
-        let attached = self.queue.peek_callbacks(claimed).await?;
-        self.outbox
-            .schedule(&deliveries(&claimed.job, &attached, &outcome))
-            .await?;
-        let all = match outcome {
-            Outcome::Done(_) => self.queue.complete(claimed).await?,
-            Outcome::Failed(_, reason) => self.queue.dead_letter(claimed, reason).await?,
-        };
-        if all.len() > attached.len() {
+        let mut filed = 0;
+        loop {
+            let finished = match outcome {
+                Outcome::Done(_) => self.queue.complete(claimed, filed).await?,
+                Outcome::Failed(_, reason) => {
+                    self.queue.dead_letter(claimed, reason, filed).await?
+                }
+            };
+            let Finish::Unfiled(attached) = finished else {
+                return Ok(());
+            };
             self.outbox
-                .schedule(&deliveries(&claimed.job, &all, &outcome))
+                .schedule(&deliveries(&claimed.job, &attached, filed, &outcome))
                 .await?;
+            filed = attached.len();
         }
-        Ok(())
     }
 
     /// Remembers a finished job for `/ui`.
@@ -657,11 +660,18 @@ enum Outcome<'a> {
     Failed(&'a MediaRecord, &'a str),
 }
 
-/// The webhooks every attached subscriber gets for an outcome.
-fn deliveries(job: &Job, attached: &[String], outcome: &Outcome<'_>) -> Vec<Delivery> {
+/// The webhooks each attached subscriber after the first `filed` gets for
+/// an outcome (a subscriber's position is part of its deliveries' ids).
+fn deliveries(
+    job: &Job,
+    attached: &[String],
+    filed: usize,
+    outcome: &Outcome<'_>,
+) -> Vec<Delivery> {
     attached
         .iter()
         .enumerate()
+        .skip(filed)
         .flat_map(|(position, text)| {
             let subscriber = Subscriber::decode(text, &job.root);
             match outcome {

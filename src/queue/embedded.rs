@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::{Claimed, Depths, Job, Priority, Queue};
+use super::{Claimed, Depths, Finish, Job, Priority, Queue};
 use crate::config::QueueConfig;
 use crate::error::Result;
 use crate::keys::ExpiringMarker;
@@ -110,8 +110,14 @@ impl EmbeddedQueue {
         })
     }
 
-    fn finish(&self, claimed: &Claimed, reason: Option<&str>) -> Vec<String> {
+    fn finish(&self, claimed: &Claimed, reason: Option<&str>, filed: usize) -> Finish {
         let mut state = self.state.lock();
+        let dedupe = &claimed.job.dedupe;
+        if let Some(attached) = state.callbacks.get(dedupe) {
+            if attached.len() > filed {
+                return Finish::Unfiled(attached.clone());
+            }
+        }
         state.pending.remove(&claimed.receipt);
         if let Some(reason) = reason {
             if state.dead.len() as u64 >= self.dead_letter_max {
@@ -121,7 +127,6 @@ impl EmbeddedQueue {
                 .dead
                 .push_back((claimed.job.clone(), reason.to_string()));
         }
-        let dedupe = &claimed.job.dedupe;
         if state
             .inflight
             .get(dedupe)
@@ -129,7 +134,8 @@ impl EmbeddedQueue {
         {
             state.inflight.remove(dedupe);
         }
-        state.callbacks.remove(dedupe).unwrap_or_default()
+        state.callbacks.remove(dedupe);
+        Finish::Done
     }
 }
 
@@ -198,21 +204,12 @@ impl Queue for EmbeddedQueue {
         }
     }
 
-    async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>> {
-        let state = self.state.lock();
-        Ok(state
-            .callbacks
-            .get(&claimed.job.dedupe)
-            .cloned()
-            .unwrap_or_default())
+    async fn complete(&self, claimed: &Claimed, filed: usize) -> Result<Finish> {
+        Ok(self.finish(claimed, None, filed))
     }
 
-    async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {
-        Ok(self.finish(claimed, None))
-    }
-
-    async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
-        Ok(self.finish(claimed, Some(reason)))
+    async fn dead_letter(&self, claimed: &Claimed, reason: &str, filed: usize) -> Result<Finish> {
+        Ok(self.finish(claimed, Some(reason), filed))
     }
 
     async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()> {

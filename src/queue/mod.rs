@@ -1,5 +1,5 @@
 //! The job queue: enqueue once per variant (deduped, callbacks attached),
-//! claim urgent before pre-heat, complete (ack + hand back callbacks), leave
+//! claim urgent before pre-heat, complete (ack once its callbacks are filed), leave
 //! for retry, dead-letter. Two backends with one contract: `embedded`
 //! (in-process) and `redis` (streams + consumer group + `lua/` scripts).
 
@@ -132,6 +132,16 @@ impl Depths {
     }
 }
 
+/// What `complete` or `dead_letter` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// The job is acknowledged (or dead-lettered) and its callbacks dropped.
+    Done,
+    /// Callbacks beyond those filed are attached: nothing changed. Here are
+    /// all of them, in the order they attached.
+    Unfiled(Vec<String>),
+}
+
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Adds the job unless one with its dedupe key is in flight; attaches
@@ -155,17 +165,16 @@ pub trait Queue: Send + Sync {
     /// worker that went quiet for the visibility timeout are handed out again.
     async fn claim(&self, consumer: &str, wait: Duration) -> Result<Option<Claimed>>;
 
-    /// The callbacks attached to the job so far, left in place. Read before
-    /// `complete` so they are safe elsewhere before the ack drops them.
-    async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>>;
+    /// Done: acknowledges the job, clears its in-flight mark and drops its
+    /// callbacks, but only once the caller has filed every one of them:
+    /// `filed` is how many it has. If more are attached (or, at first, any),
+    /// nothing changes and all of them come back, to be filed before the
+    /// next try, so no subscriber's webhook is dropped with the job.
+    async fn complete(&self, claimed: &Claimed, filed: usize) -> Result<Finish>;
 
-    /// Done: acknowledges the job, clears its in-flight mark and returns the
-    /// callbacks attached to it.
-    async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>>;
-
-    /// Failed for good: moves the job to the dead-letter list with its reason
-    /// and returns its callbacks.
-    async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>>;
+    /// Failed for good: as `complete`, moving the job to the dead-letter
+    /// list with its reason.
+    async fn dead_letter(&self, claimed: &Claimed, reason: &str, filed: usize) -> Result<Finish>;
 
     /// Failed but worth another try: lets go of the job so it can be claimed
     /// again after `delay`, counting this attempt. Its in-flight mark and

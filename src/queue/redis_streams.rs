@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::AsyncCommands;
 
-use super::{Claimed, Depths, Job, Priority, Queue};
+use super::{Claimed, Depths, Finish, Job, Priority, Queue};
 use crate::config::{QueueConfig, RedisConfig};
 use crate::error::{Error, Result};
 use crate::keys::{ExpiringMarker, RedisKeys};
@@ -282,10 +282,10 @@ impl RedisQueue {
         }
     }
 
-    async fn finish(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
+    async fn finish(&self, claimed: &Claimed, reason: &str, filed: usize) -> Result<Finish> {
         let mut conn = self.handle.conn().await?;
         let job = &claimed.job;
-        let callbacks: Vec<String> = self
+        let (finished, callbacks): (i64, Vec<String>) = self
             .complete_script
             .key(self.keys.stream(job.priority.as_str()))
             .key(self.keys.inflight(&job.dedupe))
@@ -297,9 +297,14 @@ impl RedisQueue {
             .arg(reason)
             .arg(serde_json::to_string(job)?)
             .arg(self.dead_letter_max)
+            .arg(filed)
             .invoke_async(&mut conn)
             .await?;
-        Ok(callbacks)
+        Ok(if finished == 1 {
+            Finish::Done
+        } else {
+            Finish::Unfiled(callbacks)
+        })
     }
 }
 
@@ -339,20 +344,13 @@ impl Queue for RedisQueue {
         claimed
     }
 
-    async fn peek_callbacks(&self, claimed: &Claimed) -> Result<Vec<String>> {
-        let mut conn = self.handle.conn().await?;
-        Ok(conn
-            .lrange(self.keys.callbacks(&claimed.job.dedupe), 0, -1)
-            .await?)
+    async fn complete(&self, claimed: &Claimed, filed: usize) -> Result<Finish> {
+        self.finish(claimed, "", filed).await
     }
 
-    async fn complete(&self, claimed: &Claimed) -> Result<Vec<String>> {
-        self.finish(claimed, "").await
-    }
-
-    async fn dead_letter(&self, claimed: &Claimed, reason: &str) -> Result<Vec<String>> {
+    async fn dead_letter(&self, claimed: &Claimed, reason: &str, filed: usize) -> Result<Finish> {
         let reason = if reason.is_empty() { "failed" } else { reason };
-        self.finish(claimed, reason).await
+        self.finish(claimed, reason, filed).await
     }
 
     async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()> {

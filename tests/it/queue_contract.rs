@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln::config::{Config, Sources};
-use kiln::queue::{Claimed, EmbeddedQueue, Job, Priority, Queue, RedisQueue};
+use kiln::queue::{Claimed, EmbeddedQueue, Finish, Job, Priority, Queue, RedisQueue};
 use kiln::redis_conn::RedisHandle;
 
 use crate::support::RedisServer;
@@ -20,6 +20,18 @@ impl Fixture {
     /// The next job for `consumer`, if one comes within `wait`.
     async fn claim(&self, consumer: &str, wait: Duration) -> Option<Claimed> {
         self.queue.claim(consumer, wait).await.expect("claim")
+    }
+
+    /// Completes the job as a worker does: takes the callbacks the queue
+    /// hands back until none is left unfiled, and returns them.
+    async fn complete(&self, claimed: &Claimed) -> Vec<String> {
+        let mut filed = Vec::new();
+        loop {
+            match self.queue.complete(claimed, filed.len()).await.unwrap() {
+                Finish::Done => return filed,
+                Finish::Unfiled(all) => filed = all,
+            }
+        }
     }
 }
 
@@ -81,6 +93,7 @@ both!(
     dead_letters_keep_the_reason_and_hand_back_callbacks,
     retried_jobs_wait_out_their_backoff_and_count_attempts,
     dead_letters_are_capped,
+    no_ack_drops_a_callback_that_was_not_filed,
 );
 
 async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
@@ -104,7 +117,7 @@ async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
         .expect("a job");
     assert_eq!(claimed.attempt, 1);
     assert!(f.claim("c1", Duration::from_millis(200)).await.is_none());
-    let mut callbacks = f.queue.complete(&claimed).await.unwrap();
+    let mut callbacks = f.complete(&claimed).await;
     callbacks.sort();
     let mut expected: Vec<String> = (0..50).map(|n| format!("http://cb/{n}")).collect();
     expected.sort();
@@ -137,7 +150,7 @@ async fn urgent_is_drained_before_preheat(redis: bool) {
     for _ in 0..3 {
         let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
         order.push(claimed.job.original.clone());
-        f.queue.complete(&claimed).await.unwrap();
+        assert_eq!(f.queue.complete(&claimed, 0).await.unwrap(), Finish::Done);
     }
     assert_eq!(order, ["u/1.jpg", "p/1.jpg", "p/2.jpg"]);
 }
@@ -159,7 +172,7 @@ async fn unacked_jobs_are_reclaimed_after_the_visibility_timeout(redis: bool) {
         .expect("reclaimed");
     assert_eq!(second.job.id, first.job.id);
     assert_eq!(second.attempt, 2);
-    assert_eq!(f.queue.complete(&second).await.unwrap(), ["http://cb/1"]);
+    assert_eq!(f.complete(&second).await, ["http://cb/1"]);
 }
 
 async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
@@ -169,12 +182,20 @@ async fn dead_letters_keep_the_reason_and_hand_back_callbacks(redis: bool) {
         .await
         .unwrap();
     let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
-    let callbacks = f
-        .queue
-        .dead_letter(&claimed, "origin-status: 404")
-        .await
-        .unwrap();
-    assert_eq!(callbacks, ["http://cb/d"]);
+    let reason = "origin-status: 404";
+    assert_eq!(
+        f.queue.dead_letter(&claimed, reason, 0).await.unwrap(),
+        Finish::Unfiled(vec!["http://cb/d".to_string()])
+    );
+    assert_eq!(
+        f.queue.depths().await.unwrap().dead,
+        0,
+        "not before it is filed"
+    );
+    assert_eq!(
+        f.queue.dead_letter(&claimed, reason, 1).await.unwrap(),
+        Finish::Done
+    );
     let depths = f.queue.depths().await.unwrap();
     assert_eq!((depths.preheat, depths.dead), (0, 1));
     assert!(f.claim("c", Duration::from_millis(200)).await.is_none());
@@ -223,10 +244,57 @@ async fn dead_letters_are_capped(redis: bool) {
             .await
             .unwrap();
         let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
-        f.queue
-            .dead_letter(&claimed, "decode-failed")
-            .await
-            .unwrap();
+        let finished = f.queue.dead_letter(&claimed, "decode-failed", 0).await;
+        assert_eq!(finished.unwrap(), Finish::Done);
     }
     assert_eq!(f.queue.depths().await.unwrap().dead, 2);
+}
+
+/// A subscriber that attaches while the worker files the others' webhooks
+/// keeps the job from being acked until it is filed too: nothing is dropped
+/// between handing back the callbacks and the ack.
+async fn no_ack_drops_a_callback_that_was_not_filed(redis: bool) {
+    let f = fixture(redis, 30);
+    let original = job("l/1.jpg", Priority::Urgent);
+    let late = job("l/1.jpg", Priority::Urgent);
+    assert!(f
+        .queue
+        .enqueue(&original, Some("http://cb/early"))
+        .await
+        .unwrap());
+    let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
+    let early = vec!["http://cb/early".to_string()];
+    assert_eq!(
+        f.queue.complete(&claimed, 0).await.unwrap(),
+        Finish::Unfiled(early.clone())
+    );
+
+    // Attaches after the worker read the first one, before it acks.
+    assert!(!f
+        .queue
+        .enqueue(&late, Some("http://cb/late"))
+        .await
+        .unwrap());
+    let both = vec!["http://cb/early".to_string(), "http://cb/late".to_string()];
+    assert_eq!(
+        f.queue.complete(&claimed, early.len()).await.unwrap(),
+        Finish::Unfiled(both.clone())
+    );
+    // Not acked: still in flight, so a miss attaches instead of enqueueing.
+    assert!(!f.queue.enqueue(&late, None).await.unwrap());
+
+    assert_eq!(
+        f.queue.complete(&claimed, both.len()).await.unwrap(),
+        Finish::Done
+    );
+    assert!(
+        f.queue.enqueue(&late, None).await.unwrap(),
+        "done: a miss enqueues again"
+    );
+    let fresh = f.claim("c", Duration::from_millis(500)).await.unwrap();
+    assert_eq!(
+        f.complete(&fresh).await,
+        Vec::<String>::new(),
+        "the callbacks went with the job"
+    );
 }
