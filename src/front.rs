@@ -432,6 +432,7 @@ impl Front {
         resolve: bool,
     ) -> Result<Reply> {
         let path = normalize_path(raw_path, self.ctx.config.server.max_path_bytes)?;
+        keys::validate_original_path(&path)?;
         let variant = match (&path, as_stored) {
             // Nothing was decoded: the URL path spells the storage path.
             (Cow::Borrowed(_), Some(stored)) => Cow::Borrowed(stored),

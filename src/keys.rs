@@ -139,6 +139,19 @@ pub fn extension_for_mime(mime: &str) -> &'static str {
     }
 }
 
+/// A path asked for as an original (a cache URL's, a purge's): refused
+/// when it lies in one of kiln's own trees, or a cache URL could make a
+/// variant, a media record or an account the source of a render, and of
+/// the media record its file name points at.
+pub fn validate_original_path(path: &str) -> Result<()> {
+    match OWN_TREES.iter().find(|tree| path.starts_with(*tree)) {
+        Some(tree) => Err(Error::InvalidPath(format!(
+            "{tree} holds kiln's own files, not originals"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Extension of a URL's last path segment when it names an image type.
 pub fn extension_from_url(url: &url::Url) -> Option<&'static str> {
     let last = url.path_segments()?.next_back()?;
@@ -152,10 +165,16 @@ pub fn extension_from_url(url: &url::Url) -> Option<&'static str> {
     }
 }
 
+/// Top-level names of kiln's own trees in storage (variants, records,
+/// accounts): no account is named after one.
+const RESERVED_ROOTS: [&str; 3] = ["media", "meta", "accounts"];
+
+/// Where kiln keeps what it writes besides originals.
+const OWN_TREES: [&str; 3] = ["media/cache/", "meta/", "accounts/"];
+
 /// A storage root (account) name: a single safe path segment.
 pub fn validate_root(root: &str) -> Result<()> {
-    if crate::filter::is_identifier(root) && root != "media" && root != "meta" && root != "accounts"
-    {
+    if crate::filter::is_identifier(root) && !RESERVED_ROOTS.contains(&root) {
         Ok(())
     } else {
         Err(Error::BadRequest(format!(
@@ -453,6 +472,16 @@ mod tests {
         assert!(validate_root("acme-1").is_ok());
         assert!(validate_root("../x").is_err());
         assert!(validate_root("media").is_err());
+        for own in [
+            "media/cache/small/acme/0/x.jpg",
+            "meta/323cacebbf207228.json",
+            "accounts/acme.json",
+        ] {
+            assert!(validate_original_path(own).is_err(), "{own}");
+        }
+        for original in ["acme/0/x.jpg", "media/photos/x.jpg", "metadata/x.jpg"] {
+            assert!(validate_original_path(original).is_ok(), "{original}");
+        }
         let url = url::Url::parse("http://o/a/b.JPEG?x=1").unwrap();
         assert_eq!(extension_from_url(&url), Some("jpg"));
     }

@@ -56,6 +56,7 @@ impl Context {
         with_original: bool,
     ) -> Result<Purged> {
         let path = crate::security::normalize_path(path, self.config.server.max_path_bytes)?;
+        keys::validate_original_path(&path)?;
         let root = path.split('/').next().unwrap_or_default();
         self.require_owner(caller, root)?;
         let filters = match filter {

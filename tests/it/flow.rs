@@ -20,6 +20,7 @@ on_both_backends!(
     bad_requests_get_clear_errors,
     webhooks_leave_when_their_job_is_done_not_at_the_next_poll,
     misses_of_two_filters_at_once_both_land_in_the_media_record,
+    kilns_own_files_are_never_an_original,
 );
 
 fn json(text: &str) -> serde_json::Value {
@@ -498,4 +499,35 @@ async fn misses_of_two_filters_at_once_both_land_in_the_media_record(backend: Ba
     .await;
     assert_eq!(record["path"], original.as_str());
     assert_eq!(record["marking"], "resized");
+}
+
+/// A cache URL whose path names a variant, a media record or an account
+/// would render from it and write the media record its file name points at
+/// (a code's record pointing at a thumbnail, or marked failed). Refused
+/// before anything is looked up; an original that merely lives under
+/// `media/` is not.
+async fn kilns_own_files_are_never_an_original(backend: Backend) {
+    let kiln = Kiln::start(backend).await;
+    let code = "323cacebbf207228";
+    let thumbnail = png_rgba(10, 10, [0, 0, 0, 255]);
+    kiln.store(&format!("media/cache/small/acme/0/{code}.png"), &thumbnail);
+    let record = format!(r#"{{"code":"{code}","path":"acme/0/{code}.png"}}"#);
+    kiln.store(&format!("meta/{code}.json"), record.as_bytes());
+    kiln.store("accounts/acme.json", b"{}");
+    for path in [
+        format!("/media/cache/large/media/cache/small/acme/0/{code}.png"),
+        format!("/media/cache/small/meta/{code}.json"),
+        "/media/cache/small/accounts/acme.json".to_string(),
+    ] {
+        let (status, body) = raw_get(&kiln.base, &path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(json(&body)["error"], "invalid-path", "{path}");
+    }
+    kiln.store("media/photos/a.png", &thumbnail);
+    let (status, body) = raw_get(&kiln.base, "/media/cache/small/media/photos/a.png").await;
+    assert_eq!(status, 202, "an original under media/: {body}");
+    let rendered = until_ready(&kiln.url("/media/cache/small/media/photos/a.png")).await;
+    assert_eq!(rendered.status(), 200);
+    let stored = std::fs::read_to_string(kiln.storage_path(&format!("meta/{code}.json")));
+    assert_eq!(stored.unwrap(), record, "the record is untouched");
 }

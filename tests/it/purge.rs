@@ -158,6 +158,14 @@ async fn purge_needs_the_owners_key(backend: Backend) {
     );
     let (status, body) = delete(&kiln.url("/media/cache/*/acme/a%00b.jpg"), Some(ADMIN_KEY)).await;
     assert_eq!(status, 400, "{body}");
+    // kiln's own files are no original, even to the admin.
+    let own = kiln.url("/media/cache/*/accounts/acme.json?original=1");
+    let (status, body) = delete(&own, Some(ADMIN_KEY)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid-path"))
+    );
+    assert!(kiln.storage_path("accounts/acme.json").exists());
     assert_eq!(
         status_of(&small).await,
         200,
