@@ -190,9 +190,21 @@ impl Context {
         root: Option<&str>,
     ) -> Result<PreheatAnswer> {
         self.filters.get(filter)?;
+        // Trimmed and bounded as a dispatch's are: the URL makes the media
+        // code, and both travel in the record, the job and every webhook.
         let url = url
+            .map(str::trim)
             .filter(|u| !u.is_empty())
             .ok_or_else(|| Error::BadRequest("query parameter `url` is required".into()))?;
+        let callback = callback.map(str::trim).filter(|c| !c.is_empty());
+        let max_url_bytes = self.config.sais.max_url_bytes;
+        for (name, given) in [("url", Some(url)), ("callback", callback)] {
+            if given.is_some_and(|given| given.len() > max_url_bytes) {
+                return Err(Error::InvalidUrl(format!(
+                    "{name} - longer than {max_url_bytes} bytes (sais.max_url_bytes)"
+                )));
+            }
+        }
         let parsed = crate::security::parse_outbound_url(url, &self.policy)?;
         if let Some(callback) = callback {
             crate::security::parse_outbound_url(callback, &self.policy)?;

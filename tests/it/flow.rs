@@ -414,7 +414,17 @@ async fn bad_requests_get_clear_errors(backend: Backend) {
         ),
         ("/nothing/here", 404, "no-route"),
     ];
-    for (path, status, code) in cases {
+    // /request bounds its URLs as a dispatch does (sais.max_url_bytes).
+    let long = "a".repeat(4100);
+    let long_url = format!("/request/small?url=http://127.0.0.1/{long}.jpg&token={ADMIN_KEY}");
+    let long_callback = format!(
+        "/request/small?url=http://127.0.0.1/a.jpg&callback=http://127.0.0.1/{long}&token={ADMIN_KEY}"
+    );
+    let long_cases = [
+        (long_url.as_str(), 400, "invalid-url"),
+        (long_callback.as_str(), 400, "invalid-url"),
+    ];
+    for (path, status, code) in cases.iter().chain(&long_cases) {
         // Raw request line, so the client does not tidy the path first.
         let (got_status, body) = raw_get(&kiln.base, path).await;
         assert_eq!(got_status, *status, "{path}: {body}");
