@@ -333,6 +333,9 @@ pub struct SaisConfig {
     pub wait_timeout_ms: u64,
     /// Most images in one dispatch. Default 1000.
     pub max_images: usize,
+    /// Most filters one dispatch renders, a name given twice counted once:
+    /// each is a render of every image. Default 16.
+    pub max_filters: usize,
     /// Longest accepted image URL, bytes. Default 4096.
     pub max_url_bytes: usize,
     /// Largest accepted `context`, bytes of JSON. Default 16 KiB.
@@ -552,8 +555,8 @@ impl Config {
         if self.callback.concurrency == 0 || self.callback.poll_ms == 0 {
             return bad("callback.concurrency / poll_ms", "must be positive".into());
         }
-        if self.sais.max_images == 0 {
-            return bad("sais.max_images", "must be at least 1".into());
+        if self.sais.max_images == 0 || self.sais.max_filters == 0 {
+            return bad("sais.max_images / max_filters", "must be at least 1".into());
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return bad(

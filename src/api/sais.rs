@@ -280,10 +280,18 @@ impl Context {
     ) -> Result<Vec<MediaRecord>> {
         let root = self.root_for(caller, payload.root.as_deref())?;
         let account = self.account_for_root(&root).await?;
-        let filters = match payload.filters.as_deref() {
+        let mut filters = match payload.filters.as_deref() {
             Some(f) if !f.is_empty() => f.to_vec(),
             _ => self.config.sais.default_filters.clone(),
         };
+        let mut named = HashSet::new();
+        filters.retain(|filter| named.insert(filter.clone()));
+        if filters.len() > self.config.sais.max_filters {
+            return Err(Error::InvalidPayload(format!(
+                "filters - at most {} per dispatch (sais.max_filters)",
+                self.config.sais.max_filters
+            )));
+        }
         for filter in &filters {
             self.filters.get(filter).map_err(|_| {
                 Error::InvalidPayload(format!("filters - unknown filter {filter:?}"))

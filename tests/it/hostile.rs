@@ -16,7 +16,7 @@ use kiln::filter::FilterSet;
 use kiln::front::Request;
 use kiln::imaging::{decode, sniff, Limits};
 use kiln::index::Index;
-use kiln::queue::EmbeddedQueue;
+use kiln::queue::{EmbeddedQueue, Queue};
 use kiln::security::{normalize_path, parse_outbound_url, NetworkPolicy};
 use kiln::storage::Storage;
 use serde_json::{json, Value};
@@ -511,6 +511,11 @@ const DISPATCH_TOML: &str =
     "[storage]\nurl = \"memory://\"\n[sais]\nwait_timeout_ms = 0\nmax_images = 50\n";
 
 fn dispatch_context() -> Context {
+    dispatch_context_and_queue().0
+}
+
+/// A dispatch context on memory storage, and its queue.
+fn dispatch_context_and_queue() -> (Context, Arc<EmbeddedQueue>) {
     let config = Arc::new(
         Config::load_from(Sources {
             extra_toml: Some(DISPATCH_TOML),
@@ -518,15 +523,37 @@ fn dispatch_context() -> Context {
         })
         .unwrap(),
     );
-    Context::new(
+    let queue = Arc::new(EmbeddedQueue::new(&config.queue));
+    let context = Context::new(
         config.clone(),
         Arc::new(FilterSet::from_config(&config).unwrap()),
         Storage::open("memory://").unwrap(),
         Arc::new(Index::new(&config.index, None)),
-        Arc::new(EmbeddedQueue::new(&config.queue)),
+        queue.clone(),
         NetworkPolicy::default(),
         "test-admin-key-0123456789".into(),
-    )
+    );
+    (context, queue)
+}
+
+/// A filter named twice is rendered once: the job carries each name once,
+/// in the order given.
+#[tokio::test]
+async fn a_dispatch_renders_a_filter_named_twice_once() {
+    let (context, queue) = dispatch_context_and_queue();
+    let payload = json!({"root": "default", "filters": ["small", "medium", "small", "small"],
+        "images": ["https://example.com/a.jpg"]});
+    let rows = context
+        .dispatch(&Caller::Admin, serde_json::from_value(payload).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let claimed = queue
+        .claim("test", std::time::Duration::from_millis(200))
+        .await
+        .unwrap()
+        .expect("one job");
+    assert_eq!(claimed.job.filters, ["small", "medium"]);
 }
 
 /// What became of one dispatch body: refused whole with a code, or rows
@@ -584,6 +611,7 @@ async fn hostile_dispatch_bodies_are_refused_or_recorded_as_failed() {
     let big_context = json!({"root": "default", "images": ["https://example.com/a.jpg"],
         "context": {"x": "y".repeat(17 * 1024)}})
     .to_string();
+    let too_many_filters: Vec<String> = (0..17).map(|i| format!("w{}", 100 + i)).collect();
     let cases: Vec<(String, Dispatched)> = vec![
         ("{".into(), Dispatched::Refused("bad-request")),
         ("nul\0".into(), Dispatched::Refused("bad-request")),
@@ -629,6 +657,11 @@ async fn hostile_dispatch_bodies_are_refused_or_recorded_as_failed() {
             Dispatched::Refused("invalid-payload"),
         ),
         (big_context, Dispatched::Refused("invalid-payload")),
+        // Each filter is a render of every image: 17 distinct sizes are too many.
+        (
+            json!({"root": "default", "filters": too_many_filters, "images": []}).to_string(),
+            Dispatched::Refused("invalid-payload"),
+        ),
         (
             json!({"root": "default", "images": [], "mediaCallbackUrl": "http://127.0.0.1/hook"})
                 .to_string(),
