@@ -178,8 +178,10 @@ pub struct StorageConfig {
     pub open_files_max: u64,
     /// Milliseconds a kept descriptor may go unread before it is closed. Default 60 000.
     pub open_files_idle_ms: u64,
-    /// Milliseconds a process holds a media record's lock in Redis at most
-    /// (a process that dies holding it blocks that record this long). Default 30 000.
+    /// Lifetime of a media record's lock in Redis, milliseconds: its holder
+    /// renews it every third of this while it reads and writes the record,
+    /// and a process that dies holding it blocks that record this long.
+    /// At least 30. Default 30 000.
     pub record_lock_ttl_ms: u64,
     /// Milliseconds a change to a media record waits for another process's
     /// lock on it before failing (retryably). Default 5 000.
@@ -499,8 +501,9 @@ impl Config {
                 "must be positive".into(),
             );
         }
-        if self.storage.record_lock_ttl_ms == 0 {
-            return bad("storage.record_lock_ttl_ms", "must be positive".into());
+        // Renewed every third of it, and a renewal is a Redis round trip.
+        if self.storage.record_lock_ttl_ms < 30 {
+            return bad("storage.record_lock_ttl_ms", "must be at least 30".into());
         }
         if !self.storage.s3_endpoint.is_empty()
             && url::Url::parse(&self.storage.s3_endpoint).is_err()

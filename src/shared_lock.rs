@@ -14,6 +14,7 @@ use crate::redis_conn::RedisHandle;
 use crate::storage::SharedLock;
 
 const UNLOCK_LUA: &str = include_str!("../lua/unlock.lua");
+const RENEW_LUA: &str = include_str!("../lua/renew.lua");
 
 /// How long a waiter sleeps between tries: a record's change takes a read
 /// and a write, about a millisecond on local disk.
@@ -25,6 +26,7 @@ pub struct RedisRecordLock {
     ttl: Duration,
     wait: Duration,
     unlock: Script,
+    renew: Script,
 }
 
 impl RedisRecordLock {
@@ -35,6 +37,7 @@ impl RedisRecordLock {
             ttl,
             wait,
             unlock: Script::new(UNLOCK_LUA),
+            renew: Script::new(RENEW_LUA),
         }
     }
 }
@@ -84,5 +87,23 @@ impl SharedLock for RedisRecordLock {
             // It expires on its own; until then the record waits.
             tracing::warn!(error = %e, code, "could not release a media record's lock");
         }
+    }
+
+    async fn renew(&self, code: &str, token: &str) -> Result<bool> {
+        let mut conn = self.handle.conn().await?;
+        let renewed: i64 = self
+            .renew
+            .key(self.keys.record_lock(code))
+            .arg(token)
+            .arg(self.ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// A third of its lifetime: two renewals can fail or run late before
+    /// it lapses.
+    fn renew_every(&self) -> Duration {
+        self.ttl / 3
     }
 }

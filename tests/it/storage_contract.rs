@@ -774,3 +774,76 @@ async fn s3_5xx_is_retried_then_a_retryable_storage_error() {
     let kept = storage.get(&variant).await.unwrap().unwrap();
     assert_eq!(dimensions(&kept.bytes), (8, 8));
 }
+
+/// A record change slower than the lock's lifetime (S3 holding the write)
+/// keeps the lock, renewed as it runs: another process waits for it instead
+/// of writing in between, and the slow write, from its older read, undoes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_change_slower_than_its_lock_keeps_it() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let proxy = CountingProxy::start(moto.addr()).await;
+    let redis = RedisServer::start();
+    let (handle, keys) = redis_handle_and_keys(&redis);
+    let lock_ttl = Duration::from_millis(150);
+    let sharing = |endpoint: &str| {
+        let lock = RedisRecordLock::new(
+            handle.clone(),
+            keys.clone(),
+            lock_ttl,
+            Duration::from_secs(10),
+        );
+        open(&s3_storage_toml(endpoint, BUCKET, PREFIX)).sharing_record_locks(Arc::new(lock))
+    };
+    let slow = sharing(&proxy.endpoint());
+    let direct = sharing(&moto.endpoint());
+    let code = "0123456789abcdef";
+    assert!(direct
+        .create_media_record(&MediaRecord::new(code, "shop", None))
+        .await
+        .unwrap());
+    let note = |filter: &'static str| {
+        move |current: Option<MediaRecord>| {
+            let mut record = current.expect("created above");
+            record.thumb_data.insert(filter.into(), Thumb::pending());
+            (Some(record), ())
+        }
+    };
+
+    // The slow process reads, then its write is held past several lifetimes.
+    proxy.delay_puts(lock_ttl * 6);
+    let slow_change =
+        tokio::spawn(async move { slow.update_media_record(code, note("slow")).await });
+    tokio::time::sleep(lock_ttl / 2).await;
+    direct
+        .update_media_record(code, note("direct"))
+        .await
+        .unwrap();
+    slow_change.await.unwrap().unwrap();
+
+    let stored = direct.media_record(code).await.unwrap().unwrap();
+    let kept: BTreeSet<&str> = stored.thumb_data.keys().map(String::as_str).collect();
+    assert_eq!(
+        kept,
+        BTreeSet::from(["direct", "slow"]),
+        "both changes landed"
+    );
+    let lock = keys.record_lock(code);
+    assert_eq!(redis.redis_int(&["EXISTS", &lock]), 0, "released");
+
+    // A lock lost meanwhile (deleted here, as if it had lapsed) stops the
+    // change, retryably, rather than letting it write unguarded.
+    let slow = sharing(&proxy.endpoint());
+    let lost_change =
+        tokio::spawn(async move { slow.update_media_record(code, note("lost")).await });
+    tokio::time::sleep(lock_ttl / 2).await;
+    assert_eq!(
+        redis.redis_int(&["DEL", &lock]),
+        1,
+        "the slow change holds it"
+    );
+    let err = lost_change.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), "storage-error", "{err}");
+    assert!(err.is_retryable());
+}

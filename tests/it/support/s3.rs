@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -273,6 +273,8 @@ pub struct CountingProxy {
     /// When non-zero, every request is answered with this status instead
     /// of being passed on (an S3 having a bad time).
     fail_with: Arc<AtomicU16>,
+    /// Milliseconds each PUT is held before it is passed on (a slow write).
+    put_delay_ms: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -287,12 +289,19 @@ impl CountingProxy {
         let record = seen.clone();
         let fail_with = Arc::new(AtomicU16::new(0));
         let failing = fail_with.clone();
+        let put_delay_ms = Arc::new(AtomicU64::new(0));
+        let put_delay = put_delay_ms.clone();
         let (addr, task) =
             super::http::serve_http(move |request: Request<hyper::body::Incoming>| {
                 let client = client.clone();
                 let record = record.clone();
                 let fail = failing.load(Ordering::SeqCst);
+                let delay = match request.method() == hyper::Method::PUT {
+                    true => Duration::from_millis(put_delay.load(Ordering::SeqCst)),
+                    false => Duration::ZERO,
+                };
                 async move {
+                    tokio::time::sleep(delay).await;
                     let response = if fail == 0 {
                         forward(&client, upstream, request).await
                     } else {
@@ -317,8 +326,15 @@ impl CountingProxy {
             addr,
             seen,
             fail_with,
+            put_delay_ms,
             task,
         }
+    }
+
+    /// Holds every PUT from now on for `delay` before passing it on.
+    pub fn delay_puts(&self, delay: Duration) {
+        self.put_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Answers every request from now on with `status` (0: pass them on again).
