@@ -646,6 +646,20 @@ impl FilterSet {
 
     /// A configured preset, a negotiated format of an `auto` one
     /// (`small.webp`), else a size URL's (when size URLs are on).
+    /// The name a render's metrics go under: the filter's own, except a
+    /// size URL's when any size may be asked for (`size_allowed` empty).
+    /// Those all share `size`, so clients cannot add series without end.
+    pub fn metrics_label<'a>(&self, name: &'a str) -> &'a str {
+        let invented = !self.presets.contains_key(name)
+            && self.sizes.allowed.is_empty()
+            && SizeName::parse(name).is_some();
+        if invented {
+            "size"
+        } else {
+            name
+        }
+    }
+
     pub fn get(&self, name: &str) -> Result<Cow<'_, Preset>> {
         if let Some(preset) = self.presets.get(name) {
             return Ok(Cow::Borrowed(preset));
@@ -848,6 +862,13 @@ mod tests {
 
         let off = with_sizes("[filters]\nsize_urls = false\n");
         assert_eq!(off.get("w500").unwrap_err().code(), "unknown-filter");
+
+        // Metrics: any size shares one series; listed sizes and presets keep theirs.
+        assert_eq!(set.metrics_label("w500"), "size");
+        assert_eq!(set.metrics_label("300x400"), "size");
+        assert_eq!(set.metrics_label("small"), "small");
+        assert_eq!(set.metrics_label("small.webp"), "small.webp");
+        assert_eq!(listed.metrics_label("w500"), "w500");
     }
 
     #[test]

@@ -471,7 +471,8 @@ impl Worker {
             })
             .await?;
         for (filter, _, took) in &variants {
-            self.metrics.render(filter, *took);
+            self.metrics
+                .render(self.filters.metrics_label(filter), *took);
         }
         record.original_width = Some(width);
         record.original_height = Some(height);
