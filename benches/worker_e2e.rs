@@ -1,5 +1,5 @@
-//! Whole-worker throughput: a pre-heat of distinct originals through Redis,
-//! end to end (dispatch -> download -> archive -> render -> store -> signed
+//! Whole-worker throughput: a pre-heat of distinct originals through Redis
+//! (or, with QUEUE_BACKEND=embedded, kiln's in-memory queue), end to end (dispatch -> download -> archive -> render -> store -> signed
 //! webhooks received), against the pure render time of the same originals
 //! with the same filters, measured in the same run.
 //!
@@ -787,7 +787,11 @@ fn run(settings: &Settings) -> Result<bool, String> {
     let load_start = common::loadavg();
     if !settings.smoke {
         println!("{line}");
-        println!("worker_e2e: whole-worker pre-heat through Redis vs pure render, same run");
+        let through = match settings.backend.as_str() {
+            "redis" => "Redis",
+            _ => "the embedded queue (Redis idle)",
+        };
+        println!("worker_e2e: whole-worker pre-heat through {through} vs pure render, same run");
         println!("kiln code:  {}", common::code_version());
         println!(
             "originals:  {n} distinct JPEGs, {:.1} MiB in all; filters {}; render_threads {}, worker_concurrency {}, dispatch batches of {}, queue backend {}",
