@@ -478,13 +478,13 @@ impl Metrics {
         counter(
             o,
             "kiln_callback_attempts_total",
-            "Webhook POSTs attempted.",
+            "Webhook delivery attempts.",
             load(&self.callback_attempts),
         );
         counter(
             o,
             "kiln_callback_failures_total",
-            "Webhook POSTs that failed (refused, error status, timeout).",
+            "Webhook attempts that failed (refused, error or redirect status, timeout, or its account's secret unreadable, so not sent unsigned).",
             load(&self.callback_failures),
         );
         counter(

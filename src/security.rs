@@ -186,6 +186,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
 pub struct ClientLimits {
     pub connect_timeout: Duration,
     pub total_timeout: Duration,
+    /// Redirects followed at most; 0: none, a 3xx is the answer.
     pub max_redirects: usize,
     pub user_agent: String,
 }
@@ -195,15 +196,18 @@ pub struct ClientLimits {
 pub fn guarded_client(policy: &NetworkPolicy, limits: &ClientLimits) -> Result<reqwest::Client> {
     let redirect_policy = policy.clone();
     let max_redirects = limits.max_redirects;
-    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > max_redirects {
-            return attempt.error(Error::TooManyRedirects(max_redirects));
-        }
-        match redirect_policy.check_url(attempt.url()) {
-            Ok(()) => attempt.follow(),
-            Err(e) => attempt.error(e),
-        }
-    });
+    let redirects = match max_redirects {
+        0 => reqwest::redirect::Policy::none(),
+        _ => reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > max_redirects {
+                return attempt.error(Error::TooManyRedirects(max_redirects));
+            }
+            match redirect_policy.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(e) => attempt.error(e),
+            }
+        }),
+    };
     reqwest::Client::builder()
         .no_proxy()
         .dns_resolver(Arc::new(GuardedResolver::new(policy)))

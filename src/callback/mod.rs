@@ -187,7 +187,8 @@ impl Notifier {
             &ClientLimits {
                 connect_timeout: Duration::from_millis(config.timeout_ms),
                 total_timeout: Duration::from_millis(config.timeout_ms),
-                // A callback answers where it is told to; it does not send us elsewhere.
+                // A callback answers where it is told to; it does not send us
+                // elsewhere. A 3xx is a failed attempt, retried like a 5xx.
                 max_redirects: 0,
                 user_agent: user_agent.to_string(),
             },
@@ -335,27 +336,29 @@ impl Deliverer {
         Ok(started)
     }
 
-    async fn secret(&self, root: &str) -> Option<String> {
+    /// The account's signing secret, `None` when it has none. A failed
+    /// read is not kept: the next delivery asks storage again.
+    async fn secret(&self, root: &str) -> Result<Option<String>> {
         let storage = self.storage.clone();
         let root_owned = root.to_string();
         self.secrets
-            .get_with(root.to_string(), async move {
-                match storage.account(&root_owned).await {
-                    Ok(account) => account
-                        .map(|a| a.webhook_secret)
-                        .filter(|s| !s.is_empty()),
-                    Err(e) => {
-                        tracing::warn!(root = root_owned, error = %e, "cannot read account for signing");
-                        None
-                    }
-                }
+            .try_get_with(root.to_string(), async move {
+                let account = storage.account(&root_owned).await?;
+                Ok::<_, Error>(account.map(|a| a.webhook_secret).filter(|s| !s.is_empty()))
             })
             .await
+            .map_err(|e| {
+                Error::Storage(format!("cannot read account {root} to sign a webhook: {e}"))
+            })
     }
 
     async fn send(&self, mut delivery: Delivery) {
-        let secret = self.secret(&delivery.root).await;
-        let outcome = self.notifier.attempt(&delivery, secret.as_deref()).await;
+        // Never sent unsigned for want of the secret: a failed read of it
+        // is a failed attempt, retried like any other.
+        let outcome = match self.secret(&delivery.root).await {
+            Ok(secret) => self.notifier.attempt(&delivery, secret.as_deref()).await,
+            Err(e) => Err(e),
+        };
         delivery.attempts += 1;
         let settled = match outcome {
             Ok(()) => {

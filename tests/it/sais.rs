@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::kiln::{get_json, post_json, setup_account, start_on, Backend, Kiln, ADMIN_KEY};
 use crate::support::{
-    dimensions, eventually, format_of, jpeg, png_rgba, CallbackSink, Origin, OriginResponse,
+    dimensions, eventually, format_of, jpeg, png_rgba, CallbackSink, Gate, Origin, OriginResponse,
     Received, RedisServer,
 };
 
@@ -482,7 +482,8 @@ async fn webhooks_are_retried_with_backoff_until_accepted() {
     )
     .await;
     assert_eq!(status, 200);
-    sink.fail_next(2, 503);
+    // A redirect is a failed attempt, retried where it was sent, not followed.
+    sink.fail_next(2, 307);
     let (status, _) = post_json(
         &kiln.url("/dispatch_process"),
         Some(account["apiKey"].as_str().unwrap()),
@@ -750,4 +751,58 @@ async fn tools_speak_json_rpc_and_mcp() {
         .await
         .unwrap();
     assert_eq!(notification.status(), 202);
+}
+
+/// One counter from kiln's `/metrics`, 0 when absent.
+async fn counter(kiln: &Kiln, name: &str) -> f64 {
+    let text = reqwest::get(kiln.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A webhook whose account cannot be read when it is due is not sent
+/// unsigned: the attempt fails and is retried, and goes out signed once
+/// the account reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_never_sent_unsigned_when_its_account_cannot_be_read() {
+    let kiln = Kiln::start_with(Backend::Embedded, "[callback]\nbackoff_ms = 100\n").await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    let gate = Gate::closed();
+    origin.serve(
+        "/u.png",
+        OriginResponse::image("image/png", png_rgba(40, 40, [7, 8, 9, 255])).with_gate(&gate),
+    );
+    let account = setup_account(&kiln.base, "signed", 100).await;
+    let (status, _) = post_json(
+        &kiln.url("/dispatch_process"),
+        Some(account["apiKey"].as_str().unwrap()),
+        &json!({"images": [origin.url("/u.png")], "filters": ["tiny"],
+                "thumbCallbackUrl": sink.url("/thumb")}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // While the job waits for its original, the account's file goes bad.
+    let account_file = kiln.storage_path("accounts/signed.json");
+    let good = std::fs::read(&account_file).unwrap();
+    std::fs::write(&account_file, b"not JSON").unwrap();
+    gate.open();
+    eventually(
+        Duration::from_secs(30),
+        "a failed webhook attempt",
+        || async { (counter(&kiln, "kiln_callback_failures_total").await >= 2.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(sink.count(), 0, "nothing was sent unsigned");
+
+    std::fs::write(&account_file, good).unwrap();
+    let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
+    assert_signed(&hooks, account["webhookSecret"].as_str().unwrap());
 }

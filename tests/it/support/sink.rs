@@ -128,8 +128,12 @@ impl CallbackSink {
                 } else {
                     state.status.load(Ordering::SeqCst)
                 };
-                Ok(Response::builder()
-                    .status(status)
+                let mut response = Response::builder().status(status);
+                if (300..400).contains(&status) {
+                    // A redirect names where to go: here, a path of this sink.
+                    response = response.header("location", "/moved");
+                }
+                Ok(response
                     .body(Full::new(Bytes::new()))
                     .expect("valid sink status"))
             }
@@ -147,7 +151,8 @@ impl CallbackSink {
         self.state.status.store(status, Ordering::SeqCst);
     }
 
-    /// Answers `status` to the next `n` requests, then as before.
+    /// Answers `status` to the next `n` requests, then as before (a 3xx
+    /// with a `Location` of this sink's `/moved`).
     pub fn fail_next(&self, n: usize, status: u16) {
         self.state.failure_status.store(status, Ordering::SeqCst);
         self.state.failures_left.store(n, Ordering::SeqCst);
