@@ -613,8 +613,9 @@ impl Front {
     }
 
     /// A hit's answer, `[content type, etag, last modified]` on each: 304
-    /// when `If-None-Match` names its ETag, 206 or 416 for a `Range` (unless
-    /// `If-Range` names other bytes), else 200 with the bytes.
+    /// when the client's copy is current (`Conditions::not_modified`), 206
+    /// or 416 for a `Range` (unless `If-Range` names other bytes), else 200
+    /// with the bytes.
     fn hit_reply<V: TryInto<HeaderValue>>(
         &self,
         conditions: &Conditions<'_>,
@@ -623,9 +624,7 @@ impl Front {
         length: HeaderValue,
         [content_type, etag, last_modified]: [V; 3],
     ) -> Reply {
-        let not_modified = conditions
-            .if_none_match
-            .is_some_and(|header| etag_matches(header, &info.etag));
+        let not_modified = conditions.not_modified(info);
         let range = match conditions.range {
             Some(range) if !not_modified && conditions.range_applies(info) => {
                 byte_range(range, body.len() as usize)
@@ -791,6 +790,8 @@ fn negotiated_extension(accept: Option<&str>, avif_allowed: bool) -> Option<&'st
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conditions<'a> {
     pub if_none_match: Option<&'a str>,
+    /// `If-Modified-Since`, which counts only without `If-None-Match`.
+    pub if_modified_since: Option<&'a str>,
     /// `Range`, for GET only.
     pub range: Option<&'a str>,
     pub if_range: Option<&'a str>,
@@ -799,6 +800,20 @@ pub struct Conditions<'a> {
 }
 
 impl Conditions<'_> {
+    /// Whether the client's copy is current: its ETag is named, or without
+    /// an `If-None-Match`, it is at least as recent as Last-Modified (RFC
+    /// 9110 §13.1.3; a date that does not parse is ignored).
+    fn not_modified(&self, info: &VariantInfo) -> bool {
+        match (self.if_none_match, self.if_modified_since) {
+            (Some(tags), _) => etag_matches(tags, &info.etag),
+            (None, Some(date)) => httpdate::parse_http_date(date.trim())
+                .ok()
+                .and_then(|since| since.duration_since(std::time::UNIX_EPOCH).ok())
+                .is_some_and(|since| info.last_modified <= since.as_secs() as i64),
+            (None, None) => false,
+        }
+    }
+
     /// `If-Range` lets a range through only for the same bytes: their
     /// strong ETag, or exactly their Last-Modified date.
     fn range_applies(&self, info: &VariantInfo) -> bool {
@@ -906,6 +921,7 @@ impl<'a> Request<'a> {
             query: header.uri.query(),
             conditions: Conditions {
                 if_none_match: header_text(http::header::IF_NONE_MATCH),
+                if_modified_since: header_text(http::header::IF_MODIFIED_SINCE),
                 // A byte range is only served to GET; HEAD describes the whole.
                 range: (header.method == Method::GET)
                     .then(|| header_text(http::header::RANGE))
@@ -1358,6 +1374,25 @@ mod tests {
                     // The 200's headers, Content-Length too (RFC 9110 §8.6).
                     assert_eq!(headers(&reply), seen[0]);
                 }
+
+                // Without If-None-Match, a date no older than Last-Modified.
+                let modified = seen[0][4].clone().unwrap();
+                let stamp = httpdate::parse_http_date(&modified).unwrap();
+                let second = std::time::Duration::from_secs(1);
+                let later = httpdate::fmt_http_date(stamp + second);
+                let earlier = httpdate::fmt_http_date(stamp - second);
+                for (if_none_match, since, status) in [
+                    (None, modified.as_str(), 304),
+                    (None, later.as_str(), 304),
+                    (None, earlier.as_str(), 200),
+                    (None, "yesterday", 200),
+                    (Some("\"other\""), later.as_str(), 200),
+                ] {
+                    let mut request = get(url, if_none_match);
+                    request.conditions.if_modified_since = Some(since);
+                    let reply = front.answer(&request).await;
+                    assert_eq!(reply.head.status, status, "{if_none_match:?} {since}");
+                }
             }
         }
     }
@@ -1380,7 +1415,7 @@ mod tests {
                         if_none_match: if_none_match.as_deref(),
                         range: Some(range),
                         if_range: if_range.as_deref(),
-                        accept: None,
+                        ..Default::default()
                     },
                     ..get(url, None)
                 };
