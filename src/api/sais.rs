@@ -44,8 +44,12 @@ pub struct AccountAnswer {
     pub media_callback_url: Option<String>,
     pub thumb_callback_url: Option<String>,
     pub media_count: u64,
-    pub api_key: String,
-    pub webhook_secret: String,
+    /// The credentials, only to a caller that proved it may have them: the
+    /// admin, the account's own key, or whoever just created it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
     /// True when this call created the account.
     pub created: bool,
     /// True when a different approx was asked for but the account already has media.
@@ -167,7 +171,7 @@ impl Context {
             }
         }
         let existing = self.storage.account(&root).await?;
-        let allowed = match (caller, &existing) {
+        let proven = match (caller, &existing) {
             (Caller::Admin, _) => true,
             (Caller::Account(account), _) => account.root == root,
             // A legacy client proves itself with the account's own key in the body.
@@ -176,8 +180,15 @@ impl Context {
                 .as_deref()
                 .is_some_and(|k| crate::security::keys_match(k, &account.api_key)),
             (Caller::Anonymous, None) => false,
-        } || !self.config.auth.require_api_key;
-        if !allowed {
+        };
+        // Without required keys, a caller with none acts on the root it
+        // names: it may create one, or change an existing one's callbacks
+        // and size, but not its key, and it is not told the credentials.
+        // A wrong key is refused either way.
+        let keyless = !self.config.auth.require_api_key
+            && matches!(caller, Caller::Anonymous)
+            && (existing.is_none() || setup.api_key.is_none());
+        if !(proven || keyless) {
             return Err(match caller {
                 Caller::Account(_) => Error::Forbidden(format!("this key cannot set up {root:?}")),
                 _ => Error::Unauthorized("account set-up needs the admin key".into()),
@@ -201,7 +212,13 @@ impl Context {
                     self.forget_key(&account.api_key).await;
                     (account, true)
                 } else {
-                    // Someone else created it a moment ago: update theirs.
+                    // Someone else created it a moment ago: update theirs,
+                    // but a keyless caller does not choose its key.
+                    if !proven && setup.api_key.is_some() {
+                        return Err(Error::Unauthorized(format!(
+                            "{root:?} was just set up by another caller"
+                        )));
+                    }
                     let theirs = self.storage.account(&root).await?;
                     (
                         theirs.ok_or_else(|| Error::UnknownAccount(root.clone()))?,
@@ -252,8 +269,8 @@ impl Context {
             media_callback_url: account.media_callback_url,
             thumb_callback_url: account.thumb_callback_url,
             media_count,
-            api_key: account.api_key,
-            webhook_secret: account.webhook_secret,
+            api_key: (proven || created).then_some(account.api_key),
+            webhook_secret: (proven || created).then_some(account.webhook_secret),
             created,
             approx_fixed,
         })

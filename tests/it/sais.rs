@@ -637,6 +637,38 @@ async fn legacy_clients_without_keys_are_let_in_when_configured() {
     assert_eq!(status, 404, "an account must be set up first");
     let (status, body) = get_json(&kiln.url("/status"), None).await;
     assert_eq!((status, &body["status"]), (200, &json!("okay")));
+
+    // Keyless callers act on the root they name, but never take it over.
+    assert!(account["apiKey"].is_string(), "its creator is told its key");
+    let victim = setup_account(&kiln.base, "victim", 100).await;
+    let victim_key = victim["apiKey"].as_str().unwrap();
+    let setup = |body: Value, key: Option<String>| {
+        let url = kiln.url("/account_setup");
+        async move { post_json(&url, key.as_deref(), &body).await }
+    };
+    let (status, body) = setup(
+        json!({"root": "victim", "apiKey": "attacker-key-0123456"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "a wrong key in the body: {body}");
+    let legacy_key = account["apiKey"].as_str().map(str::to_string);
+    let (status, body) = setup(json!({"root": "victim"}), legacy_key).await;
+    assert_eq!(status, 403, "another account's key: {body}");
+    let (status, body) = setup(
+        json!({"root": "victim", "thumbCallbackUrl": origin.url("/hook")}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["thumbCallbackUrl"], origin.url("/hook"));
+    assert!(
+        body.get("apiKey").is_none() && body.get("webhookSecret").is_none(),
+        "{body}"
+    );
+    let (_, body) = setup(json!({"root": "victim"}), Some(ADMIN_KEY.into())).await;
+    assert_eq!(body["apiKey"], victim_key, "the key stands");
+    assert_eq!(body["webhookSecret"], victim["webhookSecret"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
