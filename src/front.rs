@@ -478,17 +478,31 @@ impl Front {
                 Found::Bytes(bytes) => (Some(Body::Memory(bytes)), HitSource::Storage),
                 Found::Entry => (self.variant_body(variant, &info).await?, HitSource::Index),
             };
-            // An index entry whose bytes are gone is treated as a miss.
             if let Some(body) = body {
                 let mut reply = self.hit(&info, body, conditions);
                 reply.hit = Some(source);
                 return Ok(reply);
             }
+            // The index outlived the bytes (deleted behind kiln's back): a
+            // miss, and every process forgets the entry, so the job renders
+            // it again instead of trusting the index.
+            Box::pin(self.forget_vanished(variant)).await;
         }
         self.metrics.miss();
         // Boxed, as every path rarely taken here is: a hit's future stays
         // small, and each request moves it (memcpy) as it is started.
         Box::pin(self.miss(filter, path.into_owned(), variant, looked_up_failure)).await
+    }
+
+    /// Forgets an index entry whose bytes storage no longer has.
+    async fn forget_vanished(&self, variant: &str) {
+        tracing::warn!(
+            variant,
+            "indexed variant missing from storage; rendering it again"
+        );
+        if let Err(e) = self.ctx.index.forget(variant).await {
+            tracing::warn!(variant, error = %e, "could not forget a vanished variant");
+        }
     }
 
     /// A miss's answer: its failure, or 202 with one job queued.

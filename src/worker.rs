@@ -374,12 +374,14 @@ impl Worker {
                     // Stored but not in the record (e.g. rendered by a miss): describe it.
                     let bytes = match bytes {
                         Some(b) => b,
-                        None => self
-                            .storage
-                            .get(variant)
-                            .await?
-                            .map(|o| o.bytes)
-                            .unwrap_or_default(),
+                        None => match self.storage.get(variant).await? {
+                            Some(object) => object.bytes,
+                            // The index outlived the file: render it again.
+                            None => {
+                                to_render.push(preset);
+                                continue;
+                            }
+                        },
                     };
                     let (width, height) = dimensions(&bytes);
                     let thumb = self.thumb(

@@ -21,6 +21,7 @@ on_both_backends!(
     webhooks_leave_when_their_job_is_done_not_at_the_next_poll,
     misses_of_two_filters_at_once_both_land_in_the_media_record,
     kilns_own_files_are_never_an_original,
+    a_variant_deleted_behind_kilns_back_is_rendered_again,
 );
 
 fn json(text: &str) -> serde_json::Value {
@@ -540,4 +541,23 @@ async fn kilns_own_files_are_never_an_original(backend: Backend) {
     assert_eq!(rendered.status(), 200);
     let stored = std::fs::read_to_string(kiln.storage_path(&format!("meta/{code}.json")));
     assert_eq!(stored.unwrap(), record, "the record is untouched");
+}
+
+/// Storage is the source of truth: a variant whose file was deleted behind
+/// kiln's back (its index entry still there) answers 202 and is rendered
+/// again, rather than being trusted to the index forever.
+async fn a_variant_deleted_behind_kilns_back_is_rendered_again(backend: Backend) {
+    // Nothing kept hot: every hit reads storage.
+    let kiln = Kiln::start_with(backend, "[index]\nhot_max_object_bytes = 0\n").await;
+    kiln.store("acme/0/gone.png", &png_rgba(300, 200, [200, 20, 40, 255]));
+    let url = kiln.url("/media/cache/small/acme/0/gone.png");
+    assert_eq!(get(&url).await.status(), 202);
+    let first = until_ready(&url).await.bytes().await.unwrap();
+
+    let file = kiln.storage_path("media/cache/small/acme/0/gone.png");
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(get(&url).await.status(), 202, "a miss, not a broken hit");
+    let again = until_ready(&url).await.bytes().await.unwrap();
+    assert_eq!(again, first, "the same variant, rendered again");
+    assert!(file.exists(), "and stored again");
 }
