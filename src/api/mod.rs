@@ -220,6 +220,9 @@ impl Context {
         let account = self.account_for_root(&root).await?;
         let code = keys::media_code(url, &root);
         let record = self.storage.media_record(&code).await?;
+        if let Some(record) = &record {
+            owned_by(record, &root)?;
+        }
         // The path is fixed at first sight so the URL handed out now stays valid.
         let path = record
             .as_ref()
@@ -331,6 +334,21 @@ impl Context {
             .expect_render(&keys::variant_path(filter, original))
             .await;
         self.queue.enqueue_marked(&job, None, marker.as_ref()).await
+    }
+}
+
+/// A media record found by its code belongs to the root asking. SAIS codes
+/// hash the URL's and the root's bytes run together, so another root's URL
+/// can be made to share one (`a.jp` under `gshop`, `a.jpg` under `shop`):
+/// it must not read or change this record.
+fn owned_by(record: &crate::storage::MediaRecord, root: &str) -> Result<()> {
+    if record.root == root {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "media code {} belongs to another root",
+            record.code
+        )))
     }
 }
 

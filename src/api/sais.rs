@@ -383,7 +383,7 @@ impl Context {
             crate::security::parse_outbound_url(url, &self.policy).err()
         };
         let redispatched = self
-            .redispatch(code, context.clone(), filters, refusal.as_ref())
+            .redispatch(root, code, context.clone(), filters, refusal.as_ref())
             .await?;
         let record = match redispatched {
             Some(existing) => existing,
@@ -397,7 +397,7 @@ impl Context {
                 if self.create_media(&fresh).await? {
                     fresh
                 } else {
-                    self.redispatch(code, context, filters, refusal.as_ref())
+                    self.redispatch(root, code, context, filters, refusal.as_ref())
                         .await?
                         .ok_or_else(|| {
                             Error::Internal(format!(
@@ -440,6 +440,7 @@ impl Context {
     /// it. `None` when there is no record.
     async fn redispatch(
         &self,
+        root: &str,
         code: &str,
         context: Option<Value>,
         filters: &[String],
@@ -447,15 +448,19 @@ impl Context {
     ) -> Result<Option<MediaRecord>> {
         self.storage
             .update_existing_media_record(code, |mut record| {
+                if let Err(e) = super::owned_by(&record, root) {
+                    return (None, Err(e));
+                }
                 let before = record.clone();
                 prepare_for_dispatch(&mut record, context, filters, refusal);
                 if record == before {
-                    return (None, record);
+                    return (None, Ok(record));
                 }
                 record.updated_at = now_secs();
-                (Some(record.clone()), record)
+                (Some(record.clone()), Ok(record))
             })
-            .await
+            .await?
+            .transpose()
     }
 
     /// Whether every requested variant is recorded as done and is in storage.

@@ -591,6 +591,26 @@ async fn keys_act_only_on_their_own_root() {
     )
     .await;
     assert_eq!((status, rows), (200, json!([])));
+
+    // SAIS codes hash the URL's bytes and the root's run together, so root
+    // "pha" with ".../k.pngal" has alpha's ".../k.png" code. It may neither
+    // change nor read alpha's record.
+    let pha = setup_account(&kiln.base, "pha", 100).await;
+    let pha_key = pha["apiKey"].as_str().unwrap();
+    let crafted = format!("{}al", origin.url("/k.png"));
+    assert_eq!(kiln::keys::media_code(&crafted, "pha"), code);
+    let (status, body) = post_json(
+        &dispatch,
+        Some(pha_key),
+        &json!({"root": "pha", "images": [crafted], "context": {"taken": true}}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let preheat = crate::kiln::preheat_url(&kiln.base, "small", &crafted, None);
+    let (status, body) = get_json(&preheat, Some(pha_key)).await;
+    assert_eq!(status, 403, "{body}");
+    let (_, record) = get_json(&kiln.url(&format!("/media/{code}")), Some(alpha_key)).await;
+    assert!(record["context"].get("taken").is_none(), "{record}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
