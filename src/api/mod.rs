@@ -171,7 +171,13 @@ impl Context {
             return Err(Error::UnknownAccount(root.to_string()));
         }
         let account = sais::new_account(root, self.config.storage.default_approx, None);
-        self.storage.create_account(&account).await?;
+        if self.storage.create_account(&account).await? {
+            // Its key works as any account's does, once set-up hands it out.
+            self.storage
+                .put_key_index(&key_digest(&account.api_key), root)
+                .await?;
+            self.forget_key(&account.api_key).await;
+        }
         // Whoever created it first wins; read back the one that exists.
         self.storage
             .account(root)

@@ -256,6 +256,13 @@ impl Context {
                 // A look-up of the new key may have been cached as unknown.
                 self.forget_key(&key).await;
                 account.api_key = key;
+            } else if proven {
+                // Filed again, whoever created the account: one made on the
+                // fly before its key was filed gets a key that works.
+                self.storage
+                    .put_key_index(&super::key_digest(&account.api_key), &root)
+                    .await?;
+                self.forget_key(&account.api_key).await;
             }
             account.updated_at = now_secs();
             self.storage.put_account(&account).await?;

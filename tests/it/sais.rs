@@ -858,3 +858,35 @@ async fn a_webhook_is_never_sent_unsigned_when_its_account_cannot_be_read() {
     let hooks = sink.wait_for(1, Duration::from_secs(30)).await;
     assert_signed(&hooks, account["webhookSecret"].as_str().unwrap());
 }
+
+/// The default root's account, made on the fly by `/request`, has a key
+/// that works once set-up hands it out, like any account's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_roots_key_works() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let origin = Origin::start().await;
+    origin.serve(
+        "/d.png",
+        OriginResponse::image("image/png", png_rgba(30, 30, [3, 3, 3, 255])),
+    );
+    let preheat = crate::kiln::preheat_url(&kiln.base, "small", &origin.url("/d.png"), None);
+    let (status, answer) = get_json(&preheat, None).await;
+    assert_eq!(status, 202, "{answer}");
+    let code = answer["code"].as_str().unwrap().to_string();
+
+    let (status, account) = post_json(
+        &kiln.url("/account_setup"),
+        Some(ADMIN_KEY),
+        &json!({"root": "default"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &account["created"]),
+        (200, &json!(false)),
+        "{account}"
+    );
+    let key = account["apiKey"].as_str().unwrap();
+    let (status, record) = get_json(&kiln.url(&format!("/media/{code}")), Some(key)).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["root"], "default");
+}
