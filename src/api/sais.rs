@@ -518,6 +518,10 @@ impl Context {
 
     /// A media record by its code, or by the G3 code a newer client computes.
     pub async fn media(&self, caller: &Caller, code: &str) -> Result<MediaRecord> {
+        // Before any look-up: whether a code exists is not for anyone to ask.
+        if matches!(caller, Caller::Anonymous) && self.config.auth.require_api_key {
+            return Err(Error::Unauthorized("an API key is required".into()));
+        }
         if !keys::is_media_code(code) {
             return Err(Error::BadRequest(format!(
                 "{code:?} is not a 16-hex-digit media code"

@@ -178,6 +178,10 @@ async fn dispatch_speaks_the_php_client_protocol(backend: Backend) {
     assert_eq!((status, &by_g3["code"]), (200, &json!(code_a)));
     let (status, _) = get_json(&kiln.url(&format!("/media/{code_a}")), None).await;
     assert_eq!(status, 401);
+    // Without a key, an unknown code answers as a known one does: whether
+    // it exists is not told.
+    let (status, _) = get_json(&kiln.url("/media/0123456789abcdef"), None).await;
+    assert_eq!(status, 401);
     let (status, rows) = get_json(
         &kiln.url(&format!("/fetch/media/by-ids?id={code_a},{code_b}")),
         Some(key),
