@@ -9,6 +9,7 @@
 //! `/media/cache/<filter>/<sample>` URL over a small original stored at
 //! start, so the usual miss → job → render path makes it.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -272,7 +273,7 @@ fn jobs_table(o: &mut String, jobs: &[RecentJob], now: u64) {
             ago = now.saturating_sub(job.finished_at_ms) / 1000,
             original = esc(&job.original),
             filters = esc(&job.filters.join(", ")),
-            reason = esc(job.reason.as_deref().unwrap_or("")),
+            reason = esc(&without_queries(job.reason.as_deref().unwrap_or(""))),
             ms = job.duration_ms,
         );
     }
@@ -293,6 +294,22 @@ pub fn esc(text: &str) -> String {
         }
     }
     out
+}
+
+/// A failure's reason as the page shows it, to anyone: each URL's query
+/// and fragment are cut, since they may carry an origin's signed token.
+fn without_queries(reason: &str) -> String {
+    reason
+        .split(' ')
+        .map(|word| match word.find("://") {
+            Some(_) => match word.find(['?', '#']) {
+                Some(cut) => Cow::Owned(format!("{}?…", &word[..cut])),
+                None => Cow::Borrowed(word),
+            },
+            None => Cow::Borrowed(word),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The built-in sample original: a 480×320 PNG with colour gradients and a
@@ -320,6 +337,21 @@ fn sample_png() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_lose_their_urls_queries() {
+        assert_eq!(
+            without_queries(
+                "origin answered HTTP 403 for https://o.example/a.jpg?X-Amz-Signature=s3cr3t"
+            ),
+            "origin answered HTTP 403 for https://o.example/a.jpg?…"
+        );
+        assert_eq!(
+            without_queries("decode failed: what? no"),
+            "decode failed: what? no"
+        );
+        assert_eq!(without_queries("see http://o/a#frag"), "see http://o/a?…");
+    }
 
     #[test]
     fn escapes_markup() {
