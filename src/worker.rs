@@ -257,9 +257,15 @@ impl Worker {
         );
         let record = match self.record_failure(job, error).await {
             Ok(record) => record,
-            Err(e) => {
+            Err(e) if claimed.attempt < self.max_attempts => {
                 tracing::warn!(job = %job.id, error = %e, "could not record the failure; left for retry");
                 return;
+            }
+            // Out of attempts (the record itself may be what fails, e.g.
+            // unreadable): dead-lettered without it, not reclaimed forever.
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "could not record the failure; dead-lettering the job without it");
+                with_failure(new_record(job), error)
             }
         };
         // Misses of these variants answer the failure instead of queueing it again.

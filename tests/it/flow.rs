@@ -22,6 +22,7 @@ on_both_backends!(
     misses_of_two_filters_at_once_both_land_in_the_media_record,
     kilns_own_files_are_never_an_original,
     a_variant_deleted_behind_kilns_back_is_rendered_again,
+    a_job_whose_record_is_unreadable_ends_dead_lettered,
 );
 
 fn json(text: &str) -> serde_json::Value {
@@ -560,4 +561,34 @@ async fn a_variant_deleted_behind_kilns_back_is_rendered_again(backend: Backend)
     let again = until_ready(&url).await.bytes().await.unwrap();
     assert_eq!(again, first, "the same variant, rendered again");
     assert!(file.exists(), "and stored again");
+}
+
+/// A job whose media record cannot be read (not JSON) fails every attempt.
+/// Out of attempts it is dead-lettered without the record, and its variant
+/// answers the error, rather than the job being taken over forever while
+/// the page gets 202.
+async fn a_job_whose_record_is_unreadable_ends_dead_lettered(backend: Backend) {
+    let quick = "[queue]\nmax_attempts = 2\nretry_backoff_ms = 50\nvisibility_timeout_secs = 1\n";
+    let kiln = Kiln::start_with(backend, quick).await;
+    let code = "0123456789abcdef";
+    kiln.store(
+        &format!("acme/0/{code}.png"),
+        &png_rgba(60, 40, [9, 90, 9, 255]),
+    );
+    kiln.store(&format!("meta/{code}.json"), b"not JSON");
+    let url = kiln.url(&format!("/media/cache/small/acme/0/{code}.png"));
+    assert_eq!(get(&url).await.status(), 202);
+    let answer = eventually(
+        Duration::from_secs(30),
+        "the variant to answer its job's failure",
+        || async {
+            let answer = get(&url).await;
+            (answer.status() != 202).then_some(answer)
+        },
+    )
+    .await;
+    assert_eq!(answer.status(), 503);
+    assert_eq!(answer.headers()["cache-control"], "no-store");
+    let body = json(&answer.text().await.unwrap());
+    assert_eq!(body["error"], "storage-error", "{body}");
 }
