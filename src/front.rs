@@ -1532,6 +1532,9 @@ mod tests {
         ) -> Result<crate::queue::Finish> {
             self.inner.dead_letter(claimed, reason, filed).await
         }
+        async fn hold(&self, claimed: &crate::queue::Claimed, consumer: &str) -> Result<bool> {
+            self.inner.hold(claimed, consumer).await
+        }
         async fn retry_later(
             &self,
             claimed: &crate::queue::Claimed,

@@ -45,6 +45,8 @@ pub struct Worker {
     pub retry_backoff: Duration,
     pub max_retry_backoff: Duration,
     pub shutdown_deadline: Duration,
+    /// How often a running job's visibility timeout is restarted.
+    pub hold_every: Duration,
     pub consumer: String,
     /// This process's counters (jobs, renders, fetches).
     pub metrics: Arc<Metrics>,
@@ -81,6 +83,7 @@ impl Worker {
             retry_backoff: Duration::from_millis(config.queue.retry_backoff_ms),
             max_retry_backoff: Duration::from_millis(config.queue.max_retry_backoff_ms),
             shutdown_deadline: Duration::from_secs(config.queue.shutdown_deadline_secs),
+            hold_every: Duration::from_secs(config.queue.visibility_timeout_secs) / 3,
             consumer: format!(
                 "{}-{}-{:08x}",
                 hostname::get()
@@ -118,7 +121,7 @@ impl Worker {
             };
             match claimed {
                 Ok(Some(claimed)) => {
-                    let job = self.handle(claimed);
+                    let job = self.handle_held(&consumer, &claimed);
                     tokio::pin!(job);
                     tokio::select! {
                         () = &mut job => {}
@@ -144,12 +147,33 @@ impl Worker {
         }
     }
 
-    async fn handle(&self, claimed: Claimed) {
+    /// Handles a job while holding it: its visibility timeout restarts every
+    /// third of itself, so a slow job (a slow origin, a slow S3) is not taken
+    /// over and run a second time while this worker is still on it.
+    async fn handle_held(&self, consumer: &str, claimed: &Claimed) {
+        let every = self.hold_every.max(Duration::from_millis(100));
+        let mut hold = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        hold.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let job = self.handle(claimed);
+        tokio::pin!(job);
+        loop {
+            tokio::select! {
+                () = &mut job => return,
+                _ = hold.tick() => match self.queue.hold(claimed, consumer).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(job = %claimed.job.id, "job taken over by another worker while still running here"),
+                    Err(e) => tracing::warn!(job = %claimed.job.id, error = %e, "could not hold the job; another worker may take it over"),
+                },
+            }
+        }
+    }
+
+    async fn handle(&self, claimed: &Claimed) {
         let started = std::time::Instant::now();
         let job = &claimed.job;
         if claimed.attempt > self.max_attempts {
             let error = Error::Internal(format!("gave up after {} attempts", self.max_attempts));
-            return self.fail(&claimed, &error, started).await;
+            return self.fail(claimed, &error, started).await;
         }
         let record = match self.process(job).await {
             Ok(record) => record,
@@ -171,15 +195,15 @@ impl Worker {
                     error = %e,
                     "job failed; will retry"
                 );
-                if let Err(park) = self.queue.retry_later(&claimed, delay).await {
+                if let Err(park) = self.queue.retry_later(claimed, delay).await {
                     // Still unacked: reclaimed after the visibility timeout instead.
                     tracing::warn!(job = %job.id, error = %park, "could not schedule the retry");
                 }
                 return;
             }
-            Err(e) => return self.fail(&claimed, &e, started).await,
+            Err(e) => return self.fail(claimed, &e, started).await,
         };
-        match self.settle(&claimed, Outcome::Done(&record)).await {
+        match self.settle(claimed, Outcome::Done(&record)).await {
             Ok(()) => {
                 let duration_ms = started.elapsed().as_millis() as u64;
                 self.metrics.job(JobOutcome::Done, "");

@@ -212,6 +212,17 @@ impl Queue for EmbeddedQueue {
         Ok(self.finish(claimed, Some(reason), filed))
     }
 
+    async fn hold(&self, claimed: &Claimed, _consumer: &str) -> Result<bool> {
+        let mut state = self.state.lock();
+        Ok(match state.pending.get_mut(&claimed.receipt) {
+            Some(pending) => {
+                pending.claimed_at = Instant::now();
+                true
+            }
+            None => false,
+        })
+    }
+
     async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()> {
         let mut state = self.state.lock();
         if state.pending.remove(&claimed.receipt).is_none() {

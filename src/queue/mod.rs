@@ -176,6 +176,11 @@ pub trait Queue: Send + Sync {
     /// list with its reason.
     async fn dead_letter(&self, claimed: &Claimed, reason: &str, filed: usize) -> Result<Finish>;
 
+    /// Still working on it: restarts the job's visibility timeout, so no
+    /// other worker takes it over meanwhile. False when it is no longer
+    /// this consumer's (taken over, or finished).
+    async fn hold(&self, claimed: &Claimed, consumer: &str) -> Result<bool>;
+
     /// Failed but worth another try: lets go of the job so it can be claimed
     /// again after `delay`, counting this attempt. Its in-flight mark and
     /// callbacks stay, so misses meanwhile attach instead of enqueueing.

@@ -25,6 +25,7 @@ const ENQUEUE_LUA: &str = include_str!("../../lua/enqueue.lua");
 const COMPLETE_LUA: &str = include_str!("../../lua/complete.lua");
 const RETRY_LUA: &str = include_str!("../../lua/retry.lua");
 const PROMOTE_LUA: &str = include_str!("../../lua/promote.lua");
+const HOLD_LUA: &str = include_str!("../../lua/hold.lua");
 /// Most due retries moved back onto a stream per look.
 const PROMOTE_BATCH: u32 = 100;
 /// Longest one blocking read waits before due retries and stuck entries are looked for.
@@ -44,6 +45,7 @@ pub struct RedisQueue {
     complete_script: redis::Script,
     retry_script: redis::Script,
     promote_script: redis::Script,
+    hold_script: redis::Script,
     inflight_ttl_secs: u64,
     dead_letter_max: u64,
     visibility_timeout: Duration,
@@ -65,6 +67,7 @@ impl RedisQueue {
             complete_script: redis::Script::new(COMPLETE_LUA),
             retry_script: redis::Script::new(RETRY_LUA),
             promote_script: redis::Script::new(PROMOTE_LUA),
+            hold_script: redis::Script::new(HOLD_LUA),
             inflight_ttl_secs: config.inflight_ttl_secs,
             dead_letter_max: config.dead_letter_max,
             visibility_timeout: Duration::from_secs(config.visibility_timeout_secs),
@@ -351,6 +354,19 @@ impl Queue for RedisQueue {
     async fn dead_letter(&self, claimed: &Claimed, reason: &str, filed: usize) -> Result<Finish> {
         let reason = if reason.is_empty() { "failed" } else { reason };
         self.finish(claimed, reason, filed).await
+    }
+
+    async fn hold(&self, claimed: &Claimed, consumer: &str) -> Result<bool> {
+        let mut conn = self.handle.conn().await?;
+        let held: i64 = self
+            .hold_script
+            .key(self.keys.stream(claimed.job.priority.as_str()))
+            .arg(&self.group)
+            .arg(consumer)
+            .arg(&claimed.receipt)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(held == 1)
     }
 
     async fn retry_later(&self, claimed: &Claimed, delay: Duration) -> Result<()> {

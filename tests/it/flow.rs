@@ -23,6 +23,7 @@ on_both_backends!(
     kilns_own_files_are_never_an_original,
     a_variant_deleted_behind_kilns_back_is_rendered_again,
     a_job_whose_record_is_unreadable_ends_dead_lettered,
+    a_job_slower_than_the_visibility_timeout_runs_once,
 );
 
 fn json(text: &str) -> serde_json::Value {
@@ -591,4 +592,39 @@ async fn a_job_whose_record_is_unreadable_ends_dead_lettered(backend: Backend) {
     assert_eq!(answer.headers()["cache-control"], "no-store");
     let body = json(&answer.text().await.unwrap());
     assert_eq!(body["error"], "storage-error", "{body}");
+}
+
+/// A job slower than the visibility timeout (its origin holds the download)
+/// is held by the worker running it, so no other claim loop takes it over
+/// and downloads the original a second time.
+async fn a_job_slower_than_the_visibility_timeout_runs_once(backend: Backend) {
+    let kiln = Kiln::start_with(backend, "[queue]\nvisibility_timeout_secs = 1\n").await;
+    let origin = Origin::start().await;
+    let gate = crate::support::Gate::closed();
+    origin.serve(
+        "/slow.png",
+        OriginResponse::image("image/png", png_rgba(80, 60, [1, 2, 3, 255])).with_gate(&gate),
+    );
+    let answer = reqwest::Client::new()
+        .post(kiln.url("/request/small"))
+        .bearer_auth(crate::kiln::ADMIN_KEY)
+        .query(&[("url", origin.url("/slow.png"))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let variant = json(&answer.text().await.unwrap())["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(10), "the download to start", || async {
+        (origin.hits("/slow.png") == 1).then_some(())
+    })
+    .await;
+    // Three visibility timeouts while the job waits on its origin.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(origin.hits("/slow.png"), 1, "nobody took the job over");
+    gate.open();
+    until_ready(&variant).await;
+    assert_eq!(origin.hits("/slow.png"), 1);
 }

@@ -94,6 +94,7 @@ both!(
     retried_jobs_wait_out_their_backoff_and_count_attempts,
     dead_letters_are_capped,
     no_ack_drops_a_callback_that_was_not_filed,
+    a_held_job_is_not_taken_over,
 );
 
 async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
@@ -297,4 +298,36 @@ async fn no_ack_drops_a_callback_that_was_not_filed(redis: bool) {
         Vec::<String>::new(),
         "the callbacks went with the job"
     );
+}
+
+/// A worker still on a job holds it: however long past the visibility
+/// timeout, nobody takes it over. Once it stops holding, another does, and
+/// the first learns the job is no longer its own.
+async fn a_held_job_is_not_taken_over(redis: bool) {
+    let f = fixture(redis, 1);
+    f.queue
+        .enqueue(&job("h/1.jpg", Priority::Urgent), None)
+        .await
+        .unwrap();
+    let first = f.claim("busy", Duration::from_millis(500)).await.unwrap();
+    for _ in 0..6 {
+        assert!(f.queue.hold(&first, "busy").await.unwrap());
+        assert!(
+            f.claim("idle", Duration::from_millis(400)).await.is_none(),
+            "held past the timeout, not taken over"
+        );
+    }
+    let second = f
+        .claim("idle", Duration::from_secs(5))
+        .await
+        .expect("taken over once no longer held");
+    assert_eq!(
+        (second.job.id.as_str(), second.attempt),
+        (first.job.id.as_str(), 2)
+    );
+    assert!(
+        !f.queue.hold(&first, "busy").await.unwrap(),
+        "no longer the first's"
+    );
+    assert!(f.queue.hold(&second, "idle").await.unwrap());
 }
