@@ -118,6 +118,48 @@ impl RedisQueue {
         })
     }
 
+    /// The job an entry holds; an entry that holds none (written by another
+    /// version, or by hand) goes to the dead-letter stream as it is, with
+    /// the reason, rather than failing every claim that meets it.
+    async fn decode_or_bury(
+        &self,
+        stream: &str,
+        entry: &StreamId,
+        attempt: u32,
+    ) -> Result<Option<Claimed>> {
+        let reason = match self.decode(entry, attempt) {
+            Ok(claimed) => return Ok(Some(claimed)),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(stream, entry = %entry.id, reason, "dead-lettering a stream entry that is not a job");
+        let raw: String = entry.get("job").unwrap_or_default();
+        let mut conn = self.handle.conn().await?;
+        let () = redis::pipe()
+            .atomic()
+            .cmd("XADD")
+            .arg(self.keys.dead_letter())
+            .arg("MAXLEN")
+            .arg(self.dead_letter_max)
+            .arg("*")
+            .arg("job")
+            .arg(raw)
+            .arg("reason")
+            .arg(reason)
+            .ignore()
+            .cmd("XACK")
+            .arg(stream)
+            .arg(&self.group)
+            .arg(&entry.id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(stream)
+            .arg(&entry.id)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(None)
+    }
+
     /// Moves retries whose backoff is over back onto their streams, unless
     /// that was done less than [`PROMOTE_EVERY`] ago.
     async fn promote_due(&self) -> Result<()> {
@@ -178,7 +220,7 @@ impl RedisQueue {
                 let attempt = pending.ids.first().map_or(2, |p| p.times_delivered as u32);
                 // More left: look again on the next claim rather than after the timeout.
                 *self.last_reclaim.lock() = None;
-                return self.decode(entry, attempt).map(Some);
+                return self.decode_or_bury(&stream, entry, attempt).await;
             }
         }
         Ok(None)
@@ -218,7 +260,9 @@ impl RedisQueue {
                 .filter(|k| k.key == stream)
             {
                 for entry in &key.ids {
-                    claimed.push(self.decode(entry, 1)?);
+                    if let Some(job) = self.decode_or_bury(&stream, entry, 1).await? {
+                        claimed.push(job);
+                    }
                 }
             }
         }

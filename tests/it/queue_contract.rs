@@ -331,3 +331,32 @@ async fn a_held_job_is_not_taken_over(redis: bool) {
     );
     assert!(f.queue.hold(&second, "idle").await.unwrap());
 }
+
+/// A stream entry that holds no job (another version's, or written by hand)
+/// is dead-lettered with its reason where a claim meets it, instead of
+/// failing every claim and staying pending forever; the jobs behind it
+/// are claimed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_is_not_a_job_is_dead_lettered() {
+    let f = fixture(true, 30);
+    let redis = f._redis.as_ref().expect("a Redis fixture");
+    let config = Config::load_from(Sources::default()).unwrap();
+    let stream = kiln::keys::RedisKeys::new(&config.redis.prefix).stream("urgent");
+    redis.redis_cli(&["XADD", &stream, "*", "job", "not a job"]);
+    f.queue
+        .enqueue(&job("g/1.jpg", Priority::Urgent), None)
+        .await
+        .unwrap();
+    let claimed = f.claim("c", Duration::from_secs(2)).await.expect("the job");
+    assert_eq!(claimed.job.original, "g/1.jpg");
+    assert_eq!(f.queue.depths().await.unwrap().dead, 1);
+    let dead_letters = kiln::keys::RedisKeys::new(&config.redis.prefix).dead_letter();
+    let dead = redis.redis_cli(&["XRANGE", &dead_letters, "-", "+"]);
+    assert!(dead.contains("not a job"), "{dead}");
+    assert_eq!(f.queue.complete(&claimed, 0).await.unwrap(), Finish::Done);
+    assert_eq!(
+        redis.redis_int(&["XLEN", &stream]),
+        0,
+        "nothing left behind"
+    );
+}
