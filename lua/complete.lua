@@ -11,11 +11,13 @@
 if redis.call('LLEN', KEYS[3]) > tonumber(ARGV[7]) then
   return {0, redis.call('LRANGE', KEYS[3], 0, -1)}
 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+-- The dead letter first: a script that fails midway keeps what it wrote,
+-- so the job is never dropped before its copy is kept.
 if ARGV[4] ~= '' then
   redis.call('XADD', KEYS[4], 'MAXLEN', tonumber(ARGV[6]), '*', 'job', ARGV[5], 'reason', ARGV[4])
 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('DEL', KEYS[3])
 if redis.call('GET', KEYS[2]) == ARGV[3] then
   redis.call('DEL', KEYS[2])

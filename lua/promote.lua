@@ -7,8 +7,9 @@ local moved = 0
 for i = 1, #KEYS, 2 do
   local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
   for _, job in ipairs(due) do
-    redis.call('ZREM', KEYS[i], job)
+    -- Added before it is removed: a script that fails midway keeps what it wrote.
     redis.call('XADD', KEYS[i + 1], '*', 'job', job)
+    redis.call('ZREM', KEYS[i], job)
     moved = moved + 1
   end
 end

@@ -360,3 +360,35 @@ async fn an_entry_that_is_not_a_job_is_dead_lettered() {
         "nothing left behind"
     );
 }
+
+/// A script that fails midway (here the dead-letter stream's key holds a
+/// string) keeps what it wrote before: the job is never acked before its
+/// copy is kept, so it stays pending and is dead-lettered once it can be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_written_leaves_the_job_pending() {
+    let f = fixture(true, 30);
+    let redis = f._redis.as_ref().expect("a Redis fixture");
+    let config = Config::load_from(Sources::default()).unwrap();
+    let keys = kiln::keys::RedisKeys::new(&config.redis.prefix);
+    let (stream, dead) = (keys.stream("preheat"), keys.dead_letter());
+    f.queue
+        .enqueue(&job("w/1.jpg", Priority::Preheat), None)
+        .await
+        .unwrap();
+    let claimed = f.claim("c", Duration::from_millis(500)).await.unwrap();
+    redis.redis_cli(&["SET", &dead, "not a stream"]);
+    assert!(f
+        .queue
+        .dead_letter(&claimed, "decode-failed", 0)
+        .await
+        .is_err());
+    let pending = redis.redis_cli(&["XPENDING", &stream, &config.redis.group, "-", "+", "10"]);
+    assert!(
+        pending.contains(&claimed.receipt),
+        "still pending: {pending}"
+    );
+    redis.redis_cli(&["DEL", &dead]);
+    let finished = f.queue.dead_letter(&claimed, "decode-failed", 0).await;
+    assert_eq!(finished.unwrap(), Finish::Done);
+    assert_eq!(f.queue.depths().await.unwrap().dead, 1);
+}
