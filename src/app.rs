@@ -118,6 +118,25 @@ impl Backends {
     }
 }
 
+/// With the embedded backend, what waits in memory is lost when the process
+/// exits (as the README says): said once, with the counts, in the log.
+async fn report_lost(worker: &Worker, deliverer: &Deliverer) {
+    let jobs = worker
+        .queue
+        .depths()
+        .await
+        .map(|d| d.urgent + d.preheat + d.delayed)
+        .unwrap_or(0);
+    let webhooks = deliverer.outbox.pending().await.unwrap_or(0);
+    if jobs + webhooks > 0 {
+        tracing::warn!(
+            jobs,
+            webhooks,
+            "embedded backend: jobs and webhooks still waiting are lost with this process"
+        );
+    }
+}
+
 /// The workers and their webhook deliverer, on a runtime of their own so
 /// that a graceful stop can outlast the front's grace period: on SIGTERM
 /// they stop claiming, get `queue.shutdown_deadline_secs` to finish their
@@ -140,6 +159,7 @@ impl Workers {
             .build()
             .map_err(|e| Error::Internal(format!("worker runtime: {e}")))?;
         let flush_deadline = Duration::from_millis(config.callback.timeout_ms);
+        let in_memory = config.queue.backend == QueueBackend::Embedded;
         let worker = Arc::new(worker);
         let deliverer = Arc::new(deliverer);
         let thread = std::thread::Builder::new()
@@ -149,10 +169,13 @@ impl Workers {
                     let work = async {
                         let (stop_delivering, delivering_rx) = watch::channel(false);
                         let delivering = tokio::spawn(deliverer.clone().run(delivering_rx));
-                        worker.run(drain_rx).await;
+                        worker.clone().run(drain_rx).await;
                         let _ = stop_delivering.send(true);
                         let _ = delivering.await;
-                        deliverer.flush(flush_deadline).await;
+                        deliverer.clone().flush(flush_deadline).await;
+                        if in_memory {
+                            report_lost(&worker, &deliverer).await;
+                        }
                     };
                     tokio::select! {
                         () = work => {}

@@ -129,7 +129,7 @@ impl Worker {
                             // Finish what is running, within the deadline; an
                             // unfinished job stays unacked for another worker.
                             if tokio::time::timeout(self.shutdown_deadline, job).await.is_err() {
-                                tracing::warn!("shutdown deadline passed; job left for another worker");
+                                tracing::warn!(job = %claimed.job.id, "shutdown deadline passed; job left unacked for another worker (lost with the embedded queue)");
                             }
                             break;
                         }

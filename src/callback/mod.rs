@@ -308,7 +308,7 @@ impl Deliverer {
             let _all_back = self.slots.acquire_many(self.concurrency as u32).await;
         };
         if tokio::time::timeout(deadline, flushed).await.is_err() {
-            tracing::warn!("webhooks still in flight at exit; the outbox keeps them");
+            tracing::warn!("webhooks still in flight at exit; the Redis outbox keeps them (the embedded one loses them)");
         }
     }
 

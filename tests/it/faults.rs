@@ -695,3 +695,37 @@ async fn webhooks_a_killed_worker_was_sending_are_sent_by_another_after_their_le
     .await;
     assert_eq!(sink.count(), 2);
 }
+
+/// The embedded backend keeps its queue in memory only: a `kiln serve`
+/// stopped with a job still waiting says in its log that it is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_serve_stopped_with_a_job_waiting_says_it_is_lost() {
+    let d = crate::distributed::embedded_deployment(
+        "[queue]\nworker_concurrency = 1\nshutdown_deadline_secs = 1\n",
+    );
+    let mut serve = start(&d, "serve", "serve");
+    wait_healthy(&d.base).await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    let gate = Gate::closed();
+    origin.serve("/a.jpg", square_jpeg([1, 2, 3]).with_gate(&gate));
+    origin.serve("/b.jpg", square_jpeg([3, 2, 1]));
+    preheat(&d.base, "tiny", &origin.url("/a.jpg"), &sink.url("/cb/a")).await;
+    // The only claim loop is on the first job; the second waits behind it.
+    eventually(WAIT, "the worker to ask for the first original", || async {
+        (origin.hits("/a.jpg") == 1).then_some(())
+    })
+    .await;
+    preheat(&d.base, "tiny", &origin.url("/b.jpg"), &sink.url("/cb/b")).await;
+
+    serve.signal("TERM");
+    let status = serve.wait_exit(WAIT).await;
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    let log = std::fs::read_to_string(log_path(&d, "serve")).unwrap();
+    let said = log
+        .lines()
+        .find(|line| line.contains("lost with this process"))
+        .unwrap_or_else(|| panic!("no word of the lost job in:\n{log}"));
+    assert!(said.contains("jobs=1"), "{said}");
+    gate.open();
+}
