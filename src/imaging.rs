@@ -52,6 +52,16 @@ impl From<&ImagingConfig> for Limits {
 }
 
 impl Limits {
+    /// The `image` crate's decoder limits: its allocations (every frame of
+    /// an animation too) stay within ours.
+    fn for_decoder(&self) -> image::Limits {
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(self.max_width);
+        limits.max_image_height = Some(self.max_height);
+        limits.max_alloc = Some(self.max_alloc_bytes);
+        limits
+    }
+
     fn check_size(&self, width: u32, height: u32) -> Result<()> {
         if width == 0 || height == 0 {
             return Err(Error::DecodeFailed("image has no pixels".into()));
@@ -209,15 +219,26 @@ pub fn decode_for(bytes: &[u8], limits: Limits, presets: &[Preset]) -> Result<De
 }
 
 /// Every frame of a GIF (composited on its canvas), or `None` when it has
-/// one frame or more than the limits allow (its first frame is used).
+/// one frame, more than the limits allow, or a frame that cannot be read
+/// (its first frame, already decoded, is used).
 fn gif_frames(bytes: &[u8], limits: Limits) -> Result<Option<Vec<image::Frame>>> {
-    use image::AnimationDecoder as _;
-    let decoder = GifDecoder::new(Cursor::new(bytes)).map_err(decode_error)?;
+    use image::{AnimationDecoder as _, ImageDecoder as _};
+    let mut decoder = GifDecoder::new(Cursor::new(bytes)).map_err(decode_error)?;
+    // Without them, a frame claiming more than its screen is allocated whole.
+    decoder
+        .set_limits(limits.for_decoder())
+        .map_err(decode_error)?;
     let (width, height) = decoder.dimensions();
     let frame_pixels = u64::from(width) * u64::from(height);
     let mut frames = Vec::new();
     for frame in decoder.into_frames() {
-        frames.push(frame.map_err(decode_error)?);
+        match frame {
+            Ok(frame) => frames.push(frame),
+            Err(e) => {
+                tracing::info!(error = %e, "an animation frame cannot be read: first frame only");
+                return Ok(None);
+            }
+        }
         let total = frame_pixels * frames.len() as u64;
         if frames.len() as u64 > u64::from(limits.max_animation_frames)
             || total > limits.max_animation_pixels
@@ -463,11 +484,7 @@ fn swaps_axes(orientation: Orientation) -> bool {
 /// The `image` crate's decoders, at full size.
 fn decode_generic(bytes: &[u8], format: ImageFormat, limits: Limits) -> Result<Decoded> {
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(limits.max_width);
-    decoder_limits.max_image_height = Some(limits.max_height);
-    decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
-    reader.limits(decoder_limits);
+    reader.limits(limits.for_decoder());
     let mut decoder = reader.into_decoder().map_err(decode_error)?;
     let (width, height) = decoder.dimensions();
     limits.check_size(width, height)?;

@@ -124,6 +124,7 @@ const EXPECTED: &[(&str, Expect)] = &[
     ("jpeg-sof-60000x60000.jpg", Refused("image-too-large")),
     ("gif-huge-screen.gif", Refused("image-too-large")),
     ("gif-frame-beyond-screen.gif", Refused("image-too-large")),
+    ("gif-second-frame-beyond-screen.gif", Decodes(1, 1)),
     ("webp-vp8x-60000x60000.webp", Refused("image-too-large")),
     // image-webp refuses a canvas over 2^32 pixels itself, as a format error.
     ("webp-vp8x-16777216x16777216.webp", Refused("decode-failed")),
@@ -233,6 +234,28 @@ fn a_frame_larger_than_the_screen_is_refused_by_the_allocation_limit() {
     let bytes = read("gif-frame-beyond-screen.gif");
     let (result, peak) = peak_allocation(|| decode(&bytes, default_limits()));
     assert_eq!(result.unwrap_err().code(), "image-too-large");
+    assert!(peak < 1 << 20, "held {peak} bytes");
+}
+
+/// Kept animated, a GIF's later frames are decoded too: one claiming far
+/// more than its screen is stopped by the allocation limit, and the first
+/// frame is the image.
+#[test]
+fn a_later_frame_larger_than_the_screen_is_refused_by_the_allocation_limit() {
+    let bytes = read("gif-second-frame-beyond-screen.gif");
+    let animated = FilterSet::from_toml(
+        "[moving]\nformat = \"gif\"\nanimated = true\n\
+         filters = [{ thumbnail = { size = [20, 20], mode = \"inset\" } }]",
+    )
+    .unwrap()
+    .get("moving")
+    .unwrap()
+    .into_owned();
+    let (decoded, peak) = peak_allocation(|| {
+        kiln::imaging::decode_for(&bytes, default_limits(), std::slice::from_ref(&animated))
+    });
+    let decoded = decoded.expect("the first frame");
+    assert!(decoded.animation.is_none(), "first frame only");
     assert!(peak < 1 << 20, "held {peak} bytes");
 }
 
