@@ -449,10 +449,12 @@ impl Config {
             figment = figment.merge(Toml::string(extra));
         }
         if sources.env {
-            // KILN_CONFIG names the file and KILN_API_KEY is the CLI's key: neither is a setting.
+            // Every setting is KILN_<SECTION>__<KEY>. Others are not ours:
+            // KILN_CONFIG names the file, KILN_API_KEY is the CLI's key, and
+            // Kubernetes gives a Service named kiln KILN_PORT and friends.
             figment = figment.merge(
                 Env::prefixed("KILN_")
-                    .ignore(&["config", "api_key"])
+                    .filter(|key| key.as_str().contains("__"))
                     .split("__"),
             );
         }

@@ -123,6 +123,9 @@ async fn environment_overrides_reach_a_served_kiln() {
             .env_remove("KILN_CONFIG")
             .env("KILN_SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("KILN_STORAGE__URL", &storage)
+            // What Kubernetes sets for a Service named kiln: not settings.
+            .env("KILN_PORT", "tcp://10.0.0.1:8080")
+            .env("KILN_SERVICE_HOST", "10.0.0.1")
             .stderr(std::process::Stdio::null()),
     );
     until_ready(&format!("http://127.0.0.1:{port}/readyz")).await;
