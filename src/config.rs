@@ -589,10 +589,17 @@ impl Config {
         self.server.listen.parse()
     }
 
-    /// The base URL of variant URLs, without a trailing slash.
+    /// The base URL of variant URLs, without a trailing slash. Unset, the
+    /// listen address; one on every interface (0.0.0.0, ::) is no address a
+    /// client can reach, so localhost stands for it.
     pub fn public_base(&self) -> String {
         if self.server.public_url.is_empty() {
-            format!("http://{}", self.server.listen)
+            match self.listen_addr() {
+                Ok(addr) if addr.ip().is_unspecified() => {
+                    format!("http://localhost:{}", addr.port())
+                }
+                _ => format!("http://{}", self.server.listen),
+            }
         } else {
             self.server.public_url.trim_end_matches('/').to_string()
         }
@@ -639,6 +646,23 @@ mod tests {
         let config = Config::load_from(Sources::default()).unwrap();
         assert_eq!(config.queue.backend, QueueBackend::Embedded);
         assert_eq!(config.storage.url, "./var");
+    }
+
+    #[test]
+    fn the_public_base_is_an_address_clients_can_reach() {
+        let base = |server: &str| {
+            Config::load_from(Sources {
+                extra_toml: Some(&format!("[server]\n{server}")),
+                ..Default::default()
+            })
+            .unwrap()
+            .public_base()
+        };
+        assert_eq!(base(""), "http://127.0.0.1:8080");
+        assert_eq!(base("listen = \"0.0.0.0:9000\""), "http://localhost:9000");
+        assert_eq!(base("listen = \"[::]:9000\""), "http://localhost:9000");
+        let set = "listen = \"0.0.0.0:9000\"\npublic_url = \"https://img.example/\"";
+        assert_eq!(base(set), "https://img.example");
     }
 
     #[test]

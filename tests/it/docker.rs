@@ -155,14 +155,18 @@ fn cargo_lock_is_current_for_locked_builds() {
     );
 }
 
-/// `${VAR:?message}` and `${VAR}` as compose would fill them in, with a stand-in value.
+/// `${VAR:?message}` and `${VAR}` as compose would fill them in, with a
+/// stand-in value; `${VAR:-default}` with its default.
 fn interpolated(value: &str) -> String {
     let mut out = String::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').expect("closed ${") + start;
-        out.push_str("stand-in-value-0123456789");
+        match rest[start..end].split_once(":-") {
+            Some((_, default)) => out.push_str(default),
+            None => out.push_str("stand-in-value-0123456789"),
+        }
         rest = &rest[end + 1..];
     }
     out.push_str(rest);
@@ -202,6 +206,14 @@ fn every_compose_service_runs_a_kiln_command_with_settings_kiln_accepts() {
         assert!(
             environment.contains_key("KILN_REDIS__URL"),
             "{name} shares Redis"
+        );
+        // URLs in records and webhooks must be the front's, as clients see it.
+        assert_eq!(
+            environment
+                .get("KILN_SERVER__PUBLIC_URL")
+                .map(String::as_str),
+            Some("http://localhost:8080"),
+            "{name}"
         );
         let run = |args: &[&str]| {
             let output = Command::new(kiln)
