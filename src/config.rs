@@ -526,6 +526,10 @@ impl Config {
         if self.queue.max_attempts == 0 {
             return bad("queue.max_attempts", "must be at least 1".into());
         }
+        // 0 would make an idle claim loop spin, never yielding its thread.
+        if self.queue.claim_block_ms == 0 {
+            return bad("queue.claim_block_ms", "must be at least 1".into());
+        }
         if self.queue.visibility_timeout_secs == 0 || self.queue.inflight_ttl_secs == 0 {
             return bad(
                 "queue.visibility_timeout_secs / inflight_ttl_secs",

@@ -502,6 +502,7 @@ fn hostile_config_is_refused_as_invalid_config() {
         "[queue]\nbackend = \"kafka\"",
         "[queue]\nbackend = \"redis\"\n[redis]\nurl = \"not a url\"",
         "[queue]\nmax_attempts = 0",
+        "[queue]\nclaim_block_ms = 0",
         "[sais]\nmax_images = 0",
         "[server]\n[server]",
         "server = 1",
