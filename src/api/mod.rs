@@ -122,6 +122,21 @@ impl Context {
         Err(Error::Unauthorized("unknown API key".into()))
     }
 
+    /// Files `key` as `root`'s, and forgets a cached "unknown" for it.
+    pub(crate) async fn file_key(&self, key: &str, root: &str) -> Result<()> {
+        self.storage.put_key_index(&key_digest(key), root).await?;
+        self.forget_key(key).await;
+        Ok(())
+    }
+
+    /// Refuses a caller without a key when keys are required.
+    pub(crate) fn require_key(&self, caller: &Caller) -> Result<()> {
+        if matches!(caller, Caller::Anonymous) && self.config.auth.require_api_key {
+            return Err(Error::Unauthorized("an API key is required".into()));
+        }
+        Ok(())
+    }
+
     /// Forgets cached key look-ups after a key changes.
     pub(crate) async fn forget_key(&self, key: &str) {
         self.key_roots.invalidate(&key_digest(key)).await;
@@ -173,10 +188,7 @@ impl Context {
         let account = sais::new_account(root, self.config.storage.default_approx, None);
         if self.storage.create_account(&account).await? {
             // Its key works as any account's does, once set-up hands it out.
-            self.storage
-                .put_key_index(&key_digest(&account.api_key), root)
-                .await?;
-            self.forget_key(&account.api_key).await;
+            self.file_key(&account.api_key, root).await?;
         }
         // Whoever created it first wins; read back the one that exists.
         self.storage

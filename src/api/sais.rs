@@ -206,10 +206,7 @@ impl Context {
                 account.media_callback_url = media_callback.clone();
                 account.thumb_callback_url = thumb_callback.clone();
                 if self.storage.create_account(&account).await? {
-                    self.storage
-                        .put_key_index(&super::key_digest(&account.api_key), &root)
-                        .await?;
-                    self.forget_key(&account.api_key).await;
+                    self.file_key(&account.api_key, &root).await?;
                     (account, true)
                 } else {
                     // Someone else created it a moment ago: update theirs,
@@ -250,19 +247,13 @@ impl Context {
                     .delete_key_index(&super::key_digest(&account.api_key))
                     .await?;
                 self.forget_key(&account.api_key).await;
-                self.storage
-                    .put_key_index(&super::key_digest(&key), &root)
-                    .await?;
                 // A look-up of the new key may have been cached as unknown.
-                self.forget_key(&key).await;
+                self.file_key(&key, &root).await?;
                 account.api_key = key;
             } else if proven {
                 // Filed again, whoever created the account: one made on the
                 // fly before its key was filed gets a key that works.
-                self.storage
-                    .put_key_index(&super::key_digest(&account.api_key), &root)
-                    .await?;
-                self.forget_key(&account.api_key).await;
+                self.file_key(&account.api_key, &root).await?;
             }
             account.updated_at = now_secs();
             self.storage.put_account(&account).await?;
@@ -519,9 +510,7 @@ impl Context {
     /// A media record by its code, or by the G3 code a newer client computes.
     pub async fn media(&self, caller: &Caller, code: &str) -> Result<MediaRecord> {
         // Before any look-up: whether a code exists is not for anyone to ask.
-        if matches!(caller, Caller::Anonymous) && self.config.auth.require_api_key {
-            return Err(Error::Unauthorized("an API key is required".into()));
-        }
+        self.require_key(caller)?;
         if !keys::is_media_code(code) {
             return Err(Error::BadRequest(format!(
                 "{code:?} is not a 16-hex-digit media code"
@@ -544,8 +533,6 @@ impl Context {
         let record = record.ok_or_else(|| Error::UnknownMedia(code.clone()))?;
         if self.may_read(caller, &record.root) {
             Ok(record)
-        } else if matches!(caller, Caller::Anonymous) {
-            Err(Error::Unauthorized("an API key is required".into()))
         } else {
             // Another account's media is as good as absent.
             Err(Error::UnknownMedia(code))
@@ -555,9 +542,7 @@ impl Context {
     /// `fetch/media/by-ids`: the rows the v2 client reads; unknown ids and
     /// other accounts' media are left out.
     pub async fn media_by_ids(&self, caller: &Caller, ids: &[String]) -> Result<Vec<Value>> {
-        if matches!(caller, Caller::Anonymous) && self.config.auth.require_api_key {
-            return Err(Error::Unauthorized("an API key is required".into()));
-        }
+        self.require_key(caller)?;
         if ids.len() > self.config.sais.max_images {
             return Err(Error::InvalidPayload(format!(
                 "ids - at most {} per request",
