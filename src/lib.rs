@@ -16,6 +16,7 @@ pub mod error;
 pub mod fetch;
 pub mod filter;
 pub mod front;
+pub mod heartbeat;
 pub mod imaging;
 pub mod index;
 pub mod keys;

@@ -912,51 +912,32 @@ impl Storage {
             return self.change_media_record(code, change).await;
         };
         let token = shared.acquire(code).await?;
-        let changed = Self::renewing(
-            shared.as_ref(),
-            code,
-            &token,
+        // Renewed while the change runs, so a read and write slower than the
+        // lock's lifetime (S3 having a bad time) still hold it: otherwise
+        // another process could take it and write in between, and this
+        // write, from the older read, would undo that one. A lock that
+        // cannot be renewed stops the change (retryably) before it writes,
+        // if it has not yet.
+        let token = token.as_str();
+        let changed = crate::heartbeat::renewing(
+            shared.renew_every(),
             self.change_media_record(code, change),
+            || async move {
+                match shared.renew(code, token).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Error::Storage(format!(
+                        "lost the lock on media record {code} before its change was written"
+                    ))),
+                    Err(e) => Err(Error::Storage(format!(
+                        "could not renew the lock on media record {code}: {e}"
+                    ))),
+                }
+            },
         )
-        .await;
-        shared.release(code, &token).await;
+        .await
+        .and_then(|changed| changed);
+        shared.release(code, token).await;
         changed
-    }
-
-    /// Runs `change` while renewing the shared lock, so a read and write
-    /// slower than the lock's lifetime (S3 having a bad time) still hold
-    /// it: otherwise another process could take it and write in between,
-    /// and this write, from the older read, would undo that one. A lock
-    /// that cannot be renewed stops the change (retryably) before it writes,
-    /// if it has not yet.
-    async fn renewing<T>(
-        shared: &dyn SharedLock,
-        code: &str,
-        token: &str,
-        change: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        let every = shared.renew_every();
-        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(change);
-        loop {
-            tokio::select! {
-                changed = &mut change => return changed,
-                _ = renew.tick() => match shared.renew(code, token).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        return Err(Error::Storage(format!(
-                            "lost the lock on media record {code} before its change was written"
-                        )))
-                    }
-                    Err(e) => {
-                        return Err(Error::Storage(format!(
-                            "could not renew the lock on media record {code}: {e}"
-                        )))
-                    }
-                },
-            }
-        }
     }
 
     /// `update_media_record` where no record means nothing to change:

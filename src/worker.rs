@@ -151,21 +151,17 @@ impl Worker {
     /// third of itself, so a slow job (a slow origin, a slow S3) is not taken
     /// over and run a second time while this worker is still on it.
     async fn handle_held(&self, consumer: &str, claimed: &Claimed) {
-        let every = self.hold_every.max(Duration::from_millis(100));
-        let mut hold = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        hold.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let job = self.handle(claimed);
-        tokio::pin!(job);
-        loop {
-            tokio::select! {
-                () = &mut job => return,
-                _ = hold.tick() => match self.queue.hold(claimed, consumer).await {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(job = %claimed.job.id, "job taken over by another worker while still running here"),
-                    Err(e) => tracing::warn!(job = %claimed.job.id, error = %e, "could not hold the job; another worker may take it over"),
-                },
+        let held = crate::heartbeat::renewing(self.hold_every, self.handle(claimed), || async {
+            match self.queue.hold(claimed, consumer).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(job = %claimed.job.id, "job taken over by another worker while still running here"),
+                Err(e) => tracing::warn!(job = %claimed.job.id, error = %e, "could not hold the job; another worker may take it over"),
             }
-        }
+            // The job goes on either way: it may still finish first.
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .await;
+        let Ok(()) = held;
     }
 
     async fn handle(&self, claimed: &Claimed) {
