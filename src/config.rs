@@ -3,10 +3,12 @@
 //! environment variables. `validate()` runs before any port binds.
 //! Owns no I/O beyond reading the config file.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Value};
 use figment::Figment;
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -411,6 +413,78 @@ pub struct FiltersConfig {
     pub size_quality: u8,
 }
 
+/// The `KILN_<SECTION>__<KEY>` environment variables, read as figment's
+/// `Env` reads them (a number, a bool, an array in TOML's syntax) except
+/// that a setting whose default is text keeps the variable's text as it
+/// is: `Env` made `KILN_AUTH__ADMIN_KEY=123456` a number, refused for a
+/// text setting, and would have made `007` seven.
+struct EnvSettings {
+    /// (`section.key`, value) pairs.
+    pairs: Vec<(String, String)>,
+}
+
+impl EnvSettings {
+    /// Only names with `__` are settings. Others are not ours: KILN_CONFIG
+    /// names the file, KILN_API_KEY is the CLI's key, and Kubernetes gives
+    /// a Service named kiln KILN_PORT and friends.
+    fn from_vars(vars: impl IntoIterator<Item = (OsString, OsString)>) -> EnvSettings {
+        let pairs = vars
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let name = name.to_string_lossy();
+                let setting = name
+                    .get(..5)?
+                    .eq_ignore_ascii_case("KILN_")
+                    .then(|| &name[5..])?;
+                if !setting.contains("__") {
+                    return None;
+                }
+                let key = setting.trim().replace("__", ".").to_ascii_lowercase();
+                if key.split('.').any(str::is_empty) {
+                    return None;
+                }
+                Some((key, value.to_string_lossy().into_owned()))
+            })
+            .collect();
+        EnvSettings { pairs }
+    }
+}
+
+impl figment::Provider for EnvSettings {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("`KILN_` environment variable(s)")
+    }
+
+    fn data(
+        &self,
+    ) -> std::result::Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        let defaults = Figment::from(Toml::string(DEFAULT_TOML));
+        let mut settings = Dict::new();
+        for (key, text) in &self.pairs {
+            let value = match defaults.find_value(key) {
+                Ok(Value::String(..)) => Value::from(text.clone()),
+                _ => text.parse().expect("a value parses from any text"),
+            };
+            if let Some(nested) = figment::util::nest(key, value).into_dict() {
+                merge_into(&mut settings, nested);
+            }
+        }
+        Ok(figment::Profile::Default.collect(settings))
+    }
+}
+
+/// Adds `from` to `into`, keys of `from` winning, tables merged.
+fn merge_into(into: &mut Dict, from: Dict) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(Value::Dict(_, existing)), Value::Dict(_, more)) => merge_into(existing, more),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
 /// Where the settings come from, beyond the embedded defaults.
 #[derive(Debug, Default, Clone)]
 pub struct Sources<'a> {
@@ -449,15 +523,12 @@ impl Config {
             figment = figment.merge(Toml::string(extra));
         }
         if sources.env {
-            // Every setting is KILN_<SECTION>__<KEY>. Others are not ours:
-            // KILN_CONFIG names the file, KILN_API_KEY is the CLI's key, and
-            // Kubernetes gives a Service named kiln KILN_PORT and friends.
-            figment = figment.merge(
-                Env::prefixed("KILN_")
-                    .filter(|key| key.as_str().contains("__"))
-                    .split("__"),
-            );
+            figment = figment.merge(EnvSettings::from_vars(std::env::vars_os()));
         }
+        Self::extract(figment)
+    }
+
+    fn extract(figment: Figment) -> Result<Config> {
         let config: Config = figment
             .extract()
             .map_err(|e| Error::Config(e.to_string()))?;
@@ -650,6 +721,37 @@ mod tests {
         let config = Config::load_from(Sources::default()).unwrap();
         assert_eq!(config.queue.backend, QueueBackend::Embedded);
         assert_eq!(config.storage.url, "./var");
+    }
+
+    #[test]
+    fn environment_variables_keep_text_settings_as_written() {
+        let vars = [
+            ("KILN_AUTH__ADMIN_KEY", "007123"),
+            ("KILN_STORAGE__S3_SECRET_ACCESS_KEY", "true"),
+            ("KILN_SERVER__LISTEN", "127.0.0.1:9001"),
+            ("KILN_INDEX__NEGATIVE_TTL_SECS", "17"),
+            ("kiln_ui__enabled", "false"),
+            ("KILN_NETWORK__ALLOW", "[\"127.0.0.1/32\"]"),
+            // Not settings: no `__`.
+            ("KILN_PORT", "tcp://10.0.0.1:8080"),
+            ("KILN_API_KEY", "42"),
+        ]
+        .map(|(name, value)| (OsString::from(name), OsString::from(value)));
+        let figment = Figment::from(Toml::string(DEFAULT_TOML)).merge(EnvSettings::from_vars(vars));
+        let config = Config::extract(figment).unwrap();
+        assert_eq!(config.auth.admin_key, "007123");
+        assert_eq!(config.storage.s3_secret_access_key, "true");
+        assert_eq!(config.server.listen, "127.0.0.1:9001");
+        assert_eq!(config.index.negative_ttl_secs, 17);
+        assert!(!config.ui.enabled);
+        assert_eq!(config.network.allow, ["127.0.0.1/32"]);
+
+        // A number where one belongs is still checked, and named.
+        let vars = [("KILN_INDEX__NEGATIVE_TTL_SECS", "soon")]
+            .map(|(name, value)| (OsString::from(name), OsString::from(value)));
+        let figment = Figment::from(Toml::string(DEFAULT_TOML)).merge(EnvSettings::from_vars(vars));
+        let error = Config::extract(figment).unwrap_err().to_string();
+        assert!(error.contains("negative_ttl_secs"), "{error}");
     }
 
     #[test]
