@@ -446,5 +446,12 @@ async fn dispatch(
         }
     }
     progress.finish();
+    // A script that pushes a list must learn that some of it did not take.
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} URLs failed (marking \"failed\" above)",
+            urls.len()
+        );
+    }
     Ok(())
 }

@@ -203,6 +203,31 @@ async fn account_dispatch_and_media_commands_drive_a_running_kiln() {
     assert_eq!(rows.len(), 3, "{text}");
     assert!(rows.iter().all(|r| r["marking"] == "resized"), "{text}");
 
+    // A batch with a URL that fails prints every row and exits non-zero.
+    origin.serve("/batch/gone.png", OriginResponse::status(404));
+    let (ok, text) = kiln_cli_async(
+        vec![
+            "dispatch".into(),
+            "clibox".into(),
+            "--url".into(),
+            origin.url("/batch/gone.png"),
+            "--url".into(),
+            urls[0].clone(),
+            "--wait".into(),
+            "--server".into(),
+            server.clone(),
+        ],
+        vec![("KILN_API_KEY", key.clone())],
+    )
+    .await;
+    assert!(!ok, "{text}");
+    assert!(text.contains("1 of 2 URLs failed"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with('{')).count(),
+        2,
+        "{text}"
+    );
+
     let code = rows[0]["code"].as_str().unwrap().to_string();
     let (ok, text) = kiln_cli_async(
         vec![
