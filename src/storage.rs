@@ -590,7 +590,16 @@ mod local_read {
     fn found<T>(path: &Path, looked_up: std::io::Result<T>) -> Result<Option<T>> {
         match looked_up {
             Ok(found) => Ok(Some(found)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // `a.jpg/b.jpg` under a file `a.jpg` is as absent as on S3,
+            // not a storage failure (503, retried, logged per request).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(failed(path, e)),
         }
     }
@@ -1120,6 +1129,10 @@ mod tests {
             "invalid-path"
         );
         storage.ping().await.unwrap();
+
+        // Below a file is nowhere, as on S3.
+        assert!(storage.get("a/b.jpg/c.jpg").await.unwrap().is_none());
+        assert!(storage.head("a/b.jpg/c.jpg").await.unwrap().is_none());
     }
 
     /// Local writes land whole, through a staging file that is gone after,
