@@ -103,11 +103,13 @@ impl VariantInfo {
             .as_ref()
     }
 
-    /// `last_modified` as an HTTP date.
+    /// `last_modified` as an HTTP date. An HTTP date ends with year 9999
+    /// (`httpdate` panics after it), while a file's time or a Redis field
+    /// may say later.
     pub fn http_last_modified(&self) -> String {
-        httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH + Duration::from_secs(self.last_modified.max(0) as u64),
-        )
+        const LAST_HTTP_DATE_SECS: i64 = 253_402_300_799;
+        let secs = self.last_modified.clamp(0, LAST_HTTP_DATE_SECS) as u64;
+        httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(secs))
     }
 }
 
@@ -902,6 +904,18 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_time_past_year_9999_is_sent_as_the_last_http_date() {
+        let info = VariantInfo::new(3, "\"e\"".into(), "image/png".into(), i64::MAX);
+        let headers = info.hit_headers().expect("header values");
+        assert_eq!(headers.last_modified, "Fri, 31 Dec 9999 23:59:59 GMT");
+        let before_1970 = VariantInfo::new(3, "\"e\"".into(), "image/png".into(), -5);
+        assert_eq!(
+            before_1970.http_last_modified(),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+    }
 
     #[tokio::test]
     async fn concurrent_misses_queue_once_and_a_failed_enqueue_marks_nothing() {
