@@ -308,6 +308,11 @@ pub fn run(
             "`kiln front` needs queue.backend = \"redis\": an embedded queue has no workers in another process".into(),
         ));
     }
+    if role == Role::Worker && config.queue.backend == QueueBackend::Embedded {
+        return Err(Error::Config(
+            "`kiln worker` needs queue.backend = \"redis\": an embedded queue gets no jobs from another process".into(),
+        ));
+    }
     let config = Arc::new(settings_for_role(config, role));
     let filters = Arc::new(FilterSet::from_config(&config)?);
     for name in &config.sais.default_filters {
@@ -317,8 +322,21 @@ pub fn run(
     }
     let storage = Storage::from_config(&config.storage)?;
     let policy = config.network_policy()?;
-    if role != Role::Worker && config.server.reuseport && !upgrade {
-        crate::reuseport::ensure_unused(&config.server.listen)?;
+    // pingora binds inside a task whose panic only that task sees: a port
+    // in use would leave kiln running without that listener.
+    if role != Role::Worker && config.metrics.listen == config.server.listen {
+        return Err(Error::Config(format!(
+            "metrics.listen: {} is server.listen too; give it a port of its own",
+            config.metrics.listen
+        )));
+    }
+    if !upgrade {
+        if role != Role::Worker {
+            crate::reuseport::ensure_unused("server.listen", &config.server.listen)?;
+        }
+        if !config.metrics.listen.is_empty() {
+            crate::reuseport::ensure_unused("metrics.listen", &config.metrics.listen)?;
+        }
     }
 
     let front_backends = backends(&config, None)?;

@@ -110,17 +110,18 @@ impl<A: ServerApp + Send + Sync + 'static> ReuseportShard<A> {
     }
 }
 
-/// Fails when something already listens on `addr`. `SO_REUSEPORT` sockets
-/// of the same user share a port silently, so a second kiln started on a
-/// port by mistake would take half of the first one's connections instead of
-/// failing to bind. A `--upgrade` start skips this: it inherits the sockets.
-pub fn ensure_unused(addr: &str) -> Result<()> {
+/// Fails when something already listens on `addr`, the value of setting
+/// `key`. `SO_REUSEPORT` sockets of the same user share a port silently, so
+/// a second kiln started on a port by mistake would take half of the first
+/// one's connections instead of failing to bind. A `--upgrade` start skips
+/// this: it inherits the sockets.
+pub fn ensure_unused(key: &str, addr: &str) -> Result<()> {
     match std::net::TcpListener::bind(addr) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::Config(format!(
-            "server.listen: {addr} is in use (to take over a running kiln's sockets, start with --upgrade)"
+            "{key}: {addr} is in use (to take over a running kiln's sockets, start with --upgrade)"
         ))),
-        Err(e) => Err(Error::Config(format!("server.listen: {addr}: {e}"))),
+        Err(e) => Err(Error::Config(format!("{key}: {addr}: {e}"))),
     }
 }
 

@@ -257,7 +257,7 @@ async fn a_worker_only_process_is_scraped_on_its_metrics_listener() {
     })
     .unwrap();
     assert_eq!(config.redis.url, redis_url);
-    let worker = kiln::app::spawn(config, kiln::app::Role::Worker).unwrap();
+    let worker = kiln::app::spawn(config.clone(), kiln::app::Role::Worker).unwrap();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     crate::kiln::until_ready(&format!("http://127.0.0.1:{metrics_port}/healthz")).await;
 
@@ -286,6 +286,25 @@ async fn a_worker_only_process_is_scraped_on_its_metrics_listener() {
     assert_eq!(value(&worker_scrape, "kiln_queue_up"), 1.0);
     let other = get(&format!("http://127.0.0.1:{metrics_port}/ui"), None).await;
     assert_eq!(other.status(), 404);
+
+    // A second worker given the same metrics port fails to start instead of
+    // running without its listener.
+    let second = kiln::app::spawn(config.clone(), kiln::app::Role::Worker).unwrap();
+    let error = second.stop().unwrap_err().to_string();
+    assert!(
+        error.contains("metrics.listen") && error.contains("in use"),
+        "{error}"
+    );
+    // A worker on the embedded queue would wait for jobs nothing can send it.
+    let mut embedded = config.clone();
+    embedded.queue.backend = kiln::config::QueueBackend::Embedded;
+    embedded.metrics.listen = String::new();
+    let lonely = kiln::app::spawn(embedded, kiln::app::Role::Worker).unwrap();
+    let error = lonely.stop().unwrap_err().to_string();
+    assert!(
+        error.contains("`kiln worker` needs queue.backend"),
+        "{error}"
+    );
     worker.stop().unwrap();
 }
 
