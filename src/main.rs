@@ -149,7 +149,17 @@ struct Remote {
     /// API key (an account's, or the admin key); default: auth.admin_key.
     #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
     key: Option<String>,
+    /// Seconds to wait for an answer; default 5 for `health`, 60 for the
+    /// others (a `dispatch --wait` batch is held up to the server's
+    /// sais.wait_timeout_ms).
+    #[arg(long = "timeout")]
+    timeout_secs: Option<u64>,
 }
+
+/// `--timeout`'s default, for commands but `health`.
+const DEFAULT_TIMEOUT_SECS: u64 = 60;
+/// `kiln health --timeout`'s default: a probe must answer fast or be failed.
+const HEALTH_TIMEOUT_SECS: u64 = 5;
 
 impl Remote {
     fn base(&self, config: &Config) -> String {
@@ -174,6 +184,9 @@ impl Remote {
         config: &Config,
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<serde_json::Value> {
+        // A kiln that accepts and never answers must not hang a script.
+        let timeout = self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let request = request.timeout(std::time::Duration::from_secs(timeout));
         let request = match self.key(config) {
             Some(key) => request.bearer_auth(key),
             None => request,
@@ -193,7 +206,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kiln: {e}");
+            // `:#` prints the causes too ("reading x.yaml: No such file…").
+            eprintln!("kiln: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -318,7 +332,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let text = if file.as_os_str() == "-" {
                     std::io::read_to_string(std::io::stdin())?
                 } else {
-                    std::fs::read_to_string(&file)?
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
                 };
                 all.extend(
                     text.lines()
@@ -375,7 +390,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = block_on(remote.send(&config, reqwest::Client::new().delete(endpoint)))?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
-        Command::Health { ready, remote } => {
+        Command::Health { ready, mut remote } => {
+            remote.timeout_secs = remote.timeout_secs.or(Some(HEALTH_TIMEOUT_SECS));
             let route = if ready { "readyz" } else { "healthz" };
             // This machine's own listener, not public_url (which may be a CDN).
             let own = format!(
@@ -384,10 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let base = remote.server.clone().unwrap_or(own);
             let endpoint = format!("{}/{route}", base.trim_end_matches('/'));
-            let client = reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(5))
-                .build()?;
-            let answer = block_on(remote.send(&config, client.get(endpoint)))?;
+            let answer = block_on(remote.send(&config, reqwest::Client::new().get(endpoint)))?;
             println!("{answer}");
         }
         Command::Media { code, remote } => {

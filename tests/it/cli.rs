@@ -110,6 +110,33 @@ async fn request_enqueues_through_a_running_kiln_and_prints_the_record() {
     let nowhere = format!("http://127.0.0.1:{}", free_port());
     let (ok, text) = kiln_cli(&["request", "small", &image_url, "--server", &nowhere], &[]);
     assert!(!ok, "{text}");
+
+    // Something accepts and never answers: the command gives up after --timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_base = format!("http://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let (ok, text) = kiln_cli(
+        &[
+            "media",
+            "0123456789abcdef",
+            "--server",
+            &silent_base,
+            "--timeout",
+            "1",
+        ],
+        &[],
+    );
+    assert!(!ok, "{text}");
+    assert!(text.contains("timed out"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+
+    // A missing list file is named, with the reason.
+    let (ok, text) = kiln_cli(&["dispatch", "default", "--file", "/no/such/list.txt"], &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("/no/such/list.txt") && text.contains("No such file"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
