@@ -27,6 +27,11 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
+    /// The most bytes an original may have (`fetch.max_bytes`), downloaded or stored.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     pub fn new(config: &FetchConfig, policy: NetworkPolicy) -> Result<Fetcher> {
         let client = guarded_client(
             &policy,

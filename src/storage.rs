@@ -261,15 +261,41 @@ impl Storage {
     }
 
     pub async fn get(&self, path: &str) -> Result<Option<StoredObject>> {
+        self.get_at_most(path, None).await
+    }
+
+    /// `get` of an original, refused as `TooLarge` when it is over
+    /// `max_bytes` before any of it is read: a download is held to
+    /// `fetch.max_bytes`, but a file put in storage by other means is not.
+    pub async fn get_original(&self, path: &str, max_bytes: u64) -> Result<Option<StoredObject>> {
+        self.get_at_most(path, Some(max_bytes)).await
+    }
+
+    async fn get_at_most(
+        &self,
+        path: &str,
+        max_bytes: Option<u64>,
+    ) -> Result<Option<StoredObject>> {
+        let check_size = |size: u64| match max_bytes {
+            Some(max) if size > max => Err(Error::TooLarge(format!(
+                "stored original {path} is {size} bytes, over fetch.max_bytes ({max})"
+            ))),
+            _ => Ok(()),
+        };
         let location = Self::location(path)?;
         if let Some(local) = &self.local {
-            return Self::local_get(&local.file(&location)?).await;
+            let Some((open, metadata)) = local_read::open_file(&local.file(&location)?)? else {
+                return Ok(None);
+            };
+            check_size(metadata.len())?;
+            return Self::local_finish(local_read::read(open, &metadata)?).await;
         }
         let result = match self.store.get(&location).await {
             Ok(result) => result,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
+        check_size(result.meta.size)?;
         let info = ObjectInfo {
             size: result.meta.size,
             last_modified: result.meta.last_modified.timestamp(),
@@ -325,13 +351,8 @@ impl Storage {
         }
     }
 
-    async fn local_get(file: &std::path::Path) -> Result<Option<StoredObject>> {
-        Self::local_finish(local_read::start(file)?).await
-    }
-
     async fn local_finish(started: local_read::Started) -> Result<Option<StoredObject>> {
         match started {
-            local_read::Started::Absent => Ok(None),
             local_read::Started::Done(object) => Ok(Some(object)),
             local_read::Started::Pending(rest) => {
                 tokio::task::spawn_blocking(move || rest.finish())
@@ -551,7 +572,6 @@ mod local_read {
     use crate::error::{Error, Result};
 
     pub enum Started {
-        Absent,
         Done(StoredObject),
         /// Part of the file is not in memory: finish on the blocking pool.
         Pending(Rest),
@@ -626,13 +646,6 @@ mod local_read {
             let path = path.to_owned();
             (Arc::new(OpenFile { file, path }), metadata)
         }))
-    }
-
-    pub fn start(path: &Path) -> Result<Started> {
-        let Some((open, metadata)) = open_file(path)? else {
-            return Ok(Started::Absent);
-        };
-        read(open, &metadata)
     }
 
     /// Reads an open file, `metadata` being its `fstat`.
@@ -1133,6 +1146,17 @@ mod tests {
         // Below a file is nowhere, as on S3.
         assert!(storage.get("a/b.jpg/c.jpg").await.unwrap().is_none());
         assert!(storage.head("a/b.jpg/c.jpg").await.unwrap().is_none());
+
+        // An original over the limit is refused, not read into memory.
+        let whole = storage.get_original("a/b.jpg", 3).await.unwrap().unwrap();
+        assert_eq!(&whole.bytes[..], b"xyz");
+        let refused = storage.get_original("a/b.jpg", 2).await.unwrap_err();
+        assert_eq!(refused.code(), "too-large");
+        assert!(storage
+            .get_original("a/none.jpg", 2)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     /// Local writes land whole, through a staging file that is gone after,
@@ -1476,7 +1500,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"0123456789").unwrap();
-        let local_read::Started::Done(object) = local_read::start(&path).unwrap() else {
+        let local_read::Started::Done(object) = start_reading(&path).unwrap() else {
             panic!("a cached file is read at once");
         };
         assert_eq!(&object.bytes[..], b"0123456789");
@@ -1484,10 +1508,12 @@ mod tests {
         let finished = rest.finish().unwrap();
         assert_eq!(&finished.bytes[..], b"0123456789");
         assert_eq!(finished.info, object.info);
-        assert!(matches!(
-            local_read::start(&dir.path().join("none")).unwrap(),
-            local_read::Started::Absent
-        ));
+        assert!(start_reading(&dir.path().join("none")).is_none());
+    }
+
+    fn start_reading(path: &std::path::Path) -> Option<local_read::Started> {
+        let (open, metadata) = local_read::open_file(path).unwrap()?;
+        Some(local_read::read(open, &metadata).unwrap())
     }
 
     /// tmpfs refuses RWF_NOWAIT, yet holds every byte in memory: its files
@@ -1499,7 +1525,7 @@ mod tests {
         let path = dir.path().join("f");
         let body: Vec<u8> = (0..200_000u32).map(|n| n as u8).collect();
         std::fs::write(&path, &body).unwrap();
-        let local_read::Started::Done(object) = local_read::start(&path).unwrap() else {
+        let local_read::Started::Done(object) = start_reading(&path).unwrap() else {
             panic!("a tmpfs file went to the blocking pool");
         };
         assert_eq!(object.bytes, body);

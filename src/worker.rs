@@ -587,7 +587,8 @@ impl Worker {
         path: &str,
         record: &mut MediaRecord,
     ) -> Result<Bytes> {
-        if let Some(object) = self.storage.get(path).await? {
+        let max_bytes = self.fetcher.max_bytes();
+        if let Some(object) = self.storage.get_original(path, max_bytes).await? {
             return Ok(object.bytes);
         }
         let Some(url) = &job.source_url else {

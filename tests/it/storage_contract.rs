@@ -215,6 +215,12 @@ async fn objects_round_trip_with_bytes_and_sizes_intact(kind: StoreKind) {
     assert_eq!(dimensions(&got.bytes), (8, 6));
     let got = storage.get(&big).await.unwrap().expect("big variant");
     assert!(got.bytes == payload, "3 MB of bytes come back as written");
+    // An original over fetch.max_bytes is refused by its size alone.
+    let size = image.len() as u64;
+    let got = storage.get_original(&original, size).await.unwrap();
+    assert_eq!(got.expect("original at the limit").bytes.len(), image.len());
+    let refused = storage.get_original(&original, size - 1).await.unwrap_err();
+    assert_eq!(refused.code(), "too-large");
 
     for (path, size) in [
         (&original, image.len()),
