@@ -182,6 +182,7 @@ impl Worker {
                 self.metrics.job(JobOutcome::Retry, e.code());
                 tracing::warn!(
                     job = %job.id,
+                    media = %job.code,
                     filters = ?job.filters,
                     outcome = "retry",
                     code = e.code(),
