@@ -981,10 +981,13 @@ impl<'a> Request<'a> {
         if self.body.iter().all(u8::is_ascii_whitespace) {
             return Ok(T::default());
         }
-        serde_json::from_slice(&self.body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => Error::InvalidPayload(e.to_string()),
-            _ => Error::BadRequest(format!("malformed JSON: {e}")),
-        })
+        let mut reader = serde_json::Deserializer::from_slice(&self.body);
+        let read = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+            let field = e.path().to_string();
+            shape_or_syntax_error(e.into_inner(), &field)
+        })?;
+        reader.end().map_err(|e| shape_or_syntax_error(e, "."))?;
+        Ok(read)
     }
 
     /// Media ids from `?id=a,b` (also `ids=`) or a JSON body `{"ids": [...]}`.
@@ -1011,6 +1014,22 @@ impl<'a> Request<'a> {
         }
         Ok(ids)
     }
+}
+
+/// Malformed JSON is 400; JSON of the wrong shape is 422 with SAIS's
+/// `Validation error: <field> - <message>`, `field` the path to the value
+/// (`.` for the whole body).
+fn shape_or_syntax_error(e: serde_json::Error, field: &str) -> Error {
+    if e.classify() != serde_json::error::Category::Data {
+        return Error::BadRequest(format!("malformed JSON: {e}"));
+    }
+    let field = if field == "." { "body" } else { field };
+    // serde_json ends its message with where in the text it was.
+    let message = e.to_string();
+    let message = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(message, _)| message);
+    Error::InvalidPayload(format!("{field} - {message}"))
 }
 
 enum ReadFailure {

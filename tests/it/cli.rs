@@ -240,6 +240,8 @@ async fn account_dispatch_and_media_commands_drive_a_running_kiln() {
             origin.url("/batch/gone.png"),
             "--url".into(),
             urls[0].clone(),
+            "--filter".into(),
+            "tiny".into(),
             "--wait".into(),
             "--server".into(),
             server.clone(),

@@ -322,6 +322,27 @@ async fn account_setup_creates_updates_and_refuses() {
         .as_str()
         .unwrap()
         .starts_with("Validation error: root - "));
+    // A value of the wrong type is named by its field, in the same form.
+    let (got, answer) = post_json(
+        &url,
+        Some(ADMIN_KEY),
+        &json!({"root": "shop", "approx": "many"}),
+    )
+    .await;
+    assert_eq!(got, 422, "{answer}");
+    assert_eq!(
+        answer["message"],
+        "Validation error: approx - invalid type: string \"many\", expected u64"
+    );
+    let (got, answer) = post_json(&url, Some(ADMIN_KEY), &json!("shop")).await;
+    assert_eq!(got, 422, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Validation error: body - invalid type: string"),
+        "{answer}"
+    );
 
     let client = reqwest::Client::new();
     let malformed = client
