@@ -413,6 +413,9 @@ pub struct FiltersConfig {
     pub size_quality: u8,
 }
 
+/// The longest any time setting may be: ten years.
+pub const MAX_DURATION_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// The `KILN_<SECTION>__<KEY>` environment variables, read as figment's
 /// `Env` reads them (a number, a bool, an array in TOML's syntax) except
 /// that a setting whose default is text keeps the variable's text as it
@@ -536,9 +539,95 @@ impl Config {
         Ok(config)
     }
 
+    /// Every time setting, in whole seconds.
+    fn durations_secs(&self) -> [(&'static str, u64); 32] {
+        let ms = |ms: u64| ms / 1000;
+        [
+            ("ui.throughput_window_secs", self.ui.throughput_window_secs),
+            ("server.grace_period_secs", self.server.grace_period_secs),
+            (
+                "server.graceful_shutdown_timeout_secs",
+                self.server.graceful_shutdown_timeout_secs,
+            ),
+            ("server.upgrade_wait_secs", self.server.upgrade_wait_secs),
+            ("server.cache_max_age_secs", self.server.cache_max_age_secs),
+            ("server.retry_after_secs", self.server.retry_after_secs),
+            (
+                "storage.s3_request_timeout_ms",
+                ms(self.storage.s3_request_timeout_ms),
+            ),
+            (
+                "storage.s3_connect_timeout_ms",
+                ms(self.storage.s3_connect_timeout_ms),
+            ),
+            (
+                "storage.s3_retry_timeout_ms",
+                ms(self.storage.s3_retry_timeout_ms),
+            ),
+            (
+                "storage.open_files_idle_ms",
+                ms(self.storage.open_files_idle_ms),
+            ),
+            (
+                "storage.record_lock_ttl_ms",
+                ms(self.storage.record_lock_ttl_ms),
+            ),
+            (
+                "storage.record_lock_wait_ms",
+                ms(self.storage.record_lock_wait_ms),
+            ),
+            ("queue.inflight_ttl_secs", self.queue.inflight_ttl_secs),
+            (
+                "queue.visibility_timeout_secs",
+                self.queue.visibility_timeout_secs,
+            ),
+            ("queue.retry_backoff_ms", ms(self.queue.retry_backoff_ms)),
+            (
+                "queue.max_retry_backoff_ms",
+                ms(self.queue.max_retry_backoff_ms),
+            ),
+            ("queue.claim_block_ms", ms(self.queue.claim_block_ms)),
+            (
+                "queue.shutdown_deadline_secs",
+                self.queue.shutdown_deadline_secs,
+            ),
+            ("redis.timeout_ms", ms(self.redis.timeout_ms)),
+            (
+                "redis.breaker_cooldown_ms",
+                ms(self.redis.breaker_cooldown_ms),
+            ),
+            ("index.ttl_secs", self.index.ttl_secs),
+            ("index.negative_ttl_secs", self.index.negative_ttl_secs),
+            ("index.absent_ttl_secs", self.index.absent_ttl_secs),
+            ("index.failure_ttl_secs", self.index.failure_ttl_secs),
+            (
+                "fetch.connect_timeout_ms",
+                ms(self.fetch.connect_timeout_ms),
+            ),
+            (
+                "fetch.first_byte_timeout_ms",
+                ms(self.fetch.first_byte_timeout_ms),
+            ),
+            ("fetch.total_timeout_ms", ms(self.fetch.total_timeout_ms)),
+            ("callback.timeout_ms", ms(self.callback.timeout_ms)),
+            ("callback.backoff_ms", ms(self.callback.backoff_ms)),
+            ("callback.max_backoff_ms", ms(self.callback.max_backoff_ms)),
+            ("callback.poll_ms", ms(self.callback.poll_ms)),
+            ("sais.wait_timeout_ms", ms(self.sais.wait_timeout_ms)),
+        ]
+    }
+
     /// Checks every value that could only fail later, with a message naming the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: String| Err(Error::Config(format!("{key}: {why}")));
+        // A time past this is a typo, and some panic where it is used
+        // (moka's caches refuse a lifetime over 1000 years, `Instant + d`
+        // overflows).
+        for (key, secs) in self.durations_secs() {
+            if secs > MAX_DURATION_SECS {
+                return bad(key, format!("more than {MAX_DURATION_SECS} s (ten years)"));
+            }
+        }
         if self.listen_addr().is_err() {
             return bad(
                 "server.listen",
@@ -752,6 +841,38 @@ mod tests {
         let figment = Figment::from(Toml::string(DEFAULT_TOML)).merge(EnvSettings::from_vars(vars));
         let error = Config::extract(figment).unwrap_err().to_string();
         assert!(error.contains("negative_ttl_secs"), "{error}");
+    }
+
+    #[test]
+    fn every_time_setting_is_bounded() {
+        let config = Config::load_from(Sources::default()).unwrap();
+        // A time setting added later is bounded too.
+        let declared = include_str!("config.rs")
+            .lines()
+            .map(str::trim)
+            .filter(|l| {
+                l.starts_with("pub ") && (l.ends_with("_secs: u64,") || l.ends_with("_ms: u64,"))
+            })
+            .count();
+        assert_eq!(declared, config.durations_secs().len());
+        for (key, _) in config.durations_secs() {
+            let (section, name) = key.split_once('.').unwrap();
+            let far = if name.ends_with("_ms") {
+                (MAX_DURATION_SECS + 1) * 1000
+            } else {
+                MAX_DURATION_SECS + 1
+            };
+            let error = Config::load_from(Sources {
+                extra_toml: Some(&format!("[{section}]\n{name} = {far}")),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains(key) && error.contains("ten years"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
