@@ -162,6 +162,7 @@ impl Workers {
         let in_memory = config.queue.backend == QueueBackend::Embedded;
         let worker = Arc::new(worker);
         let deliverer = Arc::new(deliverer);
+        let draining = drain_rx.clone();
         let thread = std::thread::Builder::new()
             .name("kiln-workers".into())
             .spawn(move || {
@@ -181,6 +182,9 @@ impl Workers {
                         () = work => {}
                         // A fast stop: unfinished jobs stay unacked for others.
                         _ = abandon_rx.wait_for(|now| *now) => {}
+                        () = another_stop_signal(draining) => {
+                            tracing::warn!("second stop signal: the jobs in hand are left to the queue");
+                        }
                     }
                 });
                 runtime.shutdown_timeout(Duration::ZERO);
@@ -204,6 +208,30 @@ impl Workers {
         if self.thread.join().is_err() {
             tracing::error!("worker thread panicked");
         }
+    }
+}
+
+/// Returns at a SIGTERM, SIGINT or SIGQUIT that comes once `draining` is
+/// set: a graceful stop waits for the jobs in hand, and a second signal
+/// (Ctrl-C again) means now. The workers' runtime listens, since it
+/// outlives the front's, which ends after its grace period.
+async fn another_stop_signal(mut draining: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    if draining.wait_for(|now| *now).await.is_err() {
+        return std::future::pending().await;
+    }
+    // Made after the first signal was delivered, so they see only later ones.
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = quit.recv() => {}
     }
 }
 

@@ -442,6 +442,37 @@ async fn sigterm_drains_the_job_in_hand(extra: &str, called_back_before_exit: bo
     assert_eq!(origin.hits("/t.jpg"), 1, "the finished job was not redone");
 }
 
+/// Ctrl-C again during a graceful stop means now: the worker stops waiting
+/// for the job in hand (its origin never answers, the deadline is ten
+/// minutes) and exits, leaving the job claimed in Redis for another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_a_draining_worker_at_once() {
+    let redis = RedisServer::start();
+    let d = deployment(&redis, "[queue]\nshutdown_deadline_secs = 600\n");
+    let _front = start(&d, "front", "front");
+    let mut worker = start(&d, "worker", "worker");
+    wait_healthy(&d.base).await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    let gate = Gate::closed();
+    origin.serve("/t.jpg", square_jpeg([90, 20, 160]).with_gate(&gate));
+    preheat(&d.base, "tiny", &origin.url("/t.jpg"), &sink.url("/cb/t")).await;
+    eventually(WAIT, "the worker to ask for the original", || async {
+        (origin.hits("/t.jpg") == 1).then_some(())
+    })
+    .await;
+
+    worker.signal("TERM");
+    wait_log(&d, "worker", "Graceful shutdown started").await;
+    worker.signal("INT");
+    worker.wait_exit(WAIT).await;
+    let log = std::fs::read_to_string(d.dir.path().join("worker.log")).unwrap();
+    assert_eq!(pending(&redis).len(), 1, "the job is left claimed: {log}");
+    assert!(files_under(&storage_of(&d).join("media/cache")).is_empty());
+    assert!(sink.received().is_empty());
+    gate.open();
+}
+
 /// The contract as configured: `queue.shutdown_deadline_secs` is the time a
 /// worker gets to finish its jobs, here 10 s, with no front grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
