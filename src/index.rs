@@ -233,9 +233,12 @@ impl<T> Drop for Leave<'_, T> {
 /// Storage's "absent" answers of the last moments, by variant. A plain map
 /// under a lock: a moka insert per first miss cost about a tenth of its CPU.
 /// Answers older than `keep` do not count, and are swept out once the map
-/// has doubled since the last sweep.
+/// has doubled since the last sweep. At most `max` answers are kept, so
+/// distinct paths (size URLs give millions per original) cannot grow it
+/// without end; past that it starts over, which only costs probes.
 struct ProbedAbsent {
     keep: Duration,
+    max: usize,
     answers: parking_lot::Mutex<ProbedAnswers>,
 }
 
@@ -249,9 +252,10 @@ impl ProbedAbsent {
     /// The map is not swept below this many answers.
     const SWEEP_FLOOR: usize = 1024;
 
-    fn new(keep: Duration) -> ProbedAbsent {
+    fn new(keep: Duration, max: usize) -> ProbedAbsent {
         ProbedAbsent {
             keep,
+            max: max.max(1),
             answers: Default::default(),
         }
     }
@@ -271,7 +275,11 @@ impl ProbedAbsent {
             answers
                 .at
                 .retain(|_, at| now.duration_since(*at) < self.keep);
-            answers.sweep_at_len = (answers.at.len() * 2).max(Self::SWEEP_FLOOR);
+            if answers.at.len() >= self.max {
+                answers.at = HashMap::new();
+            }
+            answers.sweep_at_len =
+                (answers.at.len() * 2).clamp(Self::SWEEP_FLOOR.min(self.max), self.max);
         }
         answers.at.insert(variant.to_string(), now);
     }
@@ -337,7 +345,10 @@ impl Index {
                 .time_to_live(absent_ttl)
                 .build(),
             probes: SingleFlight::default(),
-            probed_absent: ProbedAbsent::new(negative_ttl),
+            probed_absent: ProbedAbsent::new(
+                negative_ttl,
+                usize::try_from(config.max_entries).unwrap_or(usize::MAX),
+            ),
             absent_ttl,
             negative_ttl,
             queued: Cache::builder()
@@ -992,13 +1003,13 @@ mod tests {
 
     #[test]
     fn probed_absent_answers_expire_and_are_swept() {
-        let kept = ProbedAbsent::new(Duration::from_secs(3600));
+        let kept = ProbedAbsent::new(Duration::from_secs(3600), 100_000);
         kept.insert("a");
         assert!(kept.contains("a"));
         kept.remove("a");
         assert!(!kept.contains("a"));
 
-        let stale = ProbedAbsent::new(Duration::ZERO);
+        let stale = ProbedAbsent::new(Duration::ZERO, 100_000);
         for i in 0..=ProbedAbsent::SWEEP_FLOOR {
             stale.insert(&i.to_string());
         }
@@ -1008,6 +1019,14 @@ mod tests {
             1,
             "swept when the floor was reached"
         );
+
+        // Fresh answers for ever new paths stay within the bound.
+        let bounded = ProbedAbsent::new(Duration::from_secs(3600), 3000);
+        for i in 0..10_000 {
+            bounded.insert(&i.to_string());
+            assert!(bounded.answers.lock().at.len() <= 3000);
+        }
+        assert!(bounded.contains("9999"), "the newest answer counts");
     }
 
     #[tokio::test]
