@@ -353,12 +353,24 @@ impl Deliverer {
     }
 
     async fn send(&self, mut delivery: Delivery) {
-        // Never sent unsigned for want of the secret: a failed read of it
-        // is a failed attempt, retried like any other.
-        let outcome = match self.secret(&delivery.root).await {
-            Ok(secret) => self.notifier.attempt(&delivery, secret.as_deref()).await,
-            Err(e) => Err(e),
+        // Never sent unsigned for want of the secret. A failed read of it is
+        // kiln's own failure, not the receiver's: retried, and not counted
+        // against callback.max_attempts, so an outage of storage cannot
+        // make kiln give up on a receiver it never called.
+        let secret = match self.secret(&delivery.root).await {
+            Ok(secret) => secret,
+            Err(e) => {
+                self.metrics.callback(true, false);
+                let delay = self.delay_after(delivery.attempts.max(1));
+                tracing::warn!(id = delivery.id, url = delivery.url, error = %e, "webhook not signed yet; retrying in {delay:?}");
+                delivery.last_error = Some(e.to_string());
+                if let Err(e) = self.outbox.retry(&delivery, delay).await {
+                    tracing::warn!(id = delivery.id, error = %e, "could not settle webhook delivery");
+                }
+                return;
+            }
         };
+        let outcome = self.notifier.attempt(&delivery, secret.as_deref()).await;
         delivery.attempts += 1;
         let settled = match outcome {
             Ok(()) => {
