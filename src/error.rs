@@ -36,8 +36,12 @@ pub enum Error {
     UnknownMedia(String),
     #[error("no route for {0}")]
     NoRoute(String),
-    #[error("method {0} not allowed here")]
-    MethodNotAllowed(String),
+    #[error("method {method} not allowed here")]
+    MethodNotAllowed {
+        method: String,
+        /// The methods the route takes, as the `Allow` header lists them.
+        allow: &'static str,
+    },
     #[error("original not found: {0}")]
     SourceNotFound(String),
     #[error("address not allowed: {0}")]
@@ -92,7 +96,7 @@ impl Error {
             Error::UnknownAccount(_) => "unknown-account",
             Error::UnknownMedia(_) => "unknown-media",
             Error::NoRoute(_) => "no-route",
-            Error::MethodNotAllowed(_) => "method-not-allowed",
+            Error::MethodNotAllowed { .. } => "method-not-allowed",
             Error::SourceNotFound(_) => "source-not-found",
             Error::AddressDenied(_) => "address-denied",
             Error::OriginStatus { .. } => "origin-status",
@@ -130,7 +134,7 @@ impl Error {
             Error::UnsupportedContentType(_) => 415,
             Error::SizeTooLarge(_) => 406,
             Error::InvalidPayload(_) => 422,
-            Error::MethodNotAllowed(_) => 405,
+            Error::MethodNotAllowed { .. } => 405,
             Error::TooLarge(_) | Error::ImageTooLarge(_) => 413,
             Error::UnsupportedImage(_) | Error::DecodeFailed(_) => 422,
             // The original is not there: say so, as for a missing stored one.

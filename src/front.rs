@@ -10,8 +10,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LAST_MODIFIED,
-    LOCATION, RETRY_AFTER, VARY,
+    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    LAST_MODIFIED, LOCATION, RETRY_AFTER, VARY, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -69,11 +69,20 @@ impl Reply {
 
     fn json(status: u16, value: &impl serde::Serialize) -> Reply {
         let body = serde_json::to_vec(value).unwrap_or_default();
-        Reply::new(status, "application/json", Bytes::from(body)).header(CACHE_CONTROL, NO_STORE)
+        Reply::new(status, "application/json", Bytes::from(body))
+            .header(CACHE_CONTROL, NO_STORE)
+            // Errors quote the request's path: never let a browser run it as HTML.
+            .header(X_CONTENT_TYPE_OPTIONS, NOSNIFF)
     }
 
     fn error(e: &Error) -> Reply {
-        Reply::json(e.status(), &e.to_json())
+        let reply = Reply::json(e.status(), &e.to_json());
+        match e {
+            Error::MethodNotAllowed { allow, .. } => reply.header(ALLOW, *allow),
+            // RFC 9110 §11.6.1: a 401 names how to authenticate.
+            Error::Unauthorized(_) => reply.header(WWW_AUTHENTICATE, BEARER),
+            _ => reply,
+        }
     }
 
     fn header<V>(mut self, name: HeaderName, value: V) -> Reply
@@ -98,20 +107,50 @@ impl Reply {
     }
 }
 
-const READ: &[Method] = &[Method::GET, Method::HEAD];
-const POST: &[Method] = &[Method::POST];
-const READ_OR_POST: &[Method] = &[Method::GET, Method::POST];
+/// The methods a route takes, and how a 405's `Allow` header lists them.
+struct Allowed {
+    methods: &'static [Method],
+    header: &'static str,
+}
+
+const READ: Allowed = Allowed {
+    methods: &[Method::GET, Method::HEAD],
+    header: "GET, HEAD",
+};
+/// Variants and media records, which `DELETE` purges.
+const READ_OR_PURGE: Allowed = Allowed {
+    methods: &[Method::GET, Method::HEAD, Method::DELETE],
+    header: "GET, HEAD, DELETE",
+};
+const POST: Allowed = Allowed {
+    methods: &[Method::POST],
+    header: "POST",
+};
+const READ_OR_POST: Allowed = Allowed {
+    methods: &[Method::GET, Method::HEAD, Method::POST],
+    header: "GET, HEAD, POST",
+};
+/// `/request/<filter>`: HEAD would pre-heat as GET does, so it is not taken.
+const PREHEAT: Allowed = Allowed {
+    methods: &[Method::GET, Method::POST],
+    header: "GET, POST",
+};
 
 /// `MethodNotAllowed` unless `method` is one of `allowed`.
-fn allow(method: &Method, allowed: &[Method]) -> Result<()> {
-    if allowed.contains(method) {
+fn allow(method: &Method, allowed: &Allowed) -> Result<()> {
+    if allowed.methods.contains(method) {
         Ok(())
     } else {
-        Err(Error::MethodNotAllowed(method.to_string()))
+        Err(Error::MethodNotAllowed {
+            method: method.to_string(),
+            allow: allowed.header,
+        })
     }
 }
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+const BEARER: HeaderValue = HeaderValue::from_static("Bearer");
 const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 const ACCEPT_VALUE: HeaderValue = HeaderValue::from_static("Accept");
 
@@ -205,15 +244,15 @@ impl Front {
     async fn route(&self, request: &Request<'_>) -> Result<Reply> {
         let method = &request.method;
         let path = request.path;
-        let allow = |allowed: &[Method]| allow(method, allowed);
+        let allow = |allowed: &Allowed| allow(method, allowed);
         let conditions = &request.conditions;
         if request.method != Method::DELETE {
             if let Some(rest) = path.strip_prefix("/media/cache/resolve/") {
-                allow(READ)?;
+                allow(&READ)?;
                 return self.cache(rest, None, conditions, true).await;
             }
             if let Some(rest) = path.strip_prefix("/media/cache/") {
-                allow(READ)?;
+                allow(&READ_OR_PURGE)?;
                 // The URL path is the variant's storage path when nothing in it
                 // needs decoding: `media/cache/<filter>/<path>`.
                 return self.cache(rest, Some(&path[1..]), conditions, false).await;
@@ -227,28 +266,28 @@ impl Front {
     async fn route_other(&self, request: &Request<'_>) -> Result<Reply> {
         let method = &request.method;
         let path = request.path;
-        let allow = |allowed: &[Method]| allow(method, allowed);
+        let allow = |allowed: &Allowed| allow(method, allowed);
         match path {
             "/healthz" => {
-                allow(READ)?;
+                allow(&READ)?;
                 return Ok(Reply::json(200, &serde_json::json!({"status": "ok"})));
             }
             "/readyz" => {
-                allow(READ)?;
+                allow(&READ)?;
                 return self.ready().await;
             }
             "/status" => {
-                allow(READ)?;
+                allow(&READ)?;
                 return Ok(Reply::json(200, &self.ctx.status().await?));
             }
             "/metrics" => {
-                allow(READ)?;
+                allow(&READ)?;
                 let text = metrics_text(&self.metrics, &*self.ctx.queue).await;
                 return Ok(Reply::new(200, METRICS_CONTENT_TYPE, Bytes::from(text))
                     .header(CACHE_CONTROL, NO_STORE));
             }
             "/ui" => {
-                allow(READ)?;
+                allow(&READ)?;
                 let Some(ui) = &self.ui else {
                     return Err(Error::NoRoute(path.into()));
                 };
@@ -259,7 +298,7 @@ impl Front {
                 );
             }
             "/account_setup" | "/account_setup.json" => {
-                allow(POST)?;
+                allow(&POST)?;
                 let setup = request.json()?;
                 let caller = self.ctx.caller(request.key()).await?;
                 return Ok(Reply::json(
@@ -268,7 +307,7 @@ impl Front {
                 ));
             }
             "/dispatch_process" | "/dispatch_process.json" => {
-                allow(POST)?;
+                allow(&POST)?;
                 let payload: crate::api::sais::ProcessPayload = request.json()?;
                 let key = request.key().or(payload.api_key.as_deref());
                 let caller = self.ctx.caller(key).await?;
@@ -278,7 +317,7 @@ impl Front {
                 ));
             }
             "/fetch/media/by-ids" => {
-                allow(READ_OR_POST)?;
+                allow(&READ_OR_POST)?;
                 let ids = request.ids()?;
                 let caller = self.ctx.caller(request.key()).await?;
                 return Ok(Reply::json(
@@ -287,7 +326,7 @@ impl Front {
                 ));
             }
             "/tools" | "/mcp" => {
-                allow(POST)?;
+                allow(&POST)?;
                 request.require_json()?;
                 return Ok(
                     match crate::api::tools::handle(&self.ctx, request.key(), &request.body).await {
@@ -303,12 +342,12 @@ impl Front {
             return self.purge(request).await;
         }
         if let Some(code) = path.strip_prefix("/media/") {
-            allow(READ)?;
+            allow(&READ_OR_PURGE)?;
             let caller = self.ctx.caller(request.key()).await?;
             let code = code.trim_end_matches('/');
             Ok(Reply::json(200, &self.ctx.media(&caller, code).await?))
         } else if let Some(filter) = path.strip_prefix("/request/") {
-            allow(READ_OR_POST)?;
+            allow(&PREHEAT)?;
             self.request(filter, request).await
         } else {
             Err(Error::NoRoute(path.chars().take(200).collect()))
@@ -342,7 +381,15 @@ impl Front {
                 .purge_media(&caller, code.trim_end_matches('/'), with_original)
                 .await?
         } else {
-            return Err(Error::MethodNotAllowed("DELETE".into()));
+            let route = if path.starts_with("/request/") {
+                PREHEAT
+            } else {
+                READ
+            };
+            return Err(Error::MethodNotAllowed {
+                method: Method::DELETE.to_string(),
+                allow: route.header,
+            });
         };
         Ok(Reply::json(200, &purged))
     }
@@ -1032,6 +1079,15 @@ fn shape_or_syntax_error(e: serde_json::Error, field: &str) -> Error {
     Error::InvalidPayload(format!("{field} - {message}"))
 }
 
+/// `Expect: 100-continue` on an HTTP/1.1 request.
+fn is_expect_continue(header: &pingora_http::RequestHeader) -> bool {
+    header.version == http::Version::HTTP_11
+        && header
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 enum ReadFailure {
     /// Answer this instead of routing (e.g. a body over the limit).
     Reply(Reply),
@@ -1062,6 +1118,17 @@ impl Front {
         // Most requests (every GET) have none: nothing to read.
         if session.is_body_empty() {
             return Ok(Bytes::new());
+        }
+        // A client that waits for leave to send its body gets it (RFC 9110
+        // §10.1.1) instead of waiting out its own timer; one over the
+        // limit got its 413 above without sending it.
+        if is_expect_continue(session.req_header()) {
+            // The body follows the 100: it does not make the connection
+            // one to close, as an answer before the body would.
+            session.set_close_on_response_before_downstream_finish(false);
+            let continued = session.write_continue_response().await;
+            session.set_close_on_response_before_downstream_finish(true);
+            continued.map_err(|_| ReadFailure::Connection)?;
         }
         let mut body = bytes::BytesMut::new();
         loop {

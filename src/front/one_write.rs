@@ -89,12 +89,15 @@ impl PartialEq<Bytes> for Body {
 
 /// Whether [`send`] can answer this session: HTTP/1.x on a connection that
 /// stays open, by the same test pingora's `finish` makes (keep-alive on, and
-/// not its last allowed request). Otherwise `finish` would close the
-/// connection before the answer is written, so pingora must write it.
+/// not its last allowed request), that has written nothing yet. Otherwise
+/// `finish` would close the connection before the answer is written, so
+/// pingora must write it.
 pub fn applies(session: &ServerSession) -> bool {
     matches!(session, ServerSession::H1(_))
         && session.get_keepalive().is_some()
         && session.get_keepalive_reuses_remaining() != Some(0)
+        // A `100 Continue` went out through the session: let it write the rest.
+        && session.response_written().is_none()
 }
 
 /// Writes `header` (with the `Date` and `Connection` pingora would add) and

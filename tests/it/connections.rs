@@ -303,3 +303,52 @@ async fn read_after(connection: &mut BufReader<TcpStream>, ask: String, to_head:
     send(connection, &ask).await;
     read_answer(connection, to_head).await.expect("an answer")
 }
+
+/// A client that sends `Expect: 100-continue` is told to send its body at
+/// once (curl would otherwise wait a second, other clients longer), gets
+/// its answer, and the connection serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_expecting_100_continue_is_told_to_send_its_body() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let mut connection = connect(&kiln).await;
+    let body = r#"{"root": "expecting", "approx": 10}"#;
+    let head = request(
+        "POST",
+        "/account_setup",
+        "HTTP/1.1",
+        &format!(
+            "Authorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n",
+            crate::kiln::ADMIN_KEY,
+            body.len()
+        ),
+    );
+    send(&mut connection, &head).await;
+    let mut interim = String::new();
+    tokio::time::timeout(Duration::from_secs(5), connection.read_line(&mut interim))
+        .await
+        .expect("100 Continue before the body is sent")
+        .unwrap();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim:?}");
+    let mut blank = String::new();
+    connection.read_line(&mut blank).await.unwrap();
+    assert_eq!(blank, "\r\n");
+
+    send(&mut connection, body).await;
+    let answer = read_answer(&mut connection, false)
+        .await
+        .expect("the answer");
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let account: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(account["root"], "expecting");
+
+    send(&mut connection, &request("GET", "/healthz", "HTTP/1.1", "")).await;
+    let next = read_answer(&mut connection, false)
+        .await
+        .expect("a second answer");
+    assert_eq!(next.status, 200);
+}

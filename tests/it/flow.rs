@@ -438,13 +438,31 @@ async fn bad_requests_get_clear_errors(backend: Backend) {
     let client = reqwest::Client::new();
     let delete = client.delete(kiln.url("/healthz")).send().await.unwrap();
     assert_eq!(delete.status(), 405);
-    // DELETE of a variant is a purge, which needs a key.
+    // A 405 says what the route takes (RFC 9110 §15.5.6).
+    assert_eq!(delete.headers()["allow"], "GET, HEAD");
+    let post = client
+        .post(kiln.url("/media/cache/small/acme/0/a.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+    assert_eq!(post.headers()["allow"], "GET, HEAD, DELETE");
+    let head = client
+        .head(kiln.url("/fetch/media/by-ids?id=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 401, "HEAD is taken where GET is");
+    // DELETE of a variant is a purge, which needs a key; a 401 says which
+    // kind (RFC 9110 §11.6.1), and JSON that quotes the path is not sniffed.
     let delete = client
         .delete(kiln.url("/media/cache/small/acme/0/a.png"))
         .send()
         .await
         .unwrap();
     assert_eq!(delete.status(), 401);
+    assert_eq!(delete.headers()["www-authenticate"], "Bearer");
+    assert_eq!(delete.headers()["x-content-type-options"], "nosniff");
     // Nothing was written outside the storage root.
     assert!(!kiln
         .dir
