@@ -60,7 +60,7 @@ impl Context {
         let root = path.split('/').next().unwrap_or_default();
         self.require_owner(caller, root)?;
         let filters = match filter {
-            Some(name) => vec![checked_filter_name(name)?.to_string()],
+            Some(name) => self.stored_segments(checked_filter_name(name)?),
             None => self.filter_names().await?,
         };
         let mut purged = Purged::default();
@@ -96,14 +96,8 @@ impl Context {
             ));
         }
         let filter = checked_filter_name(filter)?;
-        // An `auto` filter's negotiated variants live beside it; a filter no
-        // longer configured has only its own.
-        let segments = match self.filters.get(filter) {
-            Ok(preset) => preset.stored_segments(),
-            Err(_) => vec![filter.to_string()],
-        };
         let mut purged = Purged::default();
-        for segment in segments {
+        for segment in self.stored_segments(filter) {
             for variant in self.storage.list(&format!("media/cache/{segment}")).await? {
                 self.storage.delete(&variant).await?;
                 self.index.forget(&variant).await?;
@@ -111,6 +105,15 @@ impl Context {
             }
         }
         Ok(purged)
+    }
+
+    /// Where `filter`'s variants are stored: an `auto` filter's negotiated
+    /// variants live beside it; a filter no longer configured has only its own.
+    fn stored_segments(&self, filter: &str) -> Vec<String> {
+        match self.filters.get(filter) {
+            Ok(preset) => preset.stored_segments(),
+            Err(_) => vec![filter.to_string()],
+        }
     }
 
     /// The configured filters and any other whose variants are in storage.

@@ -122,21 +122,39 @@ async fn accept_picks_the_format_and_each_format_is_one_stored_variant() {
     assert!(plain.headers().get("vary").is_none());
     assert_eq!(format_of(&plain.bytes().await.unwrap()), "jpeg");
 
-    // A purge of the original takes every format with it.
-    let (status, purged) = {
-        let response = client
-            .delete(kiln.url("/media/cache/*/shop/0/p.jpg"))
-            .bearer_auth(crate::kiln::ADMIN_KEY)
-            .send()
-            .await
-            .unwrap();
-        (
-            response.status(),
-            response.json::<serde_json::Value>().await.unwrap(),
-        )
+    let purge = |path: &str| {
+        let request = client
+            .delete(kiln.url(path))
+            .bearer_auth(crate::kiln::ADMIN_KEY);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
     };
+    // A purge of one negotiating filter takes every format of it.
+    let (status, purged) = purge("/media/cache/auto/shop/0/p.jpg").await;
     assert_eq!(status, 200);
-    assert_eq!(purged["variants"].as_array().unwrap().len(), 4, "{purged}");
+    let variants = purged["variants"].as_array().unwrap();
+    for stored in [
+        "media/cache/auto/shop/0/p.jpg",
+        "media/cache/auto.webp/shop/0/p.jpg",
+    ] {
+        assert!(variants.iter().any(|v| v == stored), "{stored}: {purged}");
+    }
+    let webp = client
+        .get(&url)
+        .header("accept", "image/webp")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(webp.status(), 202, "the WebP is gone too");
+    until_ready(&kiln.url("/media/cache/auto/shop/0/p.jpg")).await;
+
+    // A purge of the original takes every format of every filter with it.
+    let (status, purged) = purge("/media/cache/*/shop/0/p.jpg").await;
+    assert_eq!(status, 200);
+    assert_eq!(purged["variants"].as_array().unwrap().len(), 3, "{purged}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
