@@ -1162,6 +1162,19 @@ impl HttpServerApp for Front {
             Ok(false) => return None,
             Err(e) => {
                 tracing::debug!(error = %e, "could not read request");
+                // A head kiln cannot parse (bad framing, too large) is the
+                // client's fault: say so before closing (RFC 9112 §6.3), or
+                // a CDN counts it as the origin failing.
+                if *e.etype() == pingora_core::ErrorType::InvalidHTTPHeader {
+                    let reply = Reply::error(&Error::BadRequest(format!(
+                        "unreadable request: {}",
+                        e.context.as_ref().map_or(String::new(), |c| c.to_string())
+                    )));
+                    session.set_keepalive(None);
+                    let _ =
+                        send_through_pingora(session, ResponseHeader::from(reply.head), reply.body)
+                            .await;
+                }
                 return None;
             }
         }

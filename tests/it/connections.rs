@@ -352,3 +352,35 @@ async fn a_client_expecting_100_continue_is_told_to_send_its_body() {
         .expect("a second answer");
     assert_eq!(next.status, 200);
 }
+
+/// A request head kiln cannot parse is answered 400 before the connection
+/// closes (RFC 9112 §6.3), not dropped without a word, which a CDN would
+/// count against the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_request_is_answered_400_then_closed() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    for unreadable in [
+        request(
+            "POST",
+            "/healthz",
+            "HTTP/1.1",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+        ),
+        request("GET", "/healthz", "HTTP/1.1", "Transfer-Encoding: gzip\r\n"),
+        "GARBAGE\r\n\r\n".to_string(),
+    ] {
+        let mut connection = connect(&kiln).await;
+        send(&mut connection, &unreadable).await;
+        let answer = read_answer(&mut connection, false)
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 400, "{unreadable:?}");
+        assert_eq!(answer.header("connection"), Some("close"));
+        let error: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(error["error"], "bad-request");
+        assert!(
+            read_answer(&mut connection, false).await.is_none(),
+            "closed after"
+        );
+    }
+}
