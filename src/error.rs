@@ -72,6 +72,9 @@ pub enum Error {
     Queue(String),
     #[error("callback failed: {0}")]
     Callback(String),
+    /// The receiver answered 410 Gone: it says it will never take this.
+    #[error("callback refused for good: {0}")]
+    CallbackGone(String),
     #[error("shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -112,6 +115,7 @@ impl Error {
             Error::Storage(_) => "storage-error",
             Error::Queue(_) => "queue-unavailable",
             Error::Callback(_) => "callback-failed",
+            Error::CallbackGone(_) => "callback-gone",
             Error::ShuttingDown => "shutting-down",
             Error::Internal(_) => "internal",
         }
@@ -144,7 +148,8 @@ impl Error {
             Error::OriginStatus { .. }
             | Error::OriginUnreachable(_)
             | Error::TooManyRedirects(_)
-            | Error::Callback(_) => 502,
+            | Error::Callback(_)
+            | Error::CallbackGone(_) => 502,
             Error::Queue(_) | Error::Storage(_) | Error::ShuttingDown => 503,
             Error::Timeout(_) => 504,
             Error::EncodeFailed(_) | Error::RenderPanicked(_) | Error::Internal(_) => 500,

@@ -214,6 +214,10 @@ impl Notifier {
         }
         match request.body(delivery.body.clone()).send().await {
             Ok(response) if response.status().is_success() => Ok(()),
+            // Other answers may change (a deploy, a hiccup); Gone is for good.
+            Ok(response) if response.status() == reqwest::StatusCode::GONE => Err(
+                Error::CallbackGone(format!("{} answered 410 Gone", delivery.url)),
+            ),
             Ok(response) => Err(Error::Callback(format!(
                 "{} answered {}",
                 delivery.url,

@@ -527,6 +527,37 @@ async fn webhooks_are_retried_with_backoff_until_accepted() {
     assert_eq!(hooks[2].body["liipCode"], "tiny");
 }
 
+/// A receiver that answers 410 Gone has said it will never take the
+/// webhook: it is given up at once, not retried for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_answered_410_gone_is_not_retried() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve(
+        "/g.png",
+        OriginResponse::image("image/png", png_rgba(50, 50, [4, 5, 6, 255])),
+    );
+    let account = setup_account(&kiln.base, "gone", 100).await;
+    sink.set_status(410);
+    let (status, _) = post_json(
+        &kiln.url("/dispatch_process"),
+        Some(account["apiKey"].as_str().unwrap()),
+        &json!({"images": [origin.url("/g.png")], "filters": ["tiny"],
+                "thumbCallbackUrl": sink.url("/thumb")}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    sink.wait_for(1, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(10), "the webhook given up", || async {
+        (counter(&kiln, "kiln_callbacks_given_up_total").await == 1.0).then_some(())
+    })
+    .await;
+    // The tests' backoff is 50 ms: a retry would have come by now.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(sink.count(), 1, "one attempt only");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_retries_survive_a_restart_on_redis() {
     let redis = RedisServer::start();
