@@ -786,6 +786,7 @@ impl MediaRecord {
     /// this record changed takes its value, and thumbnails and variant URLs
     /// merge filter by filter.
     pub fn rebased(&self, base: &MediaRecord, mut current: MediaRecord) -> MediaRecord {
+        let stored_marking = current.marking.clone();
         // The fields are destructured, so a new one cannot be forgotten here.
         macro_rules! take_changed_fields {
             ($($by_filter:ident),*; $($field:ident),*) => {
@@ -822,6 +823,12 @@ impl MediaRecord {
             if base.thumb_data.get(filter) != Some(thumb) {
                 current.thumb_data.insert(filter.clone(), thumb.clone());
             }
+        }
+        // What another job finished stays finished: a record some variant
+        // of which is done does not go back to `downloaded` or `failed`
+        // (one job's own record does not either, see `with_failure`).
+        if stored_marking == "resized" {
+            current.marking = stored_marking;
         }
         current
     }
@@ -1492,6 +1499,15 @@ mod tests {
         assert_eq!(merged.path, base.path);
         // Nothing changed since the base: the stored record as it is.
         assert_eq!(base.rebased(&base, theirs.clone()), theirs);
+
+        // A job that only archived, or then failed, from the same base does
+        // not take back what theirs finished.
+        for marking in ["downloaded", "failed"] {
+            let mut slower = base.clone();
+            slower.marking = marking.into();
+            let merged = slower.rebased(&base, theirs.clone());
+            assert_eq!(merged.marking, "resized", "{marking}");
+        }
     }
 
     /// Bytes the page cache does not hold come from the blocking pool.
