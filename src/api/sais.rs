@@ -227,6 +227,11 @@ impl Context {
         let media_count = self.storage.account_media_count(&root).await?;
         let mut approx_fixed = false;
         if !created {
+            // An account written by hand or imported may have none, and its
+            // webhooks would go out unsigned.
+            if account.webhook_secret.is_empty() {
+                account.webhook_secret = crate::callback::new_webhook_secret();
+            }
             if media_callback.is_some() {
                 account.media_callback_url = media_callback;
             }

@@ -527,6 +527,41 @@ async fn webhooks_are_retried_with_backoff_until_accepted() {
     assert_eq!(hooks[2].body["liipCode"], "tiny");
 }
 
+/// An account written without a webhook secret (by hand, or imported)
+/// gets one at its next set-up, so its webhooks are signed from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_without_a_webhook_secret_gets_one_at_set_up() {
+    let kiln = Kiln::start(Backend::Embedded).await;
+    let file = kiln.storage_path("accounts/imported.json");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let key = "kiln_imported_key_0123456789";
+    std::fs::write(
+        &file,
+        json!({"root": "imported", "approxImageCount": 100, "binCount": 1, "apiKey": key})
+            .to_string(),
+    )
+    .unwrap();
+    let (status, answer) = post_json(
+        &kiln.url("/account_setup"),
+        Some(ADMIN_KEY),
+        &json!({"root": "imported"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let secret = answer["webhookSecret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{answer}");
+    let stored: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(stored["webhookSecret"], secret.as_str());
+    // The same secret from then on.
+    let (_, again) = post_json(
+        &kiln.url("/account_setup"),
+        Some(ADMIN_KEY),
+        &json!({"root": "imported"}),
+    )
+    .await;
+    assert_eq!(again["webhookSecret"], secret.as_str());
+}
+
 /// A receiver that answers 410 Gone has said it will never take the
 /// webhook: it is given up at once, not retried for an hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
