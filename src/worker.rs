@@ -286,7 +286,7 @@ impl Worker {
             // unreadable): dead-lettered without it, not reclaimed forever.
             Err(e) => {
                 tracing::warn!(job = %job.id, error = %e, "could not record the failure; dead-lettering the job without it");
-                with_failure(new_record(job), error)
+                with_failure(new_record(job), error, &job.filters)
             }
         };
         // Misses of these variants answer the failure instead of queueing it again.
@@ -641,7 +641,11 @@ impl Worker {
     async fn record_failure(&self, job: &Job, error: &Error) -> Result<MediaRecord> {
         self.storage
             .update_media_record(&job.code, |current| {
-                let record = with_failure(current.unwrap_or_else(|| new_record(job)), error);
+                let record = with_failure(
+                    current.unwrap_or_else(|| new_record(job)),
+                    error,
+                    &job.filters,
+                );
                 (Some(record.clone()), record)
             })
             .await
@@ -664,13 +668,25 @@ fn new_record(job: &Job) -> MediaRecord {
     }
 }
 
-/// The record of a job that failed for good.
-fn with_failure(mut record: MediaRecord, error: &Error) -> MediaRecord {
+/// The record of a job for `filters` that failed for good.
+fn with_failure(mut record: MediaRecord, error: &Error, filters: &[String]) -> MediaRecord {
     match error {
         Error::OriginStatus { status, .. } => record.status_code = Some(*status),
         // SAIS's convention for "no HTTP answer at all".
         Error::OriginUnreachable(_) | Error::Timeout(_) => record.status_code = Some(0),
         _ => {}
+    }
+    // The job's own filters say so, also when another filter is done and
+    // the media as a whole stays `resized`: a waiting dispatch and the
+    // failure webhook can tell which variant will not come.
+    for filter in filters {
+        let thumb = record
+            .thumb_data
+            .entry(filter.clone())
+            .or_insert_with(Thumb::pending);
+        if !thumb.is_done() {
+            thumb.marking = "failed".into();
+        }
     }
     // A failed re-render of one filter does not undo what is stored.
     if !record.thumb_data.values().any(Thumb::is_done) {

@@ -497,9 +497,11 @@ impl Context {
         let deadline = Instant::now() + Duration::from_millis(self.config.sais.wait_timeout_ms);
         let finished = |r: &MediaRecord| {
             r.marking == "failed"
-                || filters
-                    .iter()
-                    .all(|f| r.thumb_data.get(f).is_some_and(Thumb::is_done))
+                || filters.iter().all(|f| {
+                    r.thumb_data
+                        .get(f)
+                        .is_some_and(|t| t.is_done() || t.marking == "failed")
+                })
         };
         while Instant::now() < deadline && !rows.iter().all(finished) {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -606,10 +608,14 @@ fn prepare_for_dispatch(
         record.context = normalize_context(context);
     }
     for filter in filters {
-        record
+        let thumb = record
             .thumb_data
             .entry(filter.clone())
             .or_insert_with(Thumb::pending);
+        // A new dispatch is a new try, for a variant as for the media.
+        if thumb.marking == "failed" {
+            *thumb = Thumb::pending();
+        }
     }
     if let Some(error) = refusal {
         // Refused before any download: the row says why; no job.

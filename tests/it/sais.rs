@@ -527,6 +527,49 @@ async fn webhooks_are_retried_with_backoff_until_accepted() {
     assert_eq!(hooks[2].body["liipCode"], "tiny");
 }
 
+/// A filter that fails for good on a media whose other filter is done is
+/// marked failed in its own thumb: the media stays `resized`, and a
+/// dispatch that waits for it comes back at once instead of at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_fails_beside_a_done_one_is_marked_failed_in_its_thumb() {
+    let kiln = Kiln::start_with(
+        Backend::Embedded,
+        "[imaging]\nmax_output_pixels = 100000\n[sais]\nwait_timeout_ms = 60000\n",
+    )
+    .await;
+    let origin = Origin::start().await;
+    origin.serve(
+        "/f.png",
+        OriginResponse::image("image/png", png_rgba(900, 900, [30, 60, 90, 255])),
+    );
+    let account = setup_account(&kiln.base, "halfway", 100).await;
+    let key = account["apiKey"].as_str().unwrap();
+    let endpoint = kiln.url("/dispatch_process");
+    let image = origin.url("/f.png");
+    let dispatch = |filter: &'static str| {
+        let body = json!({"images": [image], "filters": [filter], "wait": true});
+        let endpoint = endpoint.clone();
+        async move { post_json(&endpoint, Some(key), &body).await }
+    };
+    let (status, rows) = dispatch("tiny").await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows[0]["thumbData"]["tiny"]["marking"], "done", "{rows}");
+
+    // 800 x 800 is over the 100 000 pixels allowed.
+    let started = std::time::Instant::now();
+    let (status, rows) = dispatch("large").await;
+    assert_eq!(status, 200, "{rows}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not held to the timeout"
+    );
+    let row = &rows[0];
+    assert_eq!(row["thumbData"]["large"]["marking"], "failed", "{row}");
+    assert_eq!(row["thumbData"]["tiny"]["marking"], "done", "{row}");
+    assert_eq!(row["marking"], "resized", "{row}");
+    assert_eq!(row["error"]["code"], "image-too-large", "{row}");
+}
+
 /// An account written without a webhook secret (by hand, or imported)
 /// gets one at its next set-up, so its webhooks are signed from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
