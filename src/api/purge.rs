@@ -73,6 +73,11 @@ impl Context {
             // Also when absent: the index may still hold an entry or a failure.
             self.index.forget(&variant).await?;
         }
+        if !with_original && !purged.variants.is_empty() {
+            if let Some(code) = keys::code_from_path(&path) {
+                self.forget_in_record(code, &purged.variants).await?;
+            }
+        }
         if with_original && self.storage.head(&path).await?.is_some() {
             self.storage.delete(&path).await?;
             purged.original = Some(path.to_string());
@@ -105,6 +110,39 @@ impl Context {
             }
         }
         Ok(purged)
+    }
+
+    /// Makes the media record of `code` say its purged `variants` are to
+    /// come again: a dispatch that waits for them, and `/media/<code>`,
+    /// must not go on reporting them done.
+    async fn forget_in_record(&self, code: &str, variants: &[String]) -> Result<()> {
+        let filters: Vec<&str> = variants
+            .iter()
+            .filter_map(|variant| variant.strip_prefix("media/cache/")?.split('/').next())
+            .collect();
+        self.storage
+            .update_media_record(code, |current| {
+                let Some(mut record) = current else {
+                    return (None, ());
+                };
+                let mut changed = false;
+                for filter in &filters {
+                    if let Some(thumb) = record.thumb_data.get_mut(*filter) {
+                        *thumb = crate::storage::Thumb::pending();
+                        changed = true;
+                    }
+                    changed |= record.resized.remove(*filter).is_some();
+                }
+                if !changed {
+                    return (None, ());
+                }
+                if record.marking == "resized" && !record.thumb_data.values().any(|t| t.is_done()) {
+                    record.marking = "downloaded".into();
+                }
+                record.updated_at = crate::storage::now_secs();
+                (Some(record), ())
+            })
+            .await
     }
 
     /// Where `filter`'s variants are stored: an `auto` filter's negotiated

@@ -110,6 +110,26 @@ async fn purging_an_original_makes_its_variants_render_again(backend: Backend) {
     let code = record["code"].as_str().unwrap().to_string();
     let variant = record["url"].as_str().unwrap().to_string();
     until_ready(&variant).await;
+    let media = kiln.url(&format!("/media/{code}"));
+    let (_, before) = crate::kiln::get_json(&media, Some(ADMIN_KEY)).await;
+    assert_eq!(before["thumbData"]["small"]["marking"], "done", "{before}");
+
+    // The variant alone: the record stops saying it is done.
+    let path = record["path"].as_str().unwrap();
+    let (status, purged) = delete(
+        &kiln.url(&format!("/media/cache/small/{path}")),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(status, 200, "{purged}");
+    let (_, after) = crate::kiln::get_json(&media, Some(ADMIN_KEY)).await;
+    assert_eq!(after["thumbData"]["small"]["marking"], "new", "{after}");
+    assert!(after["resized"].get("small").is_none(), "{after}");
+    assert_eq!(after["marking"], "downloaded", "{after}");
+    until_ready(&variant).await;
+    let (_, again) = crate::kiln::get_json(&media, Some(ADMIN_KEY)).await;
+    assert_eq!(again["thumbData"]["small"]["marking"], "done", "{again}");
+
     let (status, purged) = delete(
         &kiln.url(&format!("/media/{code}?original=1")),
         Some(ADMIN_KEY),
