@@ -126,9 +126,17 @@ async fn purging_an_original_makes_its_variants_render_again(backend: Backend) {
     assert_eq!(after["thumbData"]["small"]["marking"], "new", "{after}");
     assert!(after["resized"].get("small").is_none(), "{after}");
     assert_eq!(after["marking"], "downloaded", "{after}");
+    // Rendered again, and the record says so once the job has written it.
     until_ready(&variant).await;
-    let (_, again) = crate::kiln::get_json(&media, Some(ADMIN_KEY)).await;
-    assert_eq!(again["thumbData"]["small"]["marking"], "done", "{again}");
+    eventually(
+        Duration::from_secs(10),
+        "the record to say done",
+        || async {
+            let (_, again) = crate::kiln::get_json(&media, Some(ADMIN_KEY)).await;
+            (again["thumbData"]["small"]["marking"] == "done").then_some(())
+        },
+    )
+    .await;
 
     let (status, purged) = delete(
         &kiln.url(&format!("/media/{code}?original=1")),
