@@ -151,11 +151,11 @@ impl Queue for EmbeddedQueue {
         let fresh = {
             let mut state = self.state.lock();
             if let Some(url) = callback {
-                state
-                    .callbacks
-                    .entry(job.dedupe.clone())
-                    .or_default()
-                    .push(url.to_string());
+                let attached = state.callbacks.entry(job.dedupe.clone()).or_default();
+                // Once, as `enqueue.lua` does.
+                if !attached.iter().any(|a| a == url) {
+                    attached.push(url.to_string());
+                }
             }
             let now = Instant::now();
             let in_flight = state

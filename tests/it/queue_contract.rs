@@ -99,13 +99,14 @@ both!(
 
 async fn one_job_per_variant_and_every_callback_kept(redis: bool) {
     let f = fixture(redis, 30);
-    let added = futures::future::join_all((0..50).map(|n| {
+    // Each of 50 callers twice (a client retrying its batch): one webhook each.
+    let added = futures::future::join_all((0..100).map(|n| {
         let queue = f.queue.clone();
         async move {
             let mut j = job("a/0/x.jpg", Priority::Urgent);
             j.id = format!("job-{n}");
             queue
-                .enqueue(&j, Some(&format!("http://cb/{n}")))
+                .enqueue(&j, Some(&format!("http://cb/{}", n % 50)))
                 .await
                 .unwrap()
         }
