@@ -833,6 +833,26 @@ impl MediaRecord {
         current
     }
 
+    /// The record with its variant URLs on `base`: a URL is built once,
+    /// at render time, on the `server.public_url` of that moment, and a
+    /// client told of it later must get one that works now (kiln moved
+    /// behind a CDN, say).
+    pub fn with_public_base(mut self, base: &str) -> MediaRecord {
+        let rebase = |url: &mut String| {
+            if let Some(at) = url.find("/media/cache/") {
+                if &url[..at] != base {
+                    *url = format!("{base}{}", &url[at..]);
+                }
+            }
+        };
+        self.resized.values_mut().for_each(rebase);
+        self.thumb_data
+            .values_mut()
+            .filter_map(|thumb| thumb.url.as_mut())
+            .for_each(rebase);
+        self
+    }
+
     /// A record as first seen: `new`, with an empty context.
     pub fn new(code: &str, root: &str, original_url: Option<&str>) -> MediaRecord {
         MediaRecord {

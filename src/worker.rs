@@ -326,7 +326,8 @@ impl Worker {
             .map(|name| self.filters.get(name).map(Cow::into_owned))
             .collect::<Result<_>>()?;
         let loaded = self.load_record(job).await?;
-        let mut record = loaded.clone();
+        // Written back with its URLs on today's base, which its webhooks carry.
+        let mut record = loaded.clone().with_public_base(&self.public_base);
         match self.render_missing(job, presets, &mut record).await {
             Ok(original) => {
                 record.path = Some(original);

@@ -307,7 +307,7 @@ impl Context {
             },
             original_url: url.to_string(),
             queued,
-            record,
+            record: record.map(|r| r.with_public_base(&self.public_base)),
             failure_status: failure.map(|f| f.status),
         })
     }

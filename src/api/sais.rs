@@ -362,7 +362,10 @@ impl Context {
         if wait {
             rows = self.wait_for(rows, &filters).await?;
         }
-        Ok(rows)
+        Ok(rows
+            .into_iter()
+            .map(|row| row.with_public_base(&self.public_base))
+            .collect())
     }
 
     /// Finds or creates one media record and enqueues its job when it needs one.
@@ -539,7 +542,7 @@ impl Context {
         };
         let record = record.ok_or_else(|| Error::UnknownMedia(code.clone()))?;
         if self.may_read(caller, &record.root) {
-            Ok(record)
+            Ok(record.with_public_base(&self.public_base))
         } else {
             // Another account's media is as good as absent.
             Err(Error::UnknownMedia(code))

@@ -636,6 +636,60 @@ async fn a_webhook_answered_410_gone_is_not_retried() {
     assert_eq!(sink.count(), 1, "one attempt only");
 }
 
+/// Thumbnail URLs are built at render time on the public URL of that
+/// moment; once kiln is moved behind another (a CDN), records and webhooks
+/// give URLs on the new one, also for variants rendered before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thumbnail_urls_follow_a_changed_public_url() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Origin::start().await;
+    let sink = CallbackSink::start().await;
+    origin.serve(
+        "/m.png",
+        OriginResponse::image("image/png", png_rgba(60, 60, [9, 90, 9, 255])),
+    );
+    let (first, base) = start_on(&redis, dir.path(), "");
+    crate::kiln::until_ready(&format!("{base}/healthz")).await;
+    let account = setup_account(&base, "moved", 100).await;
+    let key = account["apiKey"].as_str().unwrap().to_string();
+    let body = json!({"images": [origin.url("/m.png")], "filters": ["tiny"], "wait": true,
+                      "thumbCallbackUrl": sink.url("/thumb")});
+    let (_, rows) = post_json(&format!("{base}/dispatch_process"), Some(&key), &body).await;
+    let old_url = rows[0]["resized"]["tiny"].as_str().unwrap().to_string();
+    assert!(old_url.starts_with(&base), "{rows}");
+    sink.wait_for(1, Duration::from_secs(30)).await;
+    first.stop().unwrap();
+
+    let cdn = "https://cdn.example";
+    let (second, base) = start_on(
+        &redis,
+        dir.path(),
+        &format!("[server]\npublic_url = \"{cdn}\"\n"),
+    );
+    crate::kiln::until_ready(&format!("{base}/healthz")).await;
+    let new_url = old_url.replacen(&old_url[..old_url.find("/media/cache/").unwrap()], cdn, 1);
+    let code = rows[0]["code"].as_str().unwrap();
+    let (_, record) = get_json(&format!("{base}/media/{code}"), Some(&key)).await;
+    assert_eq!(record["resized"]["tiny"], new_url.as_str(), "{record}");
+    assert_eq!(
+        record["thumbData"]["tiny"]["url"],
+        new_url.as_str(),
+        "{record}"
+    );
+    // Dispatched again with a callback: the webhook has the new URL too.
+    let (_, rows) = post_json(&format!("{base}/dispatch_process"), Some(&key), &body).await;
+    assert_eq!(rows[0]["resized"]["tiny"], new_url.as_str(), "{rows}");
+    let hooks = sink.wait_for(2, Duration::from_secs(30)).await;
+    assert_eq!(
+        hooks[1].body["url"],
+        new_url.as_str(),
+        "{:?}",
+        hooks[1].body
+    );
+    second.stop().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_retries_survive_a_restart_on_redis() {
     let redis = RedisServer::start();
