@@ -224,9 +224,11 @@ async fn concurrent_requests_make_one_job_and_one_fetch(backend: Backend) {
             .with_delay(Duration::from_millis(500)),
     );
     let image_url = origin.url("/big.jpg");
-    let request = preheat_url(&kiln.base, "large", &image_url, Some(&sink.url("/cb")));
-    let answers = futures::future::join_all((0..25).map(|_| {
-        let request = request.clone();
+    // 25 callers, each with its callback, and each asking twice: one
+    // webhook per caller (an identical callback is attached once).
+    let answers = futures::future::join_all((0..50).map(|n| {
+        let callback = sink.url(&format!("/cb?caller={}", n % 25));
+        let request = preheat_url(&kiln.base, "large", &image_url, Some(&callback));
         async move {
             let r = get(&request).await;
             (r.status().as_u16(), json(&r.text().await.unwrap()))
@@ -254,6 +256,11 @@ async fn concurrent_requests_make_one_job_and_one_fetch(backend: Backend) {
     // Every caller that attached a callback is called back, from the one render.
     let received = sink.wait_for(25, Duration::from_secs(30)).await;
     assert!(received.iter().all(|r| r.body["status"] == "done"));
+    let callers: std::collections::BTreeSet<&str> =
+        received.iter().map(|r| r.path_and_query.as_str()).collect();
+    assert_eq!(callers.len(), 25, "each caller once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.count(), 25, "no caller twice");
     assert_eq!(origin.hits("/big.jpg"), 1, "exactly one origin fetch");
 }
 
