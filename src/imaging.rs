@@ -742,6 +742,36 @@ fn encode_gif(image: &DynamicImage) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Width and height of a stored variant, read from its header; (0, 0)
+/// when it has none kiln can read. AVIF is read from its `ispe` box, since
+/// kiln's `image` encodes AVIF but cannot decode it: a variant described
+/// from storage said 0 × 0.
+pub fn stored_dimensions(bytes: &[u8]) -> (u32, u32) {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|r| r.into_dimensions().ok())
+        .or_else(|| avif_dimensions(bytes))
+        .unwrap_or((0, 0))
+}
+
+/// The image spatial extents (`ispe`) property of an AVIF (ISO/IEC
+/// 23008-12 §6.5.3): four bytes of version and flags, then width and
+/// height, big-endian. The first is the primary image's in what kiln's
+/// encoder writes (it writes no grid or thumbnail items).
+fn avif_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    let head = bytes.get(..bytes.len().min(4096))?;
+    if head.get(4..12)? != b"ftypavif" {
+        return None;
+    }
+    let at = head.windows(4).position(|w| w == b"ispe")?;
+    let field = |offset: usize| -> Option<u32> {
+        let b = head.get(at + offset..at + offset + 4)?;
+        Some(u32::from_be_bytes(b.try_into().ok()?))
+    };
+    Some((field(8)?, field(12)?)).filter(|(w, h)| *w > 0 && *h > 0)
+}
+
 /// rav1e's speed, 1 (slowest) to 10: 8 costs a fraction of the default's
 /// time for files a few per cent larger.
 const AVIF_SPEED: u8 = 8;
@@ -941,6 +971,25 @@ pub fn placeholder_png(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stored_dimensions_are_read_from_every_output_format() {
+        let image = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            37,
+            23,
+            image::Rgb([9, 99, 199]),
+        ));
+        for format in [
+            ImageFormat::Jpeg,
+            ImageFormat::Png,
+            ImageFormat::WebP,
+            ImageFormat::Avif,
+        ] {
+            let bytes = encode(&image, format, 80).unwrap();
+            assert_eq!(stored_dimensions(&bytes), (37, 23), "{format:?}");
+        }
+        assert_eq!(stored_dimensions(b"not an image"), (0, 0));
+    }
 
     #[test]
     fn a_jpeg_is_complete_only_with_an_end_after_its_own_scan() {

@@ -411,7 +411,7 @@ impl Worker {
                             }
                         },
                     };
-                    let (width, height) = dimensions(&bytes);
+                    let (width, height) = crate::imaging::stored_dimensions(&bytes);
                     let thumb = self.thumb(
                         &preset.name,
                         &original,
@@ -744,15 +744,6 @@ fn note_thumb(record: &mut MediaRecord, filter: &str, thumb: Thumb) {
         record.resized.insert(filter.to_string(), url.clone());
     }
     record.thumb_data.insert(filter.to_string(), thumb);
-}
-
-/// Width and height from an encoded image's header.
-fn dimensions(bytes: &[u8]) -> (u32, u32) {
-    image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .ok()
-        .and_then(|r| r.into_dimensions().ok())
-        .unwrap_or((0, 0))
 }
 
 #[cfg(test)]
