@@ -77,6 +77,9 @@ pub fn thumb_body(record: &MediaRecord, filter: &str, thumb: &Thumb) -> Value {
         "originalWidth": record.original_width,
         "originalHeight": record.original_height,
         "context": record.context,
+        // When the record said this: retries and queues can deliver an
+        // older webhook after a newer one, and a receiver keeps the newest.
+        "updatedAt": record.updated_at,
     })
 }
 

@@ -147,6 +147,13 @@ async fn dispatch_speaks_the_php_client_protocol(backend: Backend) {
         let body = &hook.body;
         assert_eq!(body["marking"], "done");
         assert_eq!(body["mediaCode"], body["code"]);
+        // The record's time, by which a receiver orders what it is told.
+        let media_hook = media
+            .iter()
+            .find(|h| h.body["code"] == body["code"])
+            .unwrap();
+        assert_eq!(body["updatedAt"], media_hook.body["updatedAt"], "{body}");
+        assert!(body["updatedAt"].as_i64().unwrap() > 0);
         let url = body["url"].as_str().unwrap();
         let response = reqwest::get(url).await.unwrap();
         assert_eq!(response.status(), 200, "{url}");
