@@ -361,6 +361,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             original,
             remote,
         } => {
+            // One filter of a media code: its variants are named by the
+            // original's path, which its record holds.
+            let target = match (target, &filter) {
+                (Some(code), Some(_)) if kiln::keys::is_media_code(&code) => {
+                    let endpoint = format!("{}/media/{code}", remote.base(&config));
+                    let record =
+                        block_on(remote.send(&config, reqwest::Client::new().get(endpoint)))?;
+                    let path = record["path"].as_str().with_context(|| {
+                        format!("media {code} has no stored original yet, so no variants")
+                    })?;
+                    Some(path.to_string())
+                }
+                (target, _) => target,
+            };
             let mut endpoint = reqwest::Url::parse(&remote.base(&config))?;
             {
                 let mut segments = endpoint

@@ -293,6 +293,16 @@ async fn account_dispatch_and_media_commands_drive_a_running_kiln() {
     assert_eq!(reqwest::get(&variant).await.unwrap().status(), 202);
     until_ready(&variant).await;
 
+    // One filter by media code: the record names the original's path.
+    let (ok, text) = purge(&[&code, "--filter", "tiny"], &key).await;
+    assert!(ok, "{text}");
+    let purged: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(
+        purged["variants"],
+        serde_json::json!([format!("media/cache/tiny/{path}")])
+    );
+    until_ready(&variant).await;
+
     // A whole filter needs the admin key; by media code with the original.
     let (ok, text) = purge(&["--filter", "tiny"], &key).await;
     assert!(!ok && text.contains("403"), "{text}");
