@@ -850,7 +850,11 @@ fn negotiated_extension(accept: Option<&str>, avif_allowed: bool) -> Option<&'st
 /// The request headers that make a hit conditional or partial.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Conditions<'a> {
+    /// `If-None-Match`'s first line: one line is what clients send.
     pub if_none_match: Option<&'a str>,
+    /// The headers, when `If-None-Match` has more lines, which together
+    /// make one list (RFC 9110 §5.3).
+    pub if_none_match_lines: Option<&'a http::HeaderMap>,
     /// `If-Modified-Since`, which counts only without `If-None-Match`.
     pub if_modified_since: Option<&'a str>,
     /// `Range`, for GET only.
@@ -866,7 +870,17 @@ impl Conditions<'_> {
     /// 9110 §13.1.3; a date that does not parse is ignored).
     fn not_modified(&self, info: &VariantInfo) -> bool {
         match (self.if_none_match, self.if_modified_since) {
-            (Some(tags), _) => etag_matches(tags, &info.etag),
+            (Some(tags), _) => {
+                etag_matches(tags, &info.etag)
+                    || self.if_none_match_lines.is_some_and(|headers| {
+                        headers
+                            .get_all(http::header::IF_NONE_MATCH)
+                            .iter()
+                            .skip(1)
+                            .filter_map(|line| line.to_str().ok())
+                            .any(|tags| etag_matches(tags, &info.etag))
+                    })
+            }
             (None, Some(date)) => httpdate::parse_http_date(date.trim())
                 .ok()
                 .and_then(|since| since.duration_since(std::time::UNIX_EPOCH).ok())
@@ -982,6 +996,13 @@ impl<'a> Request<'a> {
             query: header.uri.query(),
             conditions: Conditions {
                 if_none_match: header_text(http::header::IF_NONE_MATCH),
+                if_none_match_lines: (header
+                    .headers
+                    .get_all(http::header::IF_NONE_MATCH)
+                    .iter()
+                    .nth(1)
+                    .is_some())
+                .then_some(&header.headers),
                 if_modified_since: header_text(http::header::IF_MODIFIED_SINCE),
                 // A byte range is only served to GET; HEAD describes the whole.
                 range: (header.method == Method::GET)

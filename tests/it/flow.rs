@@ -129,6 +129,15 @@ async fn preheat_downloads_renders_stores_and_calls_back(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(changed.status(), 200);
+    // Header lines of one name make one list (RFC 9110 §5.3).
+    let second_line = client
+        .get(&variant_url)
+        .header("if-none-match", "\"something-else\"")
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second_line.status(), 304);
 
     // Asking again: done, 200, nothing fetched again.
     let again = get(&preheat_url(&kiln.base, "small", &image_url, None)).await;
