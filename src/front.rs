@@ -990,19 +990,18 @@ impl<'a> Request<'a> {
                 .eq_ignore_ascii_case("bearer")
                 .then(|| Cow::Borrowed(key.trim()))
         });
+        // One look-up of If-None-Match on the hit path: its first line, and
+        // whether more follow.
+        let mut lines = header.headers.get_all(http::header::IF_NONE_MATCH).iter();
+        let if_none_match = lines.next().and_then(|v| v.to_str().ok());
+        let if_none_match_lines = lines.next().is_some().then_some(&header.headers);
         let mut request = Request {
             method: header.method.clone(),
             path: header.uri.path(),
             query: header.uri.query(),
             conditions: Conditions {
-                if_none_match: header_text(http::header::IF_NONE_MATCH),
-                if_none_match_lines: (header
-                    .headers
-                    .get_all(http::header::IF_NONE_MATCH)
-                    .iter()
-                    .nth(1)
-                    .is_some())
-                .then_some(&header.headers),
+                if_none_match,
+                if_none_match_lines,
                 if_modified_since: header_text(http::header::IF_MODIFIED_SINCE),
                 // A byte range is only served to GET; HEAD describes the whole.
                 range: (header.method == Method::GET)
